@@ -1,0 +1,116 @@
+"""Fixtures: a real store on disk, and a real mount served by a separate `vaultfs` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vaultfs.store import Store
+from vaultfs.store.verify import verify
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+HAVE_FUSE = os.path.exists("/dev/fuse") and subprocess.run(
+    ["which", "fusermount3"], capture_output=True).returncode == 0
+
+needs_fuse = pytest.mark.skipif(not HAVE_FUSE, reason="/dev/fuse or fusermount3 is absent")
+
+
+def vaultfs(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run the real command line, as a user would."""
+    r = subprocess.run([sys.executable, "-m", "vaultfs", *map(str, args)], capture_output=True,
+                       text=True, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"vaultfs {' '.join(map(str, args))} failed:\n{r.stdout}{r.stderr}")
+    return r
+
+
+def assert_clean(store_path: Path) -> None:
+    """The store verifies clean: every chunk, reference count, extent and counter."""
+    with Store.open(store_path) as store:
+        report = verify(store)
+    assert report.ok, report.as_dict()
+
+
+class Mount:
+    """A vault mounted by a foreground daemon in its own process."""
+
+    def __init__(self, store: Path, mountpoint: Path, options: tuple[str, ...] = ()):
+        self.store, self.path, self.options = store, mountpoint, options
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Mount":
+        cmd = [sys.executable, "-m", "vaultfs", "mount", "--foreground", str(self.store),
+               str(self.path)]
+        if self.options:
+            cmd += ["-o", ",".join(self.options)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.path):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mount failed: {self.proc.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("mount did not come up in 30 s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Unmount cleanly and wait for the daemon to finish."""
+        if self.proc is None:
+            return
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", str(self.path)], check=True)
+        err = self.proc.communicate(timeout=60)[1].decode()
+        self.proc = None
+        assert " ERROR " not in err and "Traceback" not in err, err
+
+    def kill(self) -> None:
+        """kill -9 the daemon: the mount point is left answering ENOTCONN."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc.stderr.close()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        if self.proc is not None:
+            self.stop()
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    path = tmp_path / "store"
+    Store.init(path)
+    yield path
+    assert_clean(path)
+
+
+@pytest.fixture
+def make_mount(tmp_path: Path, store_path: Path):
+    """Mount factory: make_mount(*options) -> Mount, unmounted and verified at the end."""
+    mounts: list[Mount] = []
+
+    def make(*options: str, store: Path = store_path) -> Mount:
+        mp = tmp_path / f"mnt{len(mounts)}"
+        mp.mkdir(exist_ok=True)
+        m = Mount(store, mp, options)
+        mounts.append(m)
+        return m.start()
+
+    yield make
+    for m in mounts:
+        m.cleanup()
+
+
+@pytest.fixture
+def mnt(make_mount) -> Path:
+    """The path of a freshly mounted empty vault."""
+    if not HAVE_FUSE:
+        pytest.skip("/dev/fuse or fusermount3 is absent")
+    return make_mount().path

@@ -1,0 +1,55 @@
+"""Content-defined chunking with FastCDC (pyfastcdc's compiled implementation).
+
+Cut points depend only on the bytes since the previous cut, so an insertion or a metadata edit
+moves the boundaries near it and leaves the rest of the file's chunks, and their dedup, intact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pyfastcdc
+
+# pyfastcdc's effective average is avg_size + min_size: about 1 MiB here, the size at which
+# LMDB writes and reads large values at full speed and per-chunk overhead is negligible.
+MIN_SIZE = 256 * 1024
+AVG_SIZE = 768 * 1024
+MAX_SIZE = 4 * 1024 * 1024
+
+def split(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int]]:
+    """(offset, length) of each chunk of `buf`, in order, covering it exactly."""
+    # A FastCDC object must not be shared between threads; making one is cheap.
+    cdc = pyfastcdc.FastCDC(AVG_SIZE, min_size=MIN_SIZE, max_size=MAX_SIZE)
+    for c in cdc.cut_buf(buf):
+        yield c.offset, c.length
+
+
+WINDOW = 32 * 1024 * 1024
+
+
+def split_file(fd: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of each chunk of the first `size` bytes of an open file, read in
+    windows so that memory stays bounded whatever the file's size.
+
+    The last chunk of a window may have been cut only because the window ended, so it is cut
+    again with the next window; the result is the same as splitting the whole file at once.
+    """
+    buf, buf_off = b"", 0
+    while True:
+        want = min(WINDOW, size - buf_off - len(buf))
+        if want > 0:
+            data = os.pread(fd, want, buf_off + len(buf))
+            if len(data) != want:
+                raise OSError(f"file shrank while being chunked (wanted {want}, got {len(data)})")
+            buf += data
+        at_end = buf_off + len(buf) >= size
+        cuts = list(split(buf))
+        if not at_end:
+            cuts.pop()
+        for off, length in cuts:
+            yield buf_off + off, buf[off:off + length]
+        if at_end:
+            return
+        used = cuts[-1][0] + cuts[-1][1]
+        buf, buf_off = buf[used:], buf_off + used

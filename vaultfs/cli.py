@@ -1,0 +1,272 @@
+"""The `vaultfs` command: parses arguments, wires the layers, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .store import Store, StoreError
+
+log = logging.getLogger("vaultfs")
+
+MOUNT_WAIT = 30.0
+
+
+def default_store() -> Path:
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data / "vaultfs" / "default"
+
+
+def default_mountpoint() -> Path:
+    return Path.home() / "Capture"
+
+
+class CliError(Exception):
+    """One sentence for the user; the command exits non-zero."""
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def cmd_init(args) -> int:
+    path = Store.init(args.store)
+    print(f"created vault store {path}")
+    return 0
+
+
+def cmd_mount(args) -> int:
+    from .fs import mount as fsmount  # pyfuse3 loads only for the commands that mount
+
+    if (args.store is None) != (args.mountpoint is None):
+        raise CliError("give both STORE and MOUNTPOINT, or neither for the default vault")
+    store_path = Path(args.store or default_store()).expanduser().absolute()
+    mountpoint = Path(args.mountpoint or default_mountpoint()).expanduser().absolute()
+    if args.store is None:
+        if not (store_path / "vault.toml").exists():
+            Store.init(store_path)
+            print(f"created the default vault store {store_path}")
+        mountpoint.mkdir(parents=True, exist_ok=True)
+    options = _mount_options(args.options)
+    try:
+        fsmount.check_mountpoint(mountpoint)
+    except fsmount.MountError as e:
+        raise CliError(str(e)) from None
+
+    if args.foreground:
+        _log_to(store_path, also_stderr=True, debug=args.debug)
+        with Store.open(store_path, writable=True) as store:
+            fsmount.run(store, mountpoint, allow_other="allow_other" in options,
+                        vault_visible="vault_visible" in options)
+        return 0
+
+    Store.open(store_path).close()  # a clear error now, not in a daemon's log
+    log_file = store_path / "vaultfs.log"
+    start = log_file.stat().st_size if log_file.exists() else 0
+    cmd = [sys.executable, "-m", "vaultfs", "mount", "--foreground", str(store_path),
+           str(mountpoint)]
+    if options:
+        cmd += ["-o", ",".join(sorted(options))]
+    if args.debug:
+        cmd.append("--debug")
+    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
+        child = subprocess.Popen(cmd, stdin=devnull, stdout=out, stderr=out,
+                                 start_new_session=True)
+    deadline = time.monotonic() + MOUNT_WAIT
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            print(f"mounted {store_path} on {mountpoint} (daemon pid {child.pid})")
+            return 0
+        if child.poll() is not None:
+            tail = log_file.read_bytes()[start:].decode(errors="replace").strip().splitlines()
+            errors = [line for line in tail if "error" in line.lower()] or tail[-3:]
+            raise CliError("the mount daemon stopped: " + (" / ".join(errors) or "no reason"))
+        time.sleep(0.05)
+    child.terminate()
+    raise CliError(f"the mount did not come up within {MOUNT_WAIT:.0f} s; see {log_file}")
+
+
+def cmd_umount(args) -> int:
+    from .fs import mount as fsmount
+
+    mountpoint = Path(args.mountpoint).expanduser().absolute()
+    source = _mount_source(mountpoint)
+    if source is None:
+        raise CliError(f"{mountpoint} is not a vaultfs mount")
+    pid = _daemon_pid(Path(source))
+    try:
+        fsmount.unmount(mountpoint)
+    except fsmount.MountError as e:
+        raise CliError(f"cannot unmount {mountpoint}: {e}") from None
+    # The daemon commits what is left and releases the store; wait for it.
+    deadline = time.monotonic() + 120
+    while pid and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(f"unmounted {mountpoint}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    with Store.open(args.store) as store:
+        figures = store.figures()
+    if args.json:
+        print(json.dumps(figures, indent=2, sort_keys=True))
+        return 0
+    rows = [
+        ("store", figures["store"]),
+        ("files", f"{figures['files']:,}"),
+        ("logical", _size(figures["logical_bytes"])),
+        ("unique", _size(figures["unique_bytes"])),
+        ("stored", _size(figures["stored_bytes"])),
+        ("dedup ratio", f"{figures['dedup_ratio']:.2f}x"),
+        ("compression ratio", f"{figures['compression_ratio']:.2f}x"),
+        ("free on disk", _size(figures["free_bytes"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from tqdm import tqdm
+
+    from .store.verify import verify
+
+    with Store.open(args.store) as store:
+        total = store.figures()["unique_bytes"]
+        with tqdm(total=total, unit="B", unit_scale=True, desc="verifying",
+                  disable=args.json or not sys.stderr.isatty()) as bar:
+            report = verify(store, progress=lambda done: bar.update(done - bar.n))
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        return 0 if report.ok else 1
+    print(f"checked {report.chunks:,} chunks ({_size(report.bytes_checked)}) "
+          f"and {report.files:,} files")
+    for chunk, why in report.bad_chunks.items():
+        print(f"damaged chunk {chunk}: {why}")
+    for path, ranges in report.damaged_files.items():
+        spans = ", ".join(f"bytes {o}-{o + n - 1}" for o, n in ranges)
+        print(f"damaged file {path}: {spans}")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print("store is clean" if report.ok else "store is DAMAGED")
+    return 0 if report.ok else 1
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _mount_options(opts: list[str]) -> set[str]:
+    known = {"allow_other", "vault_visible"}
+    out = set()
+    for group in opts:
+        for o in filter(None, group.split(",")):
+            if o not in known:
+                raise CliError(f"unknown mount option {o!r} (known: {', '.join(sorted(known))})")
+            out.add(o)
+    return out
+
+
+def _mount_source(mountpoint: Path) -> str | None:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        if fields[4] == str(mountpoint) and fields[sep + 1] == "fuse.vaultfs":
+            return fields[sep + 2].replace("\\040", " ")
+    return None
+
+
+def _daemon_pid(store_path: Path) -> int | None:
+    try:
+        return int((store_path / "mount.lock").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has finished its work
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _log_to(store_path: Path, also_stderr: bool, debug: bool) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    handlers = [logging.FileHandler(store_path / "vaultfs.log")]
+    if also_stderr and not _stderr_is(store_path / "vaultfs.log"):
+        handlers.append(logging.StreamHandler(sys.stderr))  # the journal, under systemd
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+
+
+def _stderr_is(path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(2), os.stat(path))
+    except OSError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vaultfs", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"vaultfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create a vault store")
+    s.add_argument("store")
+    s.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("mount", help="mount a store (no arguments: the default vault)")
+    s.add_argument("store", nargs="?")
+    s.add_argument("mountpoint", nargs="?")
+    s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    s.add_argument("-o", dest="options", action="append", default=[],
+                   help="allow_other, vault_visible")
+    s.add_argument("--debug", action="store_true", help="log every detail")
+    s.set_defaults(fn=cmd_mount)
+
+    s = sub.add_parser("umount", help="commit and unmount")
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_umount)
+
+    s = sub.add_parser("status", help="files, sizes, dedup and compression of a store")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("verify", help="re-read and re-hash every chunk and every file")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (StoreError, CliError) as e:
+        print(f"vaultfs: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"vaultfs: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,655 @@
+"""The pyfuse3 Operations of the live tree: POSIX calls translated into store transactions.
+
+Metadata calls are one write transaction each, run by the store's writer thread (which batches
+concurrent ones into one synced commit). File data goes to a spool file on first change and is
+committed to the store at flush (close), fsync and last release. Everything that blocks (chunk
+reads, commits) runs in bounded worker threads; the trio loop only waits.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+import lmdb
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from ..store import ROOT_INO, Inode, Store, Txn
+from ..store.reader import ChunkCache, DamagedChunk, read_range
+from .ingest import commit_spool
+from .spool import OpenInode, open_spool
+from .views import VAULT_INO, VAULT_NAME, Views
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+NAME_MAX = 255
+# All changes to the live tree pass through this process, so the kernel may cache what it
+# learns for long; views set their own timeouts (zero).
+CACHE_TIMEOUT = 300.0
+BLKSIZE = 128 * 1024
+
+
+def handler(fn):
+    """Turn every failure of a handler into an errno: an exception escaping a handler would end
+    pyfuse3's main loop and with it the mount."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "VaultOperations", *args):
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except DamagedChunk as e:
+            log.error("damaged data in %s: %s", self.path_of(e.ino), e)
+            raise FUSEError(errno.EIO) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                log.exception("%s failed", fn.__name__)
+            raise FUSEError(e.errno or errno.EIO) from None
+        except lmdb.Error as e:
+            if "No space" in str(e) or isinstance(e, lmdb.MapFullError):
+                log.error("%s: the store's disk is full", fn.__name__)
+                raise FUSEError(errno.ENOSPC) from None
+            log.exception("%s failed in the store", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def wait_future(fut: "Future[T]") -> T:
+    """Wait on a concurrent.futures.Future without blocking the trio loop."""
+    if not fut.done():
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        fut.add_done_callback(lambda _: token.run_sync_soon(done.set))
+        await done.wait()
+    return fut.result()
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FUSEError(errno.ENAMETOOLONG)
+
+
+class VaultOperations(pyfuse3.Operations):
+    enable_writeback_cache = True  # 1 MiB write requests instead of the application's size
+    enable_acl = True              # POSIX ACLs are kept as system.posix_acl_* xattrs
+    supports_dot_lookup = False
+
+    def __init__(self, store: Store, *, vault_visible: bool = False, workers: int = 4):
+        super().__init__()
+        self.store = store
+        self.vault_visible = vault_visible
+        self.cache = ChunkCache()
+        self.views = Views(self.status, os.getuid(), os.getgid())
+        self._limiter = trio.CapacityLimiter(workers)
+        self._lookups: Counter[int] = Counter()
+        self._open: dict[int, OpenInode] = {}
+        self._handles: dict[int, int] = {}        # fh -> ino
+        self._view_data: dict[int, bytes] = {}    # fh -> content of an open view file
+        self._next_fh = 1
+
+    # ---- helpers ------------------------------------------------------------------------------
+    async def _write(self, fn: Callable[[Txn], T]) -> T:
+        return await wait_future(self.store.writer.submit(fn))
+
+    async def _thread(self, fn: Callable[..., T], *args) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _inode(self, tx: Txn, ino: int) -> Inode:
+        inode = tx.inode(ino)
+        if inode is None:
+            raise FUSEError(errno.ENOENT)
+        return inode
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode.ino
+        a.entry_timeout = a.attr_timeout = CACHE_TIMEOUT
+        a.st_mode, a.st_nlink = inode.mode, inode.nlink
+        a.st_uid, a.st_gid, a.st_rdev = inode.uid, inode.gid, inode.rdev
+        a.st_size, a.st_mtime_ns, a.st_ctime_ns = inode.size, inode.mtime_ns, inode.ctime_ns
+        of = self._open.get(inode.ino)
+        if of is not None and of.fd is not None:  # changed, not yet committed
+            a.st_size, a.st_mtime_ns, a.st_ctime_ns = of.size, of.mtime_ns, of.ctime_ns
+        a.st_atime_ns = inode.atime_ns
+        a.st_blksize = BLKSIZE
+        a.st_blocks = (a.st_size + 511) // 512
+        return a
+
+    def _get_attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        if self.views.owns(ino):
+            return self.views.attrs(ino)
+        with self.store.reader() as tx:
+            return self._attrs(self._inode(tx, ino))
+
+    def _new_fh(self, ino: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = ino
+        return fh
+
+    @staticmethod
+    def _no_views(*inos: int) -> None:
+        if any(Views.owns(i) for i in inos):
+            raise FUSEError(errno.EROFS)
+
+    def path_of(self, ino: int) -> str:
+        """A path of `ino` for log lines (a directory walk: only on error paths)."""
+        with self.store.reader() as tx:
+            return tx.path_of(ino) or f"<inode {ino}>"
+
+    def status(self) -> dict:
+        figures = self.store.figures()
+        figures["open_files"] = len(self._open)
+        figures["uncommitted_files"] = sum(1 for of in self._open.values() if of.dirty)
+        return figures
+
+    # ---- lookups and attributes ---------------------------------------------------------------
+    @handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == ROOT_INO and name == VAULT_NAME:
+            return self.views.attrs(VAULT_INO)
+        if self.views.owns(parent_inode):
+            return self.views.lookup(parent_inode, name)
+        _check_name(name)
+        with self.store.reader() as tx:
+            ino = tx.lookup(parent_inode, name)
+            if ino is None:
+                raise FUSEError(errno.ENOENT)
+            attrs = self._attrs(self._inode(tx, ino))
+        self._lookups[ino] += 1
+        return attrs
+
+    async def forget(self, inode_list):
+        for ino, nlookup in inode_list:
+            try:
+                self._lookups[ino] -= nlookup
+                if self._lookups[ino] <= 0:
+                    del self._lookups[ino]
+                    await self._delete_if_unused(ino)
+            except Exception:  # forget must never raise
+                log.exception("forget of inode %d failed", ino)
+
+    @handler
+    async def getattr(self, inode, ctx=None):
+        return self._get_attrs(inode)
+
+    @handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        self._no_views(inode)
+        now = time.time_ns()
+        if fields.update_size:
+            of = self._open.get(inode) or self._open.setdefault(inode, OpenInode(inode))
+            async with of.lock:
+                await self._ensure_spool(of)
+                os.ftruncate(of.fd, attr.st_size)
+                of.size, of.dirty, of.mtime_ns, of.ctime_ns = attr.st_size, True, now, now
+                if of.opens == 0:  # truncate(2) by path: no close will follow
+                    await self._commit(of)
+                    self._drop_open(of)
+
+        def change(tx: Txn) -> Inode:
+            node = self._inode(tx, inode)
+            if fields.update_mode:
+                node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            if fields.update_uid:
+                node.uid = attr.st_uid
+            if fields.update_gid:
+                node.gid = attr.st_gid
+            if fields.update_atime:
+                node.atime_ns = attr.st_atime_ns
+            if fields.update_mtime:
+                node.mtime_ns = attr.st_mtime_ns
+            node.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
+            tx.put_inode(node)
+            return node
+
+        node = await self._write(change)
+        of = self._open.get(inode)
+        if of is not None and of.fd is not None:
+            if fields.update_mtime:
+                of.mtime_ns = node.mtime_ns
+            of.ctime_ns = node.ctime_ns
+        return self._attrs(node)
+
+    @handler
+    async def readlink(self, inode, ctx):
+        with self.store.reader() as tx:
+            node = self._inode(tx, inode)
+        if not stat.S_ISLNK(node.mode):
+            raise FUSEError(errno.EINVAL)
+        return node.target
+
+    # ---- creating and removing names ----------------------------------------------------------
+    async def _make(self, parent: int, name: bytes, mode: int, ctx, rdev: int = 0,
+                    target: bytes = b"") -> Inode:
+        _check_name(name)
+        if parent == ROOT_INO and name == VAULT_NAME:
+            raise FUSEError(errno.EEXIST)
+        self._no_views(parent)
+        now = time.time_ns()
+        is_dir = stat.S_ISDIR(mode)
+        if not stat.S_ISLNK(mode):
+            mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~ctx.umask)
+
+        def make(tx: Txn) -> Inode:
+            p = self._inode(tx, parent)
+            if not stat.S_ISDIR(p.mode):
+                raise FUSEError(errno.ENOTDIR)
+            if p.nlink == 0:
+                raise FUSEError(errno.ENOENT)  # a removed directory takes no new entries
+            if tx.lookup(parent, name) is not None:
+                raise FUSEError(errno.EEXIST)
+            m, gid = mode, ctx.gid
+            if p.mode & stat.S_ISGID:  # BSD group semantics of setgid directories
+                gid = p.gid
+                if is_dir:
+                    m |= stat.S_ISGID
+            node = tx.new_inode(m, ctx.uid, gid, now, rdev, target)
+            node.nlink = 2 if is_dir else 1
+            tx.put_inode(node)
+            tx.add_entry(parent, name, node.ino)
+            if is_dir:
+                p.nlink += 1
+            p.mtime_ns = p.ctime_ns = now
+            tx.put_inode(p)
+            return node
+
+        node = await self._write(make)
+        self._lookups[node.ino] += 1
+        return node
+
+    @handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._attrs(await self._make(parent_inode, name, mode, ctx, rdev=rdev))
+
+    @handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._attrs(await self._make(parent_inode, name, stat.S_IFDIR | mode, ctx))
+
+    @handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self._attrs(await self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx,
+                                            target=target))
+
+    @handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        node = await self._make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        return pyfuse3.FileInfo(fh=self._open_fh(node.ino)), self._attrs(node)
+
+    @handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        _check_name(new_name)
+        self._no_views(inode, new_parent_inode)
+        now = time.time_ns()
+
+        def link(tx: Txn) -> Inode:
+            node = self._inode(tx, inode)
+            if stat.S_ISDIR(node.mode):
+                raise FUSEError(errno.EPERM)
+            p = self._inode(tx, new_parent_inode)
+            if tx.lookup(new_parent_inode, new_name) is not None:
+                raise FUSEError(errno.EEXIST)
+            tx.add_entry(new_parent_inode, new_name, inode)
+            node.nlink += 1
+            node.ctime_ns = now
+            tx.put_inode(node)
+            p.mtime_ns = p.ctime_ns = now
+            tx.put_inode(p)
+            return node
+
+        node = await self._write(link)
+        self._lookups[inode] += 1
+        return self._attrs(node)
+
+    async def _remove(self, parent: int, name: bytes, want_dir: bool) -> None:
+        self._no_views(parent)
+        if parent == ROOT_INO and name == VAULT_NAME:
+            raise FUSEError(errno.EBUSY)
+        now = time.time_ns()
+
+        def remove(tx: Txn) -> Inode:
+            ino = tx.lookup(parent, name)
+            if ino is None:
+                raise FUSEError(errno.ENOENT)
+            node = self._inode(tx, ino)
+            is_dir = stat.S_ISDIR(node.mode)
+            if want_dir and not is_dir:
+                raise FUSEError(errno.ENOTDIR)
+            if not want_dir and is_dir:
+                raise FUSEError(errno.EISDIR)
+            if is_dir and tx.has_entries(ino):
+                raise FUSEError(errno.ENOTEMPTY)
+            tx.remove_entry(parent, name)
+            p = self._inode(tx, parent)
+            if is_dir:
+                p.nlink -= 1
+            p.mtime_ns = p.ctime_ns = now
+            tx.put_inode(p)
+            _unlinked(node, now)
+            tx.put_inode(node)
+            return node
+
+        node = await self._write(remove)
+        if node.nlink == 0:
+            await self._delete_if_unused(node.ino)
+
+    @handler
+    async def unlink(self, parent_inode, name, ctx):
+        await self._remove(parent_inode, name, want_dir=False)
+
+    @handler
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._remove(parent_inode, name, want_dir=True)
+
+    @handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        _check_name(name_new)
+        self._no_views(parent_inode_old, parent_inode_new)
+        if VAULT_NAME in (name_old, name_new) and ROOT_INO in (parent_inode_old,
+                                                                parent_inode_new):
+            raise FUSEError(errno.EBUSY)
+        now = time.time_ns()
+
+        def rename(tx: Txn) -> Inode | None:
+            ino = tx.lookup(parent_inode_old, name_old)
+            if ino is None:
+                raise FUSEError(errno.ENOENT)
+            node = self._inode(tx, ino)
+            parents = {p: self._inode(tx, p) for p in (parent_inode_old, parent_inode_new)}
+            old_p, new_p = parents[parent_inode_old], parents[parent_inode_new]
+            target_ino = tx.lookup(parent_inode_new, name_new)
+            replaced = None
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                if target_ino is None:
+                    raise FUSEError(errno.ENOENT)
+                other = self._inode(tx, target_ino)
+                tx.remove_entry(parent_inode_old, name_old)
+                tx.remove_entry(parent_inode_new, name_new)
+                tx.add_entry(parent_inode_old, name_old, target_ino)
+                tx.add_entry(parent_inode_new, name_new, ino)
+                dirs = stat.S_ISDIR(node.mode) - stat.S_ISDIR(other.mode)
+                old_p.nlink -= dirs
+                new_p.nlink += dirs
+                other.ctime_ns = now
+                tx.put_inode(other)
+            else:
+                if target_ino is not None:
+                    if flags & pyfuse3.RENAME_NOREPLACE:
+                        raise FUSEError(errno.EEXIST)
+                    if target_ino == ino:
+                        return None  # two links to one file: POSIX says do nothing
+                    replaced = self._inode(tx, target_ino)
+                    if stat.S_ISDIR(node.mode):
+                        if not stat.S_ISDIR(replaced.mode):
+                            raise FUSEError(errno.ENOTDIR)
+                        if tx.has_entries(target_ino):
+                            raise FUSEError(errno.ENOTEMPTY)
+                        new_p.nlink -= 1
+                    elif stat.S_ISDIR(replaced.mode):
+                        raise FUSEError(errno.EISDIR)
+                    tx.remove_entry(parent_inode_new, name_new)
+                    _unlinked(replaced, now)
+                    tx.put_inode(replaced)
+                tx.remove_entry(parent_inode_old, name_old)
+                tx.add_entry(parent_inode_new, name_new, ino)
+                if stat.S_ISDIR(node.mode):
+                    old_p.nlink -= 1
+                    new_p.nlink += 1
+            node.ctime_ns = now
+            tx.put_inode(node)
+            for p in parents.values():
+                p.mtime_ns = p.ctime_ns = now
+                tx.put_inode(p)
+            return replaced
+
+        replaced = await self._write(rename)
+        if replaced is not None and replaced.nlink == 0:
+            await self._delete_if_unused(replaced.ino)
+
+    async def _delete_if_unused(self, ino: int) -> None:
+        """Free an inode once it has no name, no kernel reference and no open handle."""
+        if self._lookups.get(ino) or ino in self._open or self.views.owns(ino):
+            return
+
+        def delete(tx: Txn) -> None:
+            node = tx.inode(ino)
+            if node is not None and node.nlink == 0:
+                tx.delete_inode(node)
+
+        await self._write(delete)
+
+    # ---- file contents ------------------------------------------------------------------------
+    def _open_fh(self, ino: int) -> int:
+        of = self._open.get(ino) or self._open.setdefault(ino, OpenInode(ino))
+        of.opens += 1
+        return self._new_fh(ino)
+
+    @handler
+    async def open(self, inode, flags, ctx):
+        if self.views.owns(inode):
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                raise FUSEError(errno.EROFS)
+            content = self.views.content(inode)
+            fh = self._new_fh(inode)
+            self._view_data[fh] = content
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        with self.store.reader() as tx:
+            node = self._inode(tx, inode)
+        if stat.S_ISDIR(node.mode):
+            raise FUSEError(errno.EISDIR)
+        # Every change passes through this mount, so the kernel's page cache stays valid.
+        return pyfuse3.FileInfo(fh=self._open_fh(inode), keep_cache=True)
+
+    async def _ensure_spool(self, of: OpenInode) -> None:
+        """Give an inode a spool seeded with its committed content (the inode lock is held)."""
+        if of.fd is not None:
+            return
+        with self.store.reader() as tx:
+            node = self._inode(tx, of.ino)
+        of.fd = await self._thread(open_spool, self.store, self.cache, of.ino, node.size)
+        of.size, of.mtime_ns, of.ctime_ns = node.size, node.mtime_ns, node.ctime_ns
+
+    async def _commit(self, of: OpenInode) -> None:
+        """Commit a changed inode's spool to the store (the inode lock is held)."""
+        if not of.dirty:
+            return
+        await self._thread(commit_spool, self.store, of.ino, of.fd, of.size, of.mtime_ns,
+                           of.ctime_ns)
+        of.dirty = False
+
+    def _drop_open(self, of: OpenInode) -> None:
+        of.close_spool()
+        if self._open.get(of.ino) is of:
+            del self._open[of.ino]
+
+    @handler
+    async def read(self, fh, off, size):
+        if fh in self._view_data:
+            return self._view_data[fh][off:off + size]
+        ino = self._handles[fh]
+        of = self._open[ino]
+        async with of.lock:
+            if of.fd is not None:
+                return await self._thread(os.pread, of.fd, size, off)
+        with self.store.reader() as tx:
+            file_size = self._inode(tx, ino).size
+        return await self._thread(self._read_committed, ino, off, size, file_size)
+
+    def _read_committed(self, ino: int, off: int, size: int, file_size: int) -> bytes:
+        with self.store.reader() as tx:
+            return read_range(tx, self.cache, ino, off, size, file_size)
+
+    @handler
+    async def write(self, fh, off, buf):
+        ino = self._handles[fh]
+        if ino in self._view_data or self.views.owns(ino):
+            raise FUSEError(errno.EBADF)
+        of = self._open[ino]
+        async with of.lock:
+            await self._ensure_spool(of)
+            n = os.pwrite(of.fd, buf, off)
+            now = time.time_ns()
+            of.size, of.dirty, of.mtime_ns, of.ctime_ns = max(of.size, off + n), True, now, now
+        return n
+
+    async def _commit_fh(self, fh: int) -> None:
+        ino = self._handles.get(fh)
+        of = self._open.get(ino) if ino is not None else None
+        if of is not None:
+            async with of.lock:
+                await self._commit(of)
+
+    @handler
+    async def flush(self, fh):
+        await self._commit_fh(fh)
+
+    @handler
+    async def fsync(self, fh, datasync):
+        await self._commit_fh(fh)
+
+    @handler
+    async def release(self, fh):
+        if self._view_data.pop(fh, None) is not None:
+            self._handles.pop(fh)
+            return
+        ino = self._handles.pop(fh)
+        of = self._open[ino]
+        of.opens -= 1
+        if of.opens > 0:
+            return
+        async with of.lock:
+            try:
+                await self._commit(of)
+            finally:
+                if of.opens == 0:
+                    self._drop_open(of)
+        await self._delete_if_unused(ino)
+
+    # ---- directories --------------------------------------------------------------------------
+    @handler
+    async def opendir(self, inode, ctx):
+        if not self.views.owns(inode):
+            with self.store.reader() as tx:
+                if not stat.S_ISDIR(self._inode(tx, inode).mode):
+                    raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    @handler
+    async def readdir(self, fh, start_id, token):
+        if self.views.owns(fh):
+            for i, (name, ino) in enumerate(self.views.entries(fh)[start_id:], start_id):
+                if not pyfuse3.readdir_reply(token, name, self.views.attrs(ino), i + 1):
+                    return
+            return
+        if fh == ROOT_INO and self.vault_visible and start_id == 0:
+            if not pyfuse3.readdir_reply(token, VAULT_NAME, self.views.attrs(VAULT_INO), 1):
+                return
+        with self.store.reader() as tx:
+            for entry_id, name, ino in tx.entries(fh, max(start_id, 1)):
+                attrs = self._attrs(self._inode(tx, ino))
+                if not pyfuse3.readdir_reply(token, name, attrs, entry_id + 1):
+                    return
+                self._lookups[ino] += 1
+
+    @handler
+    async def releasedir(self, fh):
+        pass
+
+    @handler
+    async def fsyncdir(self, fh, datasync):
+        pass  # every directory change is committed durably before its call returns
+
+    @handler
+    async def statfs(self, ctx):
+        st = os.statvfs(self.store.path)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize, s.f_frsize = st.f_bsize, st.f_frsize
+        s.f_blocks, s.f_bfree, s.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
+        s.f_files, s.f_ffree, s.f_favail = st.f_files, st.f_ffree, st.f_favail
+        s.f_namemax = NAME_MAX
+        return s
+
+    # ---- extended attributes ------------------------------------------------------------------
+    @handler
+    async def getxattr(self, inode, name, ctx):
+        if self.views.owns(inode):
+            raise FUSEError(pyfuse3.ENOATTR)
+        with self.store.reader() as tx:
+            self._inode(tx, inode)
+            value = tx.xattr(inode, name)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @handler
+    async def listxattr(self, inode, ctx):
+        if self.views.owns(inode):
+            return []
+        with self.store.reader() as tx:
+            self._inode(tx, inode)
+            return [name for name, _ in tx.xattrs(inode)]
+
+    @handler
+    async def setxattr(self, inode, name, value, ctx):
+        self._no_views(inode)
+        now = time.time_ns()
+
+        def setx(tx: Txn) -> None:
+            node = self._inode(tx, inode)
+            tx.set_xattr(inode, name, value)
+            node.ctime_ns = now
+            tx.put_inode(node)
+
+        await self._write(setx)
+
+    @handler
+    async def removexattr(self, inode, name, ctx):
+        self._no_views(inode)
+        now = time.time_ns()
+
+        def removex(tx: Txn) -> None:
+            node = self._inode(tx, inode)
+            if not tx.remove_xattr(inode, name):
+                raise FUSEError(pyfuse3.ENOATTR)
+            node.ctime_ns = now
+            tx.put_inode(node)
+
+        await self._write(removex)
+
+    @handler
+    async def access(self, inode, mode, ctx):
+        # Mounted with default_permissions: the kernel has already checked the mode bits.
+        self._get_attrs(inode)
+        return True
+
+    # ---- shutdown -----------------------------------------------------------------------------
+    async def commit_all(self) -> None:
+        """Commit every changed file (at unmount, or when the daemon is asked to stop)."""
+        for of in list(self._open.values()):
+            async with of.lock:
+                try:
+                    await self._commit(of)
+                except Exception:
+                    log.exception("could not commit inode %d at shutdown", of.ino)
+
+
+def _unlinked(node: Inode, now: int) -> None:
+    """One name of `node` is gone (a directory has only one)."""
+    node.nlink = 0 if stat.S_ISDIR(node.mode) else node.nlink - 1
+    node.ctime_ns = now

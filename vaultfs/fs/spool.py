@@ -1,0 +1,50 @@
+"""The write spool: where a file's new bytes live between the first write and the commit.
+
+A file that is being changed gets an anonymous spool file (O_TMPFILE in STORE/spool, on the
+store's own disk), seeded with its committed content. Reads and writes of a changed file go to
+the spool; a commit (ingest.py) chunks the spool into the store. Being anonymous, a spool
+vanishes with the process: a crash leaves nothing half-applied, only the last commit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+from ..store import Store
+from ..store.reader import ChunkCache, iter_extents
+
+
+@dataclass(eq=False)
+class OpenInode:
+    """In-memory state of an inode that has open handles or uncommitted changes."""
+
+    ino: int
+    opens: int = 0
+    fd: int | None = None      # spool file, once the file has been changed
+    size: int = 0              # size of the spooled content (valid while fd is set)
+    dirty: bool = False        # spool differs from the committed content
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def close_spool(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def open_spool(store: Store, cache: ChunkCache, ino: int, size: int) -> int:
+    """A new spool file holding the committed content of `ino` (blocking)."""
+    fd = os.open(store.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        with store.reader() as tx:
+            for off, data in iter_extents(tx, cache, ino):
+                os.pwrite(fd, data, off)
+        os.ftruncate(fd, size)  # holes stay holes in the spool too
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

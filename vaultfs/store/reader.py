@@ -1,0 +1,81 @@
+"""Reading file contents back out of the store, through a small cache of decoded chunks.
+
+Reads arrive in pieces of 128 KiB to 1 MiB while chunks are about 1 MiB, so without the cache
+every chunk would be decompressed and re-hashed several times over.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from .codec import ChunkCorrupt, decode
+from .txn import StoreError, Txn
+
+CACHE_BYTES = 64 * 1024 * 1024
+
+
+class DamagedChunk(Exception):
+    """A read met a chunk that is missing or does not match its hash."""
+
+    def __init__(self, ino: int, offset: int, length: int, chunk_id: bytes, why: str):
+        super().__init__(f"inode {ino}: bytes {offset}-{offset + length - 1} "
+                         f"(chunk {chunk_id.hex()}): {why}")
+        self.ino, self.offset, self.length, self.chunk_id = ino, offset, length, chunk_id
+
+
+class ChunkCache:
+    def __init__(self, limit: int = CACHE_BYTES):
+        self._limit = limit
+        self._bytes = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tx: Txn, chunk_id: bytes) -> bytes:
+        with self._lock:
+            data = self._items.get(chunk_id)
+            if data is not None:
+                self._items.move_to_end(chunk_id)
+                return data
+        stored = tx.chunk_data(chunk_id)
+        if stored is None:
+            raise ChunkCorrupt("chunk is missing from the store")
+        data = decode(chunk_id, stored)
+        with self._lock:
+            if chunk_id not in self._items:
+                self._items[chunk_id] = data
+                self._bytes += len(data)
+                while self._bytes > self._limit:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= len(old)
+        return data
+
+
+def read_range(tx: Txn, cache: ChunkCache, ino: int, offset: int, size: int,
+               file_size: int) -> bytes:
+    """Bytes [offset, offset+size) of a committed file, holes as zeros, short at EOF."""
+    end = min(offset + size, file_size)
+    if end <= offset:
+        return b""
+    out = bytearray(end - offset)
+    for ext_off, data in iter_extents(tx, cache, ino, offset, end):
+        lo, hi = max(ext_off, offset), min(ext_off + len(data), end)
+        out[lo - offset:hi - offset] = data[lo - ext_off:hi - ext_off]
+    return bytes(out)
+
+
+def iter_extents(tx: Txn, cache: ChunkCache, ino: int, start: int = 0,
+                 end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(file offset, decoded chunk) of the extents overlapping [start, end)."""
+    for ext_off, chunk_id, length in tx.extents(ino, start):
+        if end is not None and ext_off >= end:
+            return
+        try:
+            data = cache.get(tx, chunk_id)
+        except ChunkCorrupt as e:
+            raise DamagedChunk(ino, ext_off, length, chunk_id, str(e)) from None
+        if len(data) != length:
+            raise StoreError(f"inode {ino}: extent at {ext_off} says {length} bytes, "
+                             f"chunk {chunk_id.hex()} holds {len(data)}")
+        yield ext_off, data

@@ -83,7 +83,8 @@ def cmd_mount(args) -> int:
             return 0
         if child.poll() is not None:
             tail = log_file.read_bytes()[start:].decode(errors="replace").strip().splitlines()
-            errors = [line for line in tail if "error" in line.lower()] or tail[-3:]
+            errors = [line.removeprefix("vaultfs: error: ") for line in tail
+                      if "error" in line.lower()] or tail[-3:]
             raise CliError("the mount daemon stopped: " + (" / ".join(errors) or "no reason"))
         time.sleep(0.05)
     child.terminate()

@@ -32,7 +32,7 @@ def check_mountpoint(mountpoint: Path) -> None:
     """Refuse a mount point that is missing, busy or not empty; unmount a stale one (left by a
     daemon that died, answering ENOTCONN) so that it can be mounted again."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # unlike stat(), never answered from the kernel's cache
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise MountError(f"mount point {mountpoint}: {e.strerror}") from None
@@ -62,7 +62,6 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
     if allow_other:
         options.add("allow_other")
     pyfuse3.init(ops, str(mountpoint), options)
-    _raise_read_ahead(mountpoint)
     log.info("mounted %s on %s", store.path, mountpoint)
     stopped_by_signal = False
     try:
@@ -77,6 +76,7 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                             pyfuse3.terminate()
                             return
                 nursery.start_soon(on_signal)
+                nursery.start_soon(_raise_read_ahead, mountpoint)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
             await ops.commit_all()
@@ -88,9 +88,11 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
         log.info("unmounted %s", mountpoint)
 
 
-def _raise_read_ahead(mountpoint: Path) -> None:
-    # The device number comes from mountinfo: a stat() of our own mount point here, before the
-    # main loop answers requests, would wait on itself for ever.
+async def _raise_read_ahead(mountpoint: Path) -> None:
+    # The kernel sets read-ahead from our reply to its INIT request, so wait until that is
+    # answered. The device number comes from mountinfo: a stat() of our own mount point from
+    # the thread that answers requests would wait on itself for ever.
+    await trio.sleep(1)
     target = os.path.abspath(mountpoint)
     dev = next((line.split()[2] for line in Path("/proc/self/mountinfo").read_text().splitlines()
                 if line.split()[4] == target), None)

@@ -54,7 +54,9 @@ def handler(fn):
             log.error("damaged data in %s: %s", self.path_of(e.ino), e)
             raise FUSEError(errno.EIO) from None
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if e.errno == errno.ENOSPC:
+                log.warning("%s: %s", fn.__name__, e)
+            else:
                 log.exception("%s failed", fn.__name__)
             raise FUSEError(e.errno or errno.EIO) from None
         except lmdb.Error as e:
@@ -201,7 +203,8 @@ class VaultOperations(pyfuse3.Operations):
                 of.size, of.dirty, of.mtime_ns, of.ctime_ns = attr.st_size, True, now, now
                 if of.opens == 0:  # truncate(2) by path: no close will follow
                     await self._commit(of)
-                    self._drop_open(of)
+                    if of.opens == 0:  # nobody opened it meanwhile
+                        self._drop_open(of)
 
         def change(tx: Txn) -> Inode:
             node = self._inode(tx, inode)
@@ -453,8 +456,16 @@ class VaultOperations(pyfuse3.Operations):
             node = self._inode(tx, inode)
         if stat.S_ISDIR(node.mode):
             raise FUSEError(errno.EISDIR)
+        fh = self._open_fh(inode)
+        if flags & os.O_TRUNC:  # libfuse enables atomic_o_trunc: no setattr precedes this open
+            of = self._open[inode]
+            async with of.lock:
+                await self._ensure_spool(of)
+                os.ftruncate(of.fd, 0)
+                now = time.time_ns()
+                of.size, of.dirty, of.mtime_ns, of.ctime_ns = 0, True, now, now
         # Every change passes through this mount, so the kernel's page cache stays valid.
-        return pyfuse3.FileInfo(fh=self._open_fh(inode), keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def _ensure_spool(self, of: OpenInode) -> None:
         """Give an inode a spool seeded with its committed content (the inode lock is held)."""

@@ -8,7 +8,9 @@ caller hears of its result: a returned result means durable.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 32
+LOW_SPACE = 32 * 1024 * 1024
 
 
 class Writer:
@@ -74,7 +77,13 @@ class Writer:
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
                         results.append((fut, None, e))
         except lmdb.Error as e:
-            log.error("store commit failed: %s", e)
+            # LMDB reports a short write on a full disk as EIO; tell the two apart.
+            st = os.statvfs(self._env.path())
+            if st.f_bavail * st.f_frsize < LOW_SPACE:
+                e = OSError(errno.ENOSPC, f"the store's disk is full ({e})")
+                log.warning("store commit refused: %s", e)
+            else:
+                log.error("store commit failed: %s", e)
             for _, fut in batch:
                 fut.set_exception(e)
             return

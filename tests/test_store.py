@@ -1,0 +1,162 @@
+"""The store on its own (real LMDB on disk): dedup, collisions, reference counts, recovery,
+and the command line's answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import stat
+import tempfile
+import time
+
+import pytest
+
+from conftest import assert_clean, vaultfs
+from vaultfs.fs.ingest import commit_spool
+from vaultfs.store import Store, StoreError, codec
+from vaultfs.store.reader import ChunkCache, read_range
+
+
+def _new_file(store: Store) -> int:
+    def make(tx):
+        node = tx.new_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())
+        node.nlink = 1
+        tx.put_inode(node)
+        tx.add_entry(1, f"f{node.ino}".encode(), node.ino)
+        return node.ino
+    return store.write(make)
+
+
+def _commit(store: Store, ino: int, data: bytes) -> None:
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        commit_spool(store, ino, f.fileno(), len(data), time.time_ns(), time.time_ns())
+
+
+def _read(store: Store, ino: int, size: int) -> bytes:
+    with store.reader() as tx:
+        return read_range(tx, ChunkCache(), ino, 0, size, size)
+
+
+def test_identical_content_is_stored_once_and_freed_with_its_last_reference(store_path):
+    data = random.Random(0).randbytes(6_000_000)
+    with Store.open(store_path, writable=True) as store:
+        a, b = _new_file(store), _new_file(store)
+        _commit(store, a, data)
+        once = store.figures()
+        _commit(store, b, data)
+        twice = store.figures()
+        assert twice["stored_bytes"] == once["stored_bytes"] > 0
+        assert twice["logical_bytes"] == 2 * once["logical_bytes"]
+        assert twice["dedup_ratio"] == 2.0
+        assert _read(store, b, len(data)) == data
+        _commit(store, a, b"")
+        _commit(store, b, b"")
+        assert store.figures()["stored_bytes"] == 0
+        assert store.figures()["chunks"] == 0
+
+
+def test_forced_xxh3_collision_keeps_both_files_intact(tmp_path, monkeypatch):
+    # Every chunk gets the same xxh3-128 digest: only the BLAKE3 confirmation tells them apart.
+    # (A store of its own: its chunk ids are only valid while xxh3 is patched.)
+    store_path = Store.init(tmp_path / "colliding")
+    monkeypatch.setattr(codec, "xxh3", lambda data: b"\x42" * 16)
+    rng = random.Random(5)
+    one, two = rng.randbytes(200_000), rng.randbytes(200_000)  # one chunk each
+    with Store.open(store_path, writable=True) as store:
+        a, b = _new_file(store), _new_file(store)
+        _commit(store, a, one)
+        _commit(store, b, two)
+        assert _read(store, a, len(one)) == one
+        assert _read(store, b, len(two)) == two
+        with store.reader() as tx:
+            ids = sorted(c for c, _ in tx.chunks())
+        assert ids == [b"\x42" * 16 + b"\x00", b"\x42" * 16 + b"\x01"]
+        c = _new_file(store)
+        _commit(store, c, two)  # a true duplicate still deduplicates
+        assert store.figures()["chunks"] == 2
+        assert _read(store, c, len(two)) == two
+    assert_clean(store_path)
+
+
+def test_a_crash_mid_commit_is_undone_at_the_next_open(store_path):
+    data = random.Random(9).randbytes(3_000_000)
+    with Store.open(store_path, writable=True) as store:
+        ino = _new_file(store)
+        _commit(store, ino, data)
+
+        def half_commit(tx):  # what a crash between batches leaves: pending references
+            d = codec.digests(b"new bytes")
+            tx.add_pending(ino, tx.add_chunk(d, 9, codec.encode(b"new bytes")))
+        store.write(half_commit)
+        assert store.figures()["chunks"] > 0
+    with Store.open(store_path, writable=True) as store:
+        assert _read(store, ino, len(data)) == data
+        with store.reader() as tx:
+            assert all(rec.raw_len != 9 for _, rec in tx.chunks())
+    assert_clean(store_path)
+
+
+def test_one_writer_at_a_time(store_path):
+    with Store.open(store_path, writable=True):
+        with pytest.raises(StoreError, match="in use by another vaultfs process"):
+            Store.open(store_path, writable=True)
+        # Readers in other processes are welcome beside the writer.
+        assert json.loads(vaultfs("status", store_path, "--json").stdout)["files"] == 0
+        mp = store_path.parent / "mnt"
+        mp.mkdir()
+        for mode in ("--foreground", "--debug"):  # in the foreground, and as a daemon
+            r = vaultfs("mount", mode, store_path, mp, check=False)
+            assert r.returncode != 0 and "in use by another vaultfs process" in r.stderr
+            assert not os.path.ismount(mp)
+
+
+def test_cli_status_json(store_path):
+    figures = json.loads(vaultfs("status", store_path, "--json").stdout)
+    assert figures["logical_bytes"] == 0 and figures["stored_bytes"] == 0
+    assert figures["free_bytes"] > 0
+    human = vaultfs("status", store_path).stdout
+    assert "dedup ratio" in human and "free on disk" in human
+
+
+@pytest.mark.parametrize("command", [["status"], ["verify"], ["mount", "MNT"]])
+def test_cli_refuses_a_missing_store_in_one_sentence(tmp_path, command):
+    (tmp_path / "MNT").mkdir()
+    args = [a.replace("MNT", str(tmp_path / "MNT")) for a in command]
+    r = vaultfs(args[0], tmp_path / "nowhere", *args[1:], check=False)
+    assert r.returncode != 0
+    assert r.stderr.startswith("vaultfs: error:") and "is not a vaultfs store" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_cli_refuses_a_newer_store_format_and_leaves_it_alone(store_path, tmp_path):
+    toml = store_path / "vault.toml"
+    toml.write_text(toml.read_text().replace("format_version = 1", "format_version = 99"))
+    before = (store_path / "lmdb" / "data.mdb").read_bytes()
+    (tmp_path / "mnt").mkdir()
+    for args in (["status", store_path], ["mount", store_path, tmp_path / "mnt"]):
+        r = vaultfs(*args, check=False)
+        assert r.returncode != 0
+        assert "newer than this vaultfs understands" in r.stderr
+    assert (store_path / "lmdb" / "data.mdb").read_bytes() == before
+    toml.write_text(toml.read_text().replace("format_version = 99", "format_version = 1"))
+
+
+def test_cli_refuses_a_mount_point_that_is_not_empty(store_path, tmp_path):
+    mp = tmp_path / "busy"
+    mp.mkdir()
+    (mp / "photo.jpg").write_bytes(b"unprotected")
+    r = vaultfs("mount", store_path, mp, check=False)
+    assert r.returncode != 0 and "is not empty" in r.stderr
+    assert (mp / "photo.jpg").read_bytes() == b"unprotected"
+
+
+def test_cli_init_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    r = vaultfs("init", tmp_path / "photos", check=False)
+    assert r.returncode != 0 and "not an empty directory" in r.stderr
+    assert os.listdir(tmp_path / "photos") == ["a.jpg"]

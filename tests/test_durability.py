@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -173,3 +175,25 @@ def test_lmdb_corruption_of_a_record_is_reported_not_hidden(store_path):
                            (F.STAT_STORED, rec.stored_len)):
             t.put(key, F.u64(F.from_u64(t.get(key, db=meta)) - delta), db=meta)
     env.close()
+
+
+def test_sigterm_commits_open_files_and_unmounts(make_mount, store_path):
+    m = make_mount()
+    data = random.Random(4).randbytes(20 * 1024 * 1024)
+    # O_DIRECT: the bytes reach the daemon now, not when the kernel's cache writes them back.
+    fd = os.open(m.path / "open.dng", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    buf = mmap.mmap(-1, 10 * 1024 * 1024)
+    buf.write(data[:len(buf)])
+    assert os.write(fd, buf) == len(buf)
+    (m.path / "closed.dng").write_bytes(data)
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.proc.wait(timeout=60) == 0
+    m.proc.stderr.close()
+    m.proc = None
+    with pytest.raises(OSError):
+        os.close(fd)  # the daemon has gone from under the open file
+    assert not os.path.ismount(m.path)
+    m2 = make_mount()
+    assert (m2.path / "closed.dng").read_bytes() == data
+    # What the open file had sent to the daemon was committed at shutdown.
+    assert (m2.path / "open.dng").read_bytes() == data[:len(buf)]

@@ -28,28 +28,30 @@ def split(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int]]:
 WINDOW = 32 * 1024 * 1024
 
 
-def split_file(fd: int, size: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, bytes) of each chunk of the first `size` bytes of an open file, read in
-    windows so that memory stays bounded whatever the file's size.
+def split_file(fd: int, start: int, end: int, final: bool = True
+               ) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of each chunk of bytes [start, end) of an open file, where `start` is
+    a chunk boundary, read in windows so that memory stays bounded whatever the file's size.
 
     The last chunk of a window may have been cut only because the window ended, so it is cut
-    again with the next window; the result is the same as splitting the whole file at once.
+    again with the next window: the result is the same as splitting the whole file at once.
+    With `final` false, more bytes will follow `end`, so the last chunk is held back too.
     """
-    buf, buf_off = b"", 0
+    buf, buf_off = b"", start
     while True:
-        want = min(WINDOW, size - buf_off - len(buf))
+        want = min(WINDOW, end - buf_off - len(buf))
         if want > 0:
             data = os.pread(fd, want, buf_off + len(buf))
             if len(data) != want:
                 raise OSError(f"file shrank while being chunked (wanted {want}, got {len(data)})")
             buf += data
-        at_end = buf_off + len(buf) >= size
+        at_end = buf_off + len(buf) >= end
         cuts = list(split(buf))
-        if not at_end:
+        if cuts and not (at_end and final):
             cuts.pop()
         for off, length in cuts:
             yield buf_off + off, buf[off:off + length]
-        if at_end:
+        if at_end or not cuts:
             return
         used = cuts[-1][0] + cuts[-1][1]
         buf, buf_off = buf[used:], buf_off + used

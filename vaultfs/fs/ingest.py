@@ -1,12 +1,16 @@
 """Committing a spooled file into the store: chunk, hash, compress, then swap the extents.
 
 A file's chunks reach LMDB in batches of bounded size (so a 4 GiB file never sits in one
-transaction's memory); each batch records its chunk references as *pending* for the inode. The
-final transaction turns those references into the file's extents and releases the old ones, so
-the file changes atomically: a crash before it leaves the previous version, and the next mount
-releases the pending references (store.Store._recover).
+transaction's memory); each batch records its chunk references as *pending* for the inode.
+The final transaction turns those references into the file's extents and releases the old
+ones, so the file changes atomically: a crash before it leaves the previous version, and the
+next mount releases the pending references (store.Store._recover).
 
-Everything here blocks: it runs in a worker thread, never on the trio loop.
+While a file is written front to back (the way cameras and tethering software write), the part
+already written is ingested in the background (`advance`), so that closing the file leaves only
+its last few chunks to store.
+
+Everything here blocks: it runs in worker threads, never on the trio loop.
 """
 
 from __future__ import annotations
@@ -25,21 +29,56 @@ _ZEROS = bytes(8 * 1024 * 1024)  # larger than the largest chunk
 _encoders = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                thread_name_prefix="vaultfs-encode")
 
+Extent = tuple[int, bytes, int]  # file offset, chunk id, length
 
-def commit_spool(store: Store, ino: int, fd: int, size: int, mtime_ns: int,
-                 ctime_ns: int) -> None:
-    """Make the first `size` bytes of the spool file `fd` the committed content of `ino`."""
-    extents: list[tuple[int, bytes, int]] = []
-    inflight: list[Future] = []
 
-    def store_batch(batch: list[tuple[int, bytes, Digests]]) -> None:
+class FileIngest:
+    """The new content of one file, stored chunk by chunk as pending references."""
+
+    def __init__(self, store: Store, ino: int):
+        self.store = store
+        self.ino = ino
+        self.extents: list[Extent] = []
+        self.done_to = 0  # bytes [0, done_to) are chunked and held as pending references
+
+    def advance(self, fd: int, end: int, final: bool) -> None:
+        """Store the chunks of bytes [done_to, end) of the spool `fd`. Unless `final`, the last
+        chunk is held back: bytes after `end` may still change where it is cut."""
+        inflight: list[Future] = []
+        batch: list[tuple[int, bytes, Digests]] = []
+        nbytes = 0
+        last = self.done_to
+        try:
+            for off, data in split_file(fd, self.done_to, end, final):
+                last = off + len(data)
+                if _ZEROS.startswith(data):
+                    continue  # a hole: stored as no extent at all
+                batch.append((off, data, digests(data)))
+                nbytes += len(data)
+                if nbytes >= BATCH_BYTES:
+                    inflight.append(self._store_batch(batch))
+                    batch, nbytes = [], 0
+                    # Hash the next batch while this one is written; at most two in memory.
+                    while len(inflight) > 1:
+                        self.extents.extend(inflight.pop(0).result())
+            if batch:
+                inflight.append(self._store_batch(batch))
+            for fut in inflight:
+                self.extents.extend(fut.result())
+        finally:
+            for fut in inflight:
+                fut.exception()  # let every batch land before anyone reads the pending refs
+        self.done_to = last
+
+    def _store_batch(self, batch: list[tuple[int, bytes, Digests]]) -> "Future[list[Extent]]":
         # Encode only what the store lacks now; the writer re-checks, and encodes itself any
         # chunk that a concurrent delete freed in between (rare).
-        with store.reader() as tx:
+        with self.store.reader() as tx:
             missing = [i for i, (_, _, d) in enumerate(batch) if tx.find_chunk(d) is None]
         encoded = dict(zip(missing, _encoders.map(lambda i: encode(batch[i][1]), missing)))
+        ino = self.ino
 
-        def put(tx: Txn) -> list[tuple[int, bytes, int]]:
+        def put(tx: Txn) -> list[Extent]:
             out = []
             for i, (off, data, d) in enumerate(batch):
                 chunk_id = tx.add_chunk(d, len(data), encoded.get(i) or (lambda: encode(data)))
@@ -47,44 +86,43 @@ def commit_spool(store: Store, ino: int, fd: int, size: int, mtime_ns: int,
                 out.append((off, chunk_id, len(data)))
             return out
 
-        inflight.append(store.writer.submit(put))
-        # Hash the next batch while this one is written, but keep at most two in memory.
-        while len(inflight) > 1:
-            extents.extend(inflight.pop(0).result())
+        return self.store.writer.submit(put)
 
+    def finish(self, size: int, mtime_ns: int, ctime_ns: int) -> None:
+        """Make the stored chunks the file's content, atomically (after a final `advance`)."""
+        ino, extents = self.ino, self.extents
+
+        def finish(tx: Txn) -> None:
+            held = tx.take_pending(ino)
+            inode = tx.inode(ino)
+            if inode is None:  # deleted while we worked: give the references back
+                for chunk_id in held:
+                    tx.decref(chunk_id)
+                return
+            assert held == [e[1] for e in extents], "pending references out of step"
+            tx.set_extents(ino, extents)
+            inode.size = size
+            inode.mtime_ns = mtime_ns
+            inode.ctime_ns = ctime_ns
+            tx.put_inode(inode)
+
+        self.store.writer.call(finish)
+        self.extents, self.done_to = [], 0
+
+    def abandon(self) -> None:
+        """Release what this ingest stored: its view of the file is out of date."""
+        self.store.writer.call(lambda tx: [tx.decref(c) for c in tx.take_pending(self.ino)])
+        self.extents, self.done_to = [], 0
+
+
+def commit_spool(store: Store, ino: int, fd: int, size: int, mtime_ns: int,
+                 ctime_ns: int, ingest: FileIngest | None = None) -> None:
+    """Make the first `size` bytes of the spool file `fd` the committed content of `ino`,
+    continuing `ingest` if it was fed in the background and is still valid."""
+    ingest = ingest or FileIngest(store, ino)
     try:
-        batch: list[tuple[int, bytes, Digests]] = []
-        nbytes = 0
-        for off, data in split_file(fd, size):
-            if _ZEROS.startswith(data):
-                continue  # a hole: stored as no extent at all
-            batch.append((off, data, digests(data)))
-            nbytes += len(data)
-            if nbytes >= BATCH_BYTES:
-                store_batch(batch)
-                batch, nbytes = [], 0
-        if batch:
-            store_batch(batch)
-        for fut in inflight:
-            extents.extend(fut.result())
+        ingest.advance(fd, size, final=True)
+        ingest.finish(size, mtime_ns, ctime_ns)
     except BaseException:
-        for fut in inflight:
-            fut.exception()  # let every batch land before releasing what they took
-        store.writer.call(lambda tx: [tx.decref(c) for c in tx.take_pending(ino)])
+        ingest.abandon()
         raise
-
-    def finish(tx: Txn) -> None:
-        held = tx.take_pending(ino)
-        inode = tx.inode(ino)
-        if inode is None:  # deleted while we worked: give the references back
-            for chunk_id in held:
-                tx.decref(chunk_id)
-            return
-        assert held == [e[1] for e in extents], "pending references out of step with extents"
-        tx.set_extents(ino, extents)
-        inode.size = size
-        inode.mtime_ns = mtime_ns
-        inode.ctime_ns = ctime_ns
-        tx.put_inode(inode)
-
-    store.writer.call(finish)

@@ -66,20 +66,23 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
     stopped_by_signal = False
     try:
         async def main() -> None:
-            nonlocal stopped_by_signal
             async with trio.open_nursery() as nursery:
                 async def on_signal() -> None:
+                    # Stays installed until the end, so that a second signal cannot kill the
+                    # daemon in the middle of its last commits.
                     nonlocal stopped_by_signal
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                        async for _ in signals:
-                            stopped_by_signal = True
-                            pyfuse3.terminate()
-                            return
+                        async for signum in signals:
+                            if not stopped_by_signal:
+                                stopped_by_signal = True
+                                pyfuse3.terminate()
+                            log.info("signal %d: stopping after the last commits", signum)
                 nursery.start_soon(on_signal)
+                ops.nursery = nursery
                 nursery.start_soon(_raise_read_ahead, mountpoint)
                 await pyfuse3.main()
+                await ops.commit_all()
                 nursery.cancel_scope.cancel()
-            await ops.commit_all()
 
         trio.run(main)
     finally:

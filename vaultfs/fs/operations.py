@@ -26,7 +26,7 @@ from pyfuse3 import FUSEError
 
 from ..store import ROOT_INO, Inode, Store, Txn
 from ..store.reader import ChunkCache, DamagedChunk, read_range
-from .ingest import commit_spool
+from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
 from .views import VAULT_INO, VAULT_NAME, Views
 
@@ -38,6 +38,9 @@ NAME_MAX = 255
 # learns for long; views set their own timeouts (zero).
 CACHE_TIMEOUT = 300.0
 BLKSIZE = 128 * 1024
+# Ingest a file being written front to back once this much is new, so that close() has only
+# the tail left to store.
+STREAM_STEP = 8 * 1024 * 1024
 
 
 def handler(fn):
@@ -104,6 +107,7 @@ class VaultOperations(pyfuse3.Operations):
         self._handles: dict[int, int] = {}        # fh -> ino
         self._view_data: dict[int, bytes] = {}    # fh -> content of an open view file
         self._next_fh = 1
+        self.nursery: trio.Nursery | None = None  # for background ingest; set by mount.run
 
     # ---- helpers ------------------------------------------------------------------------------
     async def _write(self, fn: Callable[[Txn], T]) -> T:
@@ -199,8 +203,7 @@ class VaultOperations(pyfuse3.Operations):
             of = self._open.get(inode) or self._open.setdefault(inode, OpenInode(inode))
             async with of.lock:
                 await self._ensure_spool(of)
-                os.ftruncate(of.fd, attr.st_size)
-                of.size, of.dirty, of.mtime_ns, of.ctime_ns = attr.st_size, True, now, now
+                self._truncate_spool(of, attr.st_size, now)
                 if of.opens == 0:  # truncate(2) by path: no close will follow
                     await self._commit(of)
                     if of.opens == 0:  # nobody opened it meanwhile
@@ -210,6 +213,9 @@ class VaultOperations(pyfuse3.Operations):
             node = self._inode(tx, inode)
             if fields.update_mode:
                 node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+                acl = tx.xattr(inode, ACL_ACCESS)
+                if acl is not None:  # chmod rewrites an extended ACL (posix_acl_chmod)
+                    tx.set_xattr(inode, ACL_ACCESS, _acl_chmod(acl, node.mode))
             if fields.update_uid:
                 node.uid = attr.st_uid
             if fields.update_gid:
@@ -461,9 +467,7 @@ class VaultOperations(pyfuse3.Operations):
             of = self._open[inode]
             async with of.lock:
                 await self._ensure_spool(of)
-                os.ftruncate(of.fd, 0)
-                now = time.time_ns()
-                of.size, of.dirty, of.mtime_ns, of.ctime_ns = 0, True, now, now
+                self._truncate_spool(of, 0, time.time_ns())
         # Every change passes through this mount, so the kernel's page cache stays valid.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -475,13 +479,53 @@ class VaultOperations(pyfuse3.Operations):
             node = self._inode(tx, of.ino)
         of.fd = await self._thread(open_spool, self.store, self.cache, of.ino, node.size)
         of.size, of.mtime_ns, of.ctime_ns = node.size, node.mtime_ns, node.ctime_ns
+        # Only a file that starts empty is streamed: rewrites in place would undo the work.
+        of.ingest, of.stream_ok, of.stream_end = FileIngest(self.store, of.ino), node.size == 0, 0
+
+    def _truncate_spool(self, of: OpenInode, size: int, now: int) -> None:
+        os.ftruncate(of.fd, size)
+        if size < of.stream_end:
+            of.stream_ok = False
+        elif size == 0 and of.stream_end == 0:
+            of.stream_ok = True  # emptied (O_TRUNC) before any background ingest began
+        of.size, of.dirty, of.mtime_ns, of.ctime_ns = size, True, now, now
+
+    def _maybe_stream(self, of: OpenInode) -> None:
+        """Start ingesting what a front-to-back writer has written so far, in the background."""
+        if (self.nursery is None or not of.stream_ok or of.streaming is not None
+                or of.size - of.ingest.done_to < STREAM_STEP):
+            return
+        of.stream_end = of.size
+        of.streaming = trio.Event()
+        self.nursery.start_soon(self._stream, of, of.streaming, of.size)
+
+    async def _stream(self, of: OpenInode, done: trio.Event, end: int) -> None:
+        try:
+            await self._thread(of.ingest.advance, of.fd, end, False)
+        except Exception:
+            log.exception("background ingest of inode %d failed; the commit will redo it",
+                          of.ino)
+            of.stream_ok = False
+        finally:
+            of.streaming = None
+            done.set()
 
     async def _commit(self, of: OpenInode) -> None:
         """Commit a changed inode's spool to the store (the inode lock is held)."""
+        if of.streaming is not None:
+            await of.streaming.wait()
         if not of.dirty:
             return
+        ingest = of.ingest
+        if not of.stream_ok:
+            if of.stream_end:  # what the background stored, if anything, is out of date
+                await self._thread(ingest.abandon)
+            ingest = FileIngest(self.store, of.ino)
+        # Later writes rewrite committed bytes: they are committed whole, not streamed.
+        of.stream_ok = False
         await self._thread(commit_spool, self.store, of.ino, of.fd, of.size, of.mtime_ns,
-                           of.ctime_ns)
+                           of.ctime_ns, ingest)
+        of.ingest, of.stream_end = FileIngest(self.store, of.ino), of.size
         of.dirty = False
 
     def _drop_open(self, of: OpenInode) -> None:
@@ -517,6 +561,9 @@ class VaultOperations(pyfuse3.Operations):
             n = os.pwrite(of.fd, buf, off)
             now = time.time_ns()
             of.size, of.dirty, of.mtime_ns, of.ctime_ns = max(of.size, off + n), True, now, now
+            if off < of.stream_end:
+                of.stream_ok = False
+            self._maybe_stream(of)
         return n
 
     async def _commit_fh(self, fh: int) -> None:
@@ -623,7 +670,13 @@ class VaultOperations(pyfuse3.Operations):
 
         def setx(tx: Txn) -> None:
             node = self._inode(tx, inode)
-            tx.set_xattr(inode, name, value)
+            if name == ACL_ACCESS:  # with FUSE_POSIX_ACL the daemon keeps the mode in step
+                bits, equivalent = _acl_mode(value)
+                node.mode = node.mode & ~0o777 | bits
+                if equivalent:  # a plain mode, as ext4 keeps it: no xattr (cp -a does this)
+                    tx.remove_xattr(inode, name)
+            if name != ACL_ACCESS or not equivalent:
+                tx.set_xattr(inode, name, value)
             node.ctime_ns = now
             tx.put_inode(node)
 
@@ -658,6 +711,42 @@ class VaultOperations(pyfuse3.Operations):
                     await self._commit(of)
                 except Exception:
                     log.exception("could not commit inode %d at shutdown", of.ino)
+
+
+ACL_ACCESS = b"system.posix_acl_access"
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
+
+
+def _acl_entries(value: bytes) -> list[list[int]]:
+    """(tag, perm, id) of a system.posix_acl_* value (version 2, 8-byte entries)."""
+    if len(value) < 4 or (len(value) - 4) % 8 or int.from_bytes(value[:4], "little") != 2:
+        raise FUSEError(errno.EINVAL)
+    return [[int.from_bytes(value[i:i + 2], "little"), int.from_bytes(value[i + 2:i + 4],
+             "little"), int.from_bytes(value[i + 4:i + 8], "little")]
+            for i in range(4, len(value), 8)]
+
+
+def _acl_mode(value: bytes) -> tuple[int, bool]:
+    """The permission bits an access ACL implies, and whether the mode says it all."""
+    perms = {tag: perm & 7 for tag, perm, _ in _acl_entries(value)}
+    group = perms.get(_ACL_MASK, perms.get(_ACL_GROUP_OBJ, 0))
+    bits = perms.get(_ACL_USER_OBJ, 0) << 6 | group << 3 | perms.get(_ACL_OTHER, 0)
+    return bits, set(perms) <= {_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER}
+
+
+def _acl_chmod(value: bytes, mode: int) -> bytes:
+    """An access ACL after chmod: owner, mask (else owning group) and other follow the mode."""
+    entries = _acl_entries(value)
+    has_mask = any(tag == _ACL_MASK for tag, _, _ in entries)
+    for e in entries:
+        if e[0] == _ACL_USER_OBJ:
+            e[1] = mode >> 6 & 7
+        elif e[0] == (_ACL_MASK if has_mask else _ACL_GROUP_OBJ):
+            e[1] = mode >> 3 & 7
+        elif e[0] == _ACL_OTHER:
+            e[1] = mode & 7
+    return value[:4] + b"".join(t.to_bytes(2, "little") + p.to_bytes(2, "little")
+                                + i.to_bytes(4, "little") for t, p, i in entries)
 
 
 def _unlinked(node: Inode, now: int) -> None:

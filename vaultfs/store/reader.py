@@ -33,18 +33,24 @@ class ChunkCache:
         self._lock = threading.Lock()
 
     def get(self, tx: Txn, chunk_id: bytes) -> bytes:
+        # Keyed by id *and* BLAKE3 digest: an id freed and reused for other content (possible
+        # only after an xxh3 collision) must never be served from the cache.
+        rec = tx.chunk_record(chunk_id)
+        if rec is None:
+            raise ChunkCorrupt("chunk is missing from the store")
+        key = chunk_id + rec.blake3
         with self._lock:
-            data = self._items.get(chunk_id)
+            data = self._items.get(key)
             if data is not None:
-                self._items.move_to_end(chunk_id)
+                self._items.move_to_end(key)
                 return data
         stored = tx.chunk_data(chunk_id)
         if stored is None:
-            raise ChunkCorrupt("chunk is missing from the store")
-        data = decode(chunk_id, stored)
+            raise ChunkCorrupt("chunk data is missing from the store")
+        data = decode(chunk_id, stored, rec.raw_len)
         with self._lock:
-            if chunk_id not in self._items:
-                self._items[chunk_id] = data
+            if key not in self._items:
+                self._items[key] = data
                 self._bytes += len(data)
                 while self._bytes > self._limit:
                     _, old = self._items.popitem(last=False)

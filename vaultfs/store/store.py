@@ -59,6 +59,22 @@ class Store:
         p = Path(path).expanduser()
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
             raise StoreError(f"{p} already exists and is not an empty directory")
+        created = not p.exists()
+        try:
+            Store._create(p)
+        except (OSError, lmdb.Error) as e:
+            # Leave nothing half made behind (a full disk, a read-only folder...).
+            for name in ("lmdb", "spool", "vault.toml"):
+                shutil.rmtree(p / name, ignore_errors=True) if name != "vault.toml" else \
+                    (p / name).unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(p, ignore_errors=True)
+            raise StoreError(f"cannot create a store in {p}: {getattr(e, 'strerror', None) or e}"
+                             ) from None
+        return p
+
+    @staticmethod
+    def _create(p: Path) -> None:
         p.mkdir(parents=True, exist_ok=True)
         (p / "spool").mkdir()
         store_id = uuid.uuid4()
@@ -83,7 +99,6 @@ class Store:
             f"format_version = {F.FORMAT_VERSION}\n"
             f'id = "{store_id}"\n'
         )
-        return p
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, writable: bool = False) -> "Store":
@@ -96,9 +111,13 @@ class Store:
             version = tomllib.loads((p / "vault.toml").read_text()).get("format_version")
         except tomllib.TOMLDecodeError as e:
             raise StoreError(f"{p / 'vault.toml'} is not valid TOML: {e}") from None
-        if not isinstance(version, int) or version > F.FORMAT_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) \
+                and version > F.FORMAT_VERSION:
             raise StoreError(f"{p} has store format {version}, newer than this vaultfs "
                              f"understands ({F.FORMAT_VERSION}); upgrade vaultfs to use it")
+        if version != F.FORMAT_VERSION or isinstance(version, bool):
+            raise StoreError(f"{p / 'vault.toml'} names store format {version!r}; "
+                             f"this vaultfs reads format {F.FORMAT_VERSION}")
         lock_fd = _take_lock(p) if writable else None
         try:
             env = _open_env(p, readonly=False)
@@ -108,8 +127,19 @@ class Store:
                 os.close(lock_fd)
             raise
         store = cls(p, env, dbs, lock_fd)
-        if writable:
-            store._recover()
+        try:
+            with store.reader() as tx:
+                inner = tx.meta(F.META_FORMAT)
+            if inner is None or F.from_u64(inner) != F.FORMAT_VERSION:
+                raise StoreError(f"{p} holds a database of store format "
+                                 f"{F.from_u64(inner) if inner else 'unknown'}, "
+                                 f"not {F.FORMAT_VERSION}")
+            if writable:
+                _check_tmpfile(store.spool_dir)
+                store._recover()
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def close(self) -> None:
@@ -164,6 +194,10 @@ class Store:
                         "%d unlinked inodes, discarded %d uncommitted spool files",
                         refs, orphans, spooled)
 
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
     # ---- figures ------------------------------------------------------------------------------
     def figures(self) -> dict:
         """The figures of `vaultfs status` and `.vault/status.json`."""
@@ -205,6 +239,18 @@ def _open_dbs(env: lmdb.Environment, create: bool) -> dict:
         return {name: env.open_db(name, create=create) for name in F.ALL_DBS}
     except lmdb.NotFoundError:
         raise StoreError(f"{env.path()} is missing databases; the store is damaged") from None
+
+
+def _check_tmpfile(spool: Path) -> None:
+    """The spool needs anonymous files (O_TMPFILE): ext4, xfs, btrfs and tmpfs have them,
+    FAT, exFAT and NFS do not."""
+    try:
+        os.close(os.open(spool, os.O_TMPFILE | os.O_RDWR, 0o600))
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise StoreError(f"the filesystem holding {spool.parent} cannot hold a vault's "
+                             f"write spool (no O_TMPFILE); use ext4, xfs or btrfs") from None
+        raise
 
 
 def _take_lock(p: Path) -> int:

@@ -6,6 +6,7 @@ moves the boundaries near it and leaves the rest of the file's chunks, and their
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 
@@ -28,6 +29,20 @@ def split(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int]]:
 WINDOW = 32 * 1024 * 1024
 
 
+def _data_from(fd: int, pos: int) -> int:
+    """Where the next data at or after `pos` is (a file system without SEEK_DATA says: here)."""
+    try:
+        return os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # only a hole up to the end of the file
+            return 1 << 63
+        return pos
+
+
+ZERO_RUN = next(split(bytes(2 * MAX_SIZE)))[1]  # the length of a chunk cut from zeros
+ZERO_CHUNK = bytes(ZERO_RUN)
+
+
 def split_file(fd: int, start: int, end: int, final: bool = True
                ) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes) of each chunk of bytes [start, end) of an open file, where `start` is
@@ -39,6 +54,11 @@ def split_file(fd: int, start: int, end: int, final: bool = True
     """
     buf, buf_off = b"", start
     while True:
+        # Step over holes a chunk at a time without reading them: a chunk that starts in a run
+        # of zeros always has the same length, so the cuts stay those of reading everything.
+        while buf_off + ZERO_RUN <= end and _data_from(fd, buf_off) >= buf_off + ZERO_RUN:
+            yield buf_off, ZERO_CHUNK
+            buf, buf_off = buf[ZERO_RUN:], buf_off + ZERO_RUN
         want = min(WINDOW, end - buf_off - len(buf))
         if want > 0:
             data = os.pread(fd, want, buf_off + len(buf))

@@ -16,13 +16,15 @@ Everything here blocks: it runs in worker threads, never on the trio loop.
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..chunking import split_file
 from ..store import Store, Txn
 from ..store.codec import Digests, digests, encode
 
-BATCH_BYTES = 16 * 1024 * 1024
+BATCH_BYTES = 4 * 1024 * 1024
+PIPELINE = 2
 _ZEROS = bytes(8 * 1024 * 1024)  # larger than the largest chunk
 
 # Compression is the costliest step; it runs on every core, bounded, for all commits together.
@@ -30,6 +32,7 @@ _encoders = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                thread_name_prefix="vaultfs-encode")
 
 Extent = tuple[int, bytes, int]  # file offset, chunk id, length
+Chunk = tuple[int, bytes, Digests]  # file offset, raw bytes, digests
 
 
 class FileIngest:
@@ -43,11 +46,24 @@ class FileIngest:
 
     def advance(self, fd: int, end: int, final: bool) -> None:
         """Store the chunks of bytes [done_to, end) of the spool `fd`. Unless `final`, the last
-        chunk is held back: bytes after `end` may still change where it is cut."""
-        inflight: list[Future] = []
-        batch: list[tuple[int, bytes, Digests]] = []
+        chunk is held back: bytes after `end` may still change where it is cut.
+
+        A pipeline: this thread reads, cuts and hashes; the encoder pool compresses the chunks
+        the store lacks; the writer commits. Up to PIPELINE batches wait in each stage, so the
+        three run at once and memory stays bounded."""
+        encoding: deque[tuple[list[Chunk], dict[int, Future[bytes]]]] = deque()
+        storing: deque[Future[list[Extent]]] = deque()
+        batch: list[Chunk] = []
         nbytes = 0
         last = self.done_to
+
+        def drain(keep: int) -> None:
+            while len(encoding) > keep:
+                chunks, encs = encoding.popleft()
+                storing.append(self._store(chunks, {i: f.result() for i, f in encs.items()}))
+            while len(storing) > keep:
+                self.extents.extend(storing.popleft().result())
+
         try:
             for off, data in split_file(fd, self.done_to, end, final):
                 last = off + len(data)
@@ -56,37 +72,36 @@ class FileIngest:
                 batch.append((off, data, digests(data)))
                 nbytes += len(data)
                 if nbytes >= BATCH_BYTES:
-                    inflight.append(self._store_batch(batch))
+                    encoding.append((batch, self._encode_missing(batch)))
                     batch, nbytes = [], 0
-                    # Hash the next batch while this one is written; at most two in memory.
-                    while len(inflight) > 1:
-                        self.extents.extend(inflight.pop(0).result())
+                    drain(PIPELINE)
             if batch:
-                inflight.append(self._store_batch(batch))
-            for fut in inflight:
-                self.extents.extend(fut.result())
+                encoding.append((batch, self._encode_missing(batch)))
+            drain(0)
         finally:
-            for fut in inflight:
+            for fut in storing:
                 fut.exception()  # let every batch land before anyone reads the pending refs
         self.done_to = last
 
-    def _store_batch(self, batch: list[tuple[int, bytes, Digests]]) -> "Future[list[Extent]]":
-        # Encode only what the store lacks now; the writer re-checks, and encodes itself any
-        # chunk that a concurrent delete freed in between (rare).
+    def _encode_missing(self, chunks: list[Chunk]) -> dict[int, Future[bytes]]:
+        """Start compressing the chunks the store lacks now (the others are dedup hits)."""
         with self.store.reader() as tx:
-            missing = [i for i, (_, _, d) in enumerate(batch) if tx.find_chunk(d) is None]
-        encoded = dict(zip(missing, _encoders.map(lambda i: encode(batch[i][1]), missing)))
+            missing = [i for i, (_, _, d) in enumerate(chunks) if tx.find_chunk(d) is None]
+        return {i: _encoders.submit(encode, chunks[i][1]) for i in missing}
+
+    def _store(self, chunks: list[Chunk], encoded: dict[int, bytes]) -> "Future[list[Extent]]":
         ino = self.ino
 
         def put(tx: Txn) -> list[Extent]:
             out = []
-            for i, (off, data, d) in enumerate(batch):
+            for i, (off, data, d) in enumerate(chunks):
+                # A chunk seen as stored may have been freed since: then encode it here (rare).
                 chunk_id = tx.add_chunk(d, len(data), encoded.get(i) or (lambda: encode(data)))
                 tx.add_pending(ino, chunk_id)
                 out.append((off, chunk_id, len(data)))
             return out
 
-        return self.store.writer.submit(put)
+        return self.store.writer.submit(put, nbytes=sum(map(len, encoded.values())))
 
     def finish(self, size: int, mtime_ns: int, ctime_ns: int) -> None:
         """Make the stored chunks the file's content, atomically (after a final `advance`)."""

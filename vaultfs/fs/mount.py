@@ -57,6 +57,7 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
         vault_visible: bool = False) -> None:
     """Serve the mount until it is unmounted or the process gets SIGTERM/SIGINT."""
     ops = VaultOperations(store, vault_visible=vault_visible)
+    logging.getLogger("pyfuse3").addFilter(_dropped_replies)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {f"fsname={store.path}", "subtype=vaultfs", "noatime"}
     if allow_other:
@@ -89,6 +90,16 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
         # After fusermount -u the session is already gone; after a signal we unmount here.
         pyfuse3.close(unmount=stopped_by_signal)
         log.info("unmounted %s", mountpoint)
+
+
+def _dropped_replies(record: logging.LogRecord) -> bool:
+    """A reply refused with ENOENT answers a request the kernel has dropped: an interrupted call,
+    or a RELEASE still pending when the file system is unmounted (every unmount right after a
+    close). libfuse treats that as normal; pyfuse3 logs it as an error. Keep it at debug level."""
+    if "fuse_reply_* failed with No such file or directory" in record.getMessage():
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG)
+    return True
 
 
 async def _raise_read_ahead(mountpoint: Path) -> None:

@@ -26,6 +26,7 @@ from pyfuse3 import FUSEError
 
 from ..store import ROOT_INO, Inode, Store, Txn
 from ..store.reader import ChunkCache, DamagedChunk, read_range
+from .acl import ACL_ACCESS, acl_chmod, acl_mode
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
 from .views import VAULT_INO, VAULT_NAME, Views
@@ -91,7 +92,7 @@ def _check_name(name: bytes) -> None:
 
 
 class VaultOperations(pyfuse3.Operations):
-    enable_writeback_cache = True  # 1 MiB write requests instead of the application's size
+    enable_writeback_cache = False
     enable_acl = True              # POSIX ACLs are kept as system.posix_acl_* xattrs
     supports_dot_lookup = False
 
@@ -105,6 +106,7 @@ class VaultOperations(pyfuse3.Operations):
         self._lookups: Counter[int] = Counter()
         self._open: dict[int, OpenInode] = {}
         self._handles: dict[int, int] = {}        # fh -> ino
+        self._parents: dict[int, int] = {VAULT_INO: ROOT_INO}  # directory ino -> parent ino
         self._view_data: dict[int, bytes] = {}    # fh -> content of an open view file
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None  # for background ingest; set by mount.run
@@ -149,6 +151,13 @@ class VaultOperations(pyfuse3.Operations):
         self._handles[fh] = ino
         return fh
 
+    def _remember(self, ino: int, mode: int, parent: int) -> None:
+        """The kernel took a reference on `ino` (a lookup); note a directory's parent for
+        its ".." entry (directories have one parent, and the store keeps no parent links)."""
+        self._lookups[ino] += 1
+        if stat.S_ISDIR(mode):
+            self._parents[ino] = parent
+
     @staticmethod
     def _no_views(*inos: int) -> None:
         if any(Views.owns(i) for i in inos):
@@ -178,7 +187,7 @@ class VaultOperations(pyfuse3.Operations):
             if ino is None:
                 raise FUSEError(errno.ENOENT)
             attrs = self._attrs(self._inode(tx, ino))
-        self._lookups[ino] += 1
+        self._remember(ino, attrs.st_mode, parent_inode)
         return attrs
 
     async def forget(self, inode_list):
@@ -187,6 +196,7 @@ class VaultOperations(pyfuse3.Operations):
                 self._lookups[ino] -= nlookup
                 if self._lookups[ino] <= 0:
                     del self._lookups[ino]
+                    self._parents.pop(ino, None)
                     await self._delete_if_unused(ino)
             except Exception:  # forget must never raise
                 log.exception("forget of inode %d failed", ino)
@@ -215,7 +225,7 @@ class VaultOperations(pyfuse3.Operations):
                 node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
                 acl = tx.xattr(inode, ACL_ACCESS)
                 if acl is not None:  # chmod rewrites an extended ACL (posix_acl_chmod)
-                    tx.set_xattr(inode, ACL_ACCESS, _acl_chmod(acl, node.mode))
+                    tx.set_xattr(inode, ACL_ACCESS, acl_chmod(acl, node.mode))
             if fields.update_uid:
                 node.uid = attr.st_uid
             if fields.update_gid:
@@ -280,7 +290,7 @@ class VaultOperations(pyfuse3.Operations):
             return node
 
         node = await self._write(make)
-        self._lookups[node.ino] += 1
+        self._remember(node.ino, node.mode, parent)
         return node
 
     @handler
@@ -375,11 +385,15 @@ class VaultOperations(pyfuse3.Operations):
             raise FUSEError(errno.EBUSY)
         now = time.time_ns()
 
+        moved: dict[int, int] = {}  # directory ino -> its new parent
+
         def rename(tx: Txn) -> Inode | None:
             ino = tx.lookup(parent_inode_old, name_old)
             if ino is None:
                 raise FUSEError(errno.ENOENT)
             node = self._inode(tx, ino)
+            if stat.S_ISDIR(node.mode):
+                moved[ino] = parent_inode_new
             parents = {p: self._inode(tx, p) for p in (parent_inode_old, parent_inode_new)}
             old_p, new_p = parents[parent_inode_old], parents[parent_inode_new]
             target_ino = tx.lookup(parent_inode_new, name_new)
@@ -388,6 +402,8 @@ class VaultOperations(pyfuse3.Operations):
                 if target_ino is None:
                     raise FUSEError(errno.ENOENT)
                 other = self._inode(tx, target_ino)
+                if stat.S_ISDIR(other.mode):
+                    moved[target_ino] = parent_inode_old
                 tx.remove_entry(parent_inode_old, name_old)
                 tx.remove_entry(parent_inode_new, name_new)
                 tx.add_entry(parent_inode_old, name_old, target_ino)
@@ -428,6 +444,8 @@ class VaultOperations(pyfuse3.Operations):
             return replaced
 
         replaced = await self._write(rename)
+        for ino, parent in moved.items():
+            self._parents[ino] = parent
         if replaced is not None and replaced.nlink == 0:
             await self._delete_if_unused(replaced.ino)
 
@@ -610,20 +628,26 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh, start_id, token):
+        # Offsets: 1 after ".", 2 after "..", 3 after ".vault", then entry id + 3 after an
+        # entry, so that an offset stays valid while entries come and go.
+        head = [(b".", fh), (b"..", self._parents.get(fh, ROOT_INO))]
+        if fh == ROOT_INO and self.vault_visible:
+            head.append((VAULT_NAME, VAULT_INO))
+        for offset, (name, ino) in enumerate(head[start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, name, self._get_attrs(ino), offset):
+                return  # the kernel takes no reference on these three
         if self.views.owns(fh):
-            for i, (name, ino) in enumerate(self.views.entries(fh)[start_id:], start_id):
+            entries = self.views.entries(fh)
+            for i, (name, ino) in enumerate(entries[max(start_id - 3, 0):], max(start_id, 3)):
                 if not pyfuse3.readdir_reply(token, name, self.views.attrs(ino), i + 1):
                     return
             return
-        if fh == ROOT_INO and self.vault_visible and start_id == 0:
-            if not pyfuse3.readdir_reply(token, VAULT_NAME, self.views.attrs(VAULT_INO), 1):
-                return
         with self.store.reader() as tx:
-            for entry_id, name, ino in tx.entries(fh, max(start_id, 1)):
+            for entry_id, name, ino in tx.entries(fh, max(start_id - 2, 1)):
                 attrs = self._attrs(self._inode(tx, ino))
-                if not pyfuse3.readdir_reply(token, name, attrs, entry_id + 1):
+                if not pyfuse3.readdir_reply(token, name, attrs, entry_id + 3):
                     return
-                self._lookups[ino] += 1
+                self._remember(ino, attrs.st_mode, fh)
 
     @handler
     async def releasedir(self, fh):
@@ -671,7 +695,7 @@ class VaultOperations(pyfuse3.Operations):
         def setx(tx: Txn) -> None:
             node = self._inode(tx, inode)
             if name == ACL_ACCESS:  # with FUSE_POSIX_ACL the daemon keeps the mode in step
-                bits, equivalent = _acl_mode(value)
+                bits, equivalent = acl_mode(value)
                 node.mode = node.mode & ~0o777 | bits
                 if equivalent:  # a plain mode, as ext4 keeps it: no xattr (cp -a does this)
                     tx.remove_xattr(inode, name)
@@ -711,42 +735,6 @@ class VaultOperations(pyfuse3.Operations):
                     await self._commit(of)
                 except Exception:
                     log.exception("could not commit inode %d at shutdown", of.ino)
-
-
-ACL_ACCESS = b"system.posix_acl_access"
-_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
-
-
-def _acl_entries(value: bytes) -> list[list[int]]:
-    """(tag, perm, id) of a system.posix_acl_* value (version 2, 8-byte entries)."""
-    if len(value) < 4 or (len(value) - 4) % 8 or int.from_bytes(value[:4], "little") != 2:
-        raise FUSEError(errno.EINVAL)
-    return [[int.from_bytes(value[i:i + 2], "little"), int.from_bytes(value[i + 2:i + 4],
-             "little"), int.from_bytes(value[i + 4:i + 8], "little")]
-            for i in range(4, len(value), 8)]
-
-
-def _acl_mode(value: bytes) -> tuple[int, bool]:
-    """The permission bits an access ACL implies, and whether the mode says it all."""
-    perms = {tag: perm & 7 for tag, perm, _ in _acl_entries(value)}
-    group = perms.get(_ACL_MASK, perms.get(_ACL_GROUP_OBJ, 0))
-    bits = perms.get(_ACL_USER_OBJ, 0) << 6 | group << 3 | perms.get(_ACL_OTHER, 0)
-    return bits, set(perms) <= {_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER}
-
-
-def _acl_chmod(value: bytes, mode: int) -> bytes:
-    """An access ACL after chmod: owner, mask (else owning group) and other follow the mode."""
-    entries = _acl_entries(value)
-    has_mask = any(tag == _ACL_MASK for tag, _, _ in entries)
-    for e in entries:
-        if e[0] == _ACL_USER_OBJ:
-            e[1] = mode >> 6 & 7
-        elif e[0] == (_ACL_MASK if has_mask else _ACL_GROUP_OBJ):
-            e[1] = mode >> 3 & 7
-        elif e[0] == _ACL_OTHER:
-            e[1] = mode & 7
-    return value[:4] + b"".join(t.to_bytes(2, "little") + p.to_bytes(2, "little")
-                                + i.to_bytes(4, "little") for t, p, i in entries)
 
 
 def _unlinked(node: Inode, now: int) -> None:

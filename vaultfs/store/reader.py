@@ -64,11 +64,15 @@ def read_range(tx: Txn, cache: ChunkCache, ino: int, offset: int, size: int,
     end = min(offset + size, file_size)
     if end <= offset:
         return b""
-    out = bytearray(end - offset)
+    out: bytearray | None = None
     for ext_off, data in iter_extents(tx, cache, ino, offset, end):
         lo, hi = max(ext_off, offset), min(ext_off + len(data), end)
+        if out is None and lo == offset and hi == end:
+            return data[lo - ext_off:hi - ext_off]  # the common case: inside one chunk
+        if out is None:
+            out = bytearray(end - offset)
         out[lo - offset:hi - offset] = data[lo - ext_off:hi - ext_off]
-    return bytes(out)
+    return bytes(out) if out is not None else bytes(end - offset)
 
 
 def iter_extents(tx: Txn, cache: ChunkCache, ino: int, start: int = 0,

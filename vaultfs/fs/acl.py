@@ -1,0 +1,43 @@
+"""POSIX access ACLs, kept as the system.posix_acl_access xattr (the kernel enforces them when
+the mount sets enable_acl): the mode and the ACL must stay in step, as ext4 keeps them."""
+
+from __future__ import annotations
+
+import errno
+
+from pyfuse3 import FUSEError
+
+ACL_ACCESS = b"system.posix_acl_access"
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
+
+
+def _acl_entries(value: bytes) -> list[list[int]]:
+    """(tag, perm, id) of a system.posix_acl_* value (version 2, 8-byte entries)."""
+    if len(value) < 4 or (len(value) - 4) % 8 or int.from_bytes(value[:4], "little") != 2:
+        raise FUSEError(errno.EINVAL)
+    return [[int.from_bytes(value[i:i + 2], "little"), int.from_bytes(value[i + 2:i + 4],
+             "little"), int.from_bytes(value[i + 4:i + 8], "little")]
+            for i in range(4, len(value), 8)]
+
+
+def acl_mode(value: bytes) -> tuple[int, bool]:
+    """The permission bits an access ACL implies, and whether the mode says it all."""
+    perms = {tag: perm & 7 for tag, perm, _ in _acl_entries(value)}
+    group = perms.get(_ACL_MASK, perms.get(_ACL_GROUP_OBJ, 0))
+    bits = perms.get(_ACL_USER_OBJ, 0) << 6 | group << 3 | perms.get(_ACL_OTHER, 0)
+    return bits, set(perms) <= {_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER}
+
+
+def acl_chmod(value: bytes, mode: int) -> bytes:
+    """An access ACL after chmod: owner, mask (else owning group) and other follow the mode."""
+    entries = _acl_entries(value)
+    has_mask = any(tag == _ACL_MASK for tag, _, _ in entries)
+    for e in entries:
+        if e[0] == _ACL_USER_OBJ:
+            e[1] = mode >> 6 & 7
+        elif e[0] == (_ACL_MASK if has_mask else _ACL_GROUP_OBJ):
+            e[1] = mode >> 3 & 7
+        elif e[0] == _ACL_OTHER:
+            e[1] = mode & 7
+    return value[:4] + b"".join(t.to_bytes(2, "little") + p.to_bytes(2, "little")
+                                + i.to_bytes(4, "little") for t, p, i in entries)

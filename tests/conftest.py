@@ -49,11 +49,15 @@ class Mount:
                str(self.path)]
         if self.options:
             cmd += ["-o", ",".join(self.options)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The daemon's stderr goes to a file: a pipe read only at the end could fill and
+        # block the daemon.
+        self.log = self.path.parent / f"{self.path.name}.daemon.log"
+        with open(self.log, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.path):
             if self.proc.poll() is not None:
-                raise AssertionError(f"mount failed: {self.proc.stderr.read().decode()}")
+                raise AssertionError(f"mount failed: {self.log.read_text()}")
             if time.monotonic() > deadline:
                 raise AssertionError("mount did not come up in 30 s")
             time.sleep(0.02)
@@ -66,8 +70,9 @@ class Mount:
             return
         if os.path.ismount(self.path):
             subprocess.run(["fusermount3", "-u", str(self.path)], check=True)
-        err = self.proc.communicate(timeout=60)[1].decode()
+        self.proc.wait(timeout=60)
         self.proc = None
+        err = self.log.read_text()
         assert "Traceback" not in err, err
         assert expect_errors or " ERROR " not in err, err
 
@@ -76,7 +81,6 @@ class Mount:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        self.proc.stderr.close()
         self.proc = None
 
     def cleanup(self) -> None:

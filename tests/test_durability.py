@@ -187,7 +187,6 @@ def test_sigterm_commits_open_files_and_unmounts(make_mount, store_path):
     (m.path / "closed.dng").write_bytes(data)
     m.proc.send_signal(signal.SIGTERM)
     assert m.proc.wait(timeout=60) == 0
-    m.proc.stderr.close()
     m.proc = None
     with pytest.raises(OSError):
         os.close(fd)  # the daemon has gone from under the open file

@@ -1118,3 +1118,31 @@ def test_remount_keeps_all_metadata(make_mount):
     assert after.keys() == before.keys()
     for k in before:
         assert after[k] == before[k], k
+
+
+def test_default_acl_is_inherited_as_on_ext4(mnt, tmp_path):
+    """A folder's default ACL (setfacl -d) passes to new files and subfolders. With umask 0
+    the modes match ext4 exactly; the kernel applies a non-zero umask before vaultfs sees the
+    mode (pyfuse3 cannot ask for FUSE_DONT_MASK), so then vaultfs is the stricter of the two."""
+    # u::rwx u:1000:rwx g::r-x m::rwx o::---
+    acl = bytes.fromhex("02000000" "01000700ffffffff" "02000700e8030000" "04000500ffffffff"
+                        "10000700ffffffff" "20000000ffffffff")
+    native = tmp_path / "native"
+    native.mkdir()
+    seen = []
+    for root in (mnt, native):
+        os.mkdir(root / "dacl")
+        os.setxattr(root / "dacl", "system.posix_acl_default", acl)
+        old = os.umask(0)
+        try:
+            write_file(root / "dacl" / "f", b"x", 0o666)
+            os.mkdir(root / "dacl" / "sub", 0o777)
+        finally:
+            os.umask(old)
+        f, sub = root / "dacl" / "f", root / "dacl" / "sub"
+        seen.append((stat.S_IMODE(os.stat(f).st_mode), stat.S_IMODE(os.stat(sub).st_mode),
+                     os.getxattr(f, "system.posix_acl_access"),
+                     os.getxattr(sub, "system.posix_acl_access"),
+                     os.getxattr(sub, "system.posix_acl_default")))
+    assert seen[0] == seen[1]
+    assert seen[0][:2] == (0o660, 0o770)

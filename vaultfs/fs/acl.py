@@ -1,5 +1,8 @@
-"""POSIX access ACLs, kept as the system.posix_acl_access xattr (the kernel enforces them when
-the mount sets enable_acl): the mode and the ACL must stay in step, as ext4 keeps them."""
+"""POSIX ACLs, kept as the system.posix_acl_access and _default xattrs (the kernel enforces them
+when the mount sets enable_acl): the mode and the ACL must stay in step, and new entries take
+their directory's default ACL, as on ext4. One difference remains: the kernel applies the umask
+before vaultfs sees the mode (pyfuse3 cannot ask for FUSE_DONT_MASK), where ext4 ignores the
+umask under a default ACL."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import errno
 from pyfuse3 import FUSEError
 
 ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
 _ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
 
 
@@ -39,5 +43,31 @@ def acl_chmod(value: bytes, mode: int) -> bytes:
             e[1] = mode >> 3 & 7
         elif e[0] == _ACL_OTHER:
             e[1] = mode & 7
-    return value[:4] + b"".join(t.to_bytes(2, "little") + p.to_bytes(2, "little")
-                                + i.to_bytes(4, "little") for t, p, i in entries)
+    return _pack(entries)
+
+
+def _pack(entries: list[list[int]]) -> bytes:
+    return (2).to_bytes(4, "little") + b"".join(
+        t.to_bytes(2, "little") + p.to_bytes(2, "little") + i.to_bytes(4, "little")
+        for t, p, i in entries)
+
+
+def acl_inherit(default: bytes, mode: int) -> tuple[int, bytes | None]:
+    """A new entry in a directory with a default ACL (posix_acl_create): its access ACL is the
+    default ACL limited by the requested mode, and its mode follows that ACL. Returns the new
+    permission bits and the access ACL, or None when the mode says it all."""
+    entries = _acl_entries(default)
+    has_mask = any(tag == _ACL_MASK for tag, _, _ in entries)
+    bits = mode & ~0o777
+    for e in entries:
+        if e[0] == _ACL_USER_OBJ:
+            e[1] &= mode >> 6 & 7
+            bits |= e[1] << 6
+        elif e[0] == (_ACL_MASK if has_mask else _ACL_GROUP_OBJ):
+            e[1] &= mode >> 3 & 7
+            bits |= e[1] << 3
+        elif e[0] == _ACL_OTHER:
+            e[1] &= mode & 7
+            bits |= e[1]
+    access = _pack(entries)
+    return bits, None if acl_mode(access)[1] else access

@@ -26,7 +26,7 @@ from pyfuse3 import FUSEError
 
 from ..store import ROOT_INO, Inode, Store, Txn
 from ..store.reader import ChunkCache, DamagedChunk, read_range
-from .acl import ACL_ACCESS, acl_chmod, acl_mode
+from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
 from .views import VAULT_INO, VAULT_NAME, Views
@@ -92,6 +92,9 @@ def _check_name(name: bytes) -> None:
 
 
 class VaultOperations(pyfuse3.Operations):
+    # No writeback cache: with it the kernel holds a file's pages until close() and sends them
+    # all at once, so nothing can be ingested while the file is written; without it, close()
+    # finds most of a camera file already stored (measured: 153 -> 209 MB/s for 25 MB files).
     enable_writeback_cache = False
     enable_acl = True              # POSIX ACLs are kept as system.posix_acl_* xattrs
     supports_dot_lookup = False
@@ -279,9 +282,17 @@ class VaultOperations(pyfuse3.Operations):
                 gid = p.gid
                 if is_dir:
                     m |= stat.S_ISGID
+            default = None if stat.S_ISLNK(m) else tx.xattr(parent, ACL_DEFAULT)
+            access = None
+            if default is not None:
+                m, access = acl_inherit(default, m)
             node = tx.new_inode(m, ctx.uid, gid, now, rdev, target)
             node.nlink = 2 if is_dir else 1
             tx.put_inode(node)
+            if access is not None:
+                tx.set_xattr(node.ino, ACL_ACCESS, access)
+            if default is not None and is_dir:
+                tx.set_xattr(node.ino, ACL_DEFAULT, default)
             tx.add_entry(parent, name, node.ino)
             if is_dir:
                 p.nlink += 1
@@ -483,9 +494,13 @@ class VaultOperations(pyfuse3.Operations):
         fh = self._open_fh(inode)
         if flags & os.O_TRUNC:  # libfuse enables atomic_o_trunc: no setattr precedes this open
             of = self._open[inode]
-            async with of.lock:
-                await self._ensure_spool(of)
-                self._truncate_spool(of, 0, time.time_ns())
+            try:
+                async with of.lock:
+                    await self._ensure_spool(of)
+                    self._truncate_spool(of, 0, time.time_ns())
+            except BaseException:
+                await self.release(fh)
+                raise
         # Every change passes through this mount, so the kernel's page cache stays valid.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 

@@ -26,10 +26,14 @@ class DamagedChunk(Exception):
 
 
 class ChunkCache:
+    """Decoded chunks, most recently used kept, bounded in bytes. Concurrent reads of one chunk
+    (the kernel's read-ahead sends several at once) decode it once: the others wait for it."""
+
     def __init__(self, limit: int = CACHE_BYTES):
         self._limit = limit
         self._bytes = 0
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._loading: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
 
     def get(self, tx: Txn, chunk_id: bytes) -> bytes:
@@ -39,23 +43,33 @@ class ChunkCache:
         if rec is None:
             raise ChunkCorrupt("chunk is missing from the store")
         key = chunk_id + rec.blake3
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-                return data
-        stored = tx.chunk_data(chunk_id)
-        if stored is None:
-            raise ChunkCorrupt("chunk data is missing from the store")
-        data = decode(chunk_id, stored, rec.raw_len)
-        with self._lock:
-            if key not in self._items:
+        while True:
+            with self._lock:
+                data = self._items.get(key)
+                if data is not None:
+                    self._items.move_to_end(key)
+                    return data
+                loading = self._loading.get(key)
+                if loading is None:
+                    loading = self._loading[key] = threading.Event()
+                    break
+            loading.wait()  # another thread decodes it; then look again
+        try:
+            stored = tx.chunk_data(chunk_id)
+            if stored is None:
+                raise ChunkCorrupt("chunk data is missing from the store")
+            data = decode(chunk_id, stored, rec.raw_len)
+            with self._lock:
                 self._items[key] = data
                 self._bytes += len(data)
                 while self._bytes > self._limit:
                     _, old = self._items.popitem(last=False)
                     self._bytes -= len(old)
-        return data
+            return data
+        finally:
+            with self._lock:
+                del self._loading[key]
+            loading.set()
 
 
 def read_range(tx: Txn, cache: ChunkCache, ino: int, offset: int, size: int,

@@ -101,7 +101,7 @@ class FileIngest:
                 out.append((off, chunk_id, len(data)))
             return out
 
-        return self.store.writer.submit(put, nbytes=sum(map(len, encoded.values())))
+        return self.store.writer.submit(put)
 
     def finish(self, size: int, mtime_ns: int, ctime_ns: int) -> None:
         """Make the stored chunks the file's content, atomically (after a final `advance`)."""

@@ -371,8 +371,7 @@ class VaultOperations(pyfuse3.Operations):
                 p.nlink -= 1
             p.mtime_ns = p.ctime_ns = now
             tx.put_inode(p)
-            _unlinked(node, now)
-            tx.put_inode(node)
+            self._drop_name(tx, node, now)
             return node
 
         node = await self._write(remove)
@@ -440,8 +439,7 @@ class VaultOperations(pyfuse3.Operations):
                     elif stat.S_ISDIR(replaced.mode):
                         raise FUSEError(errno.EISDIR)
                     tx.remove_entry(parent_inode_new, name_new)
-                    _unlinked(replaced, now)
-                    tx.put_inode(replaced)
+                    self._drop_name(tx, replaced, now)
                 tx.remove_entry(parent_inode_old, name_old)
                 tx.add_entry(parent_inode_new, name_new, ino)
                 if stat.S_ISDIR(node.mode):
@@ -460,10 +458,25 @@ class VaultOperations(pyfuse3.Operations):
         if replaced is not None and replaced.nlink == 0:
             await self._delete_if_unused(replaced.ino)
 
+    def _drop_name(self, tx: Txn, node: Inode, now: int) -> None:
+        """One name of `node` is gone (a directory has only one). An inode left with no name
+        and no open handle is freed at once: nothing can reach it any more, and the kernel's
+        remaining reference then meets ENOENT (its number is never given out again)."""
+        node.nlink = 0 if stat.S_ISDIR(node.mode) else node.nlink - 1
+        node.ctime_ns = now
+        if node.nlink == 0 and node.ino not in self._open:
+            tx.delete_inode(node)
+        else:
+            tx.put_inode(node)
+
     async def _delete_if_unused(self, ino: int) -> None:
         """Free an inode once it has no name, no kernel reference and no open handle."""
         if self._lookups.get(ino) or ino in self._open or self.views.owns(ino):
             return
+        with self.store.reader() as tx:
+            node = tx.inode(ino)
+            if node is None or node.nlink:
+                return
 
         def delete(tx: Txn) -> None:
             node = tx.inode(ino)
@@ -750,9 +763,3 @@ class VaultOperations(pyfuse3.Operations):
                     await self._commit(of)
                 except Exception:
                     log.exception("could not commit inode %d at shutdown", of.ino)
-
-
-def _unlinked(node: Inode, now: int) -> None:
-    """One name of `node` is gone (a directory has only one)."""
-    node.nlink = 0 if stat.S_ISDIR(node.mode) else node.nlink - 1
-    node.ctime_ns = now

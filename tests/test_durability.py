@@ -144,6 +144,16 @@ def test_full_disk_gives_enospc_and_keeps_committed_files(tmp_path):
         m = Mount(store, mp).start()
         for name, data in kept.items():
             assert (mp / name).read_bytes() == data
+        # The command line answers in one sentence on the full disk, harming nothing.
+        with pytest.raises(OSError), open(disk / "filler", "wb") as f:
+            while True:
+                f.write(bytes(1 << 20))
+        r = vaultfs("init", disk / "another", check=False)
+        assert r.returncode != 0 and r.stderr.startswith("vaultfs: error: cannot create")
+        assert len(r.stderr.strip().splitlines()) == 1 and not (disk / "another").exists()
+        (disk / "filler").unlink()
+        r = vaultfs("mount", store, mp, check=False)
+        assert r.returncode != 0 and "already a mount point" in r.stderr
         m.stop()
         assert_clean(store)
     finally:

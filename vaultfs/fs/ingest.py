@@ -2,8 +2,8 @@
 
 A file's chunks reach LMDB in batches of bounded size (so a 4 GiB file never sits in one
 transaction's memory); each batch records its chunk references as *pending* for the inode.
-The final transaction turns those references into the file's extents and releases the old
-ones, so the file changes atomically: a crash before it leaves the previous version, and the
+The final transaction stores the last batch, turns the pending references into the file's
+extents and releases the old ones, so the file changes atomically: a crash before it leaves the previous version, and the
 next mount releases the pending references (store.Store._recover).
 
 While a file is written front to back (the way cameras and tethering software write), the part
@@ -33,6 +33,7 @@ _encoders = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
 
 Extent = tuple[int, bytes, int]  # file offset, chunk id, length
 Chunk = tuple[int, bytes, Digests]  # file offset, raw bytes, digests
+EncodeJobs = dict[int, Future[bytes]]  # chunk index -> its compression, under way
 
 
 class FileIngest:
@@ -45,13 +46,45 @@ class FileIngest:
         self.done_to = 0  # bytes [0, done_to) are chunked and held as pending references
 
     def advance(self, fd: int, end: int, final: bool) -> None:
-        """Store the chunks of bytes [done_to, end) of the spool `fd`. Unless `final`, the last
-        chunk is held back: bytes after `end` may still change where it is cut.
+        """Store the chunks of bytes [done_to, end) of the spool `fd` as pending references.
+        Unless `final`, the last chunk is held back: bytes after `end` may still change where
+        it is cut."""
+        chunks, encs = self._chunk(fd, end, final)
+        if chunks:
+            self.extents.extend(self._store(chunks, _results(encs)).result())
+
+    def commit(self, fd: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
+        """Make the first `size` bytes of the spool `fd` the file's content, atomically: the
+        last batch of chunks is stored in the same transaction that swaps the extents."""
+        chunks, encs = self._chunk(fd, size, final=True)
+        encoded = _results(encs)
+        ino, extents = self.ino, self.extents
+
+        def finish(tx: Txn) -> None:
+            held = tx.take_pending(ino)
+            inode = tx.inode(ino)
+            if inode is None:  # deleted while we worked: give the references back
+                for chunk_id in held:
+                    tx.decref(chunk_id)
+                return
+            assert held == [e[1] for e in extents], "pending references out of step"
+            tx.set_extents(ino, extents + _add_chunks(tx, chunks, encoded))
+            inode.size = size
+            inode.mtime_ns = mtime_ns
+            inode.ctime_ns = ctime_ns
+            tx.put_inode(inode)
+
+        self.store.writer.call(finish)
+        self.extents, self.done_to = [], 0
+
+    def _chunk(self, fd: int, end: int, final: bool) -> tuple[list[Chunk], EncodeJobs]:
+        """Cut, hash and store bytes [done_to, end), but for the last batch, which is returned
+        (with its compression under way) for the caller to store.
 
         A pipeline: this thread reads, cuts and hashes; the encoder pool compresses the chunks
         the store lacks; the writer commits. Up to PIPELINE batches wait in each stage, so the
         three run at once and memory stays bounded."""
-        encoding: deque[tuple[list[Chunk], dict[int, Future[bytes]]]] = deque()
+        encoding: deque[tuple[list[Chunk], EncodeJobs]] = deque()
         storing: deque[Future[list[Extent]]] = deque()
         batch: list[Chunk] = []
         nbytes = 0
@@ -60,7 +93,7 @@ class FileIngest:
         def drain(keep: int) -> None:
             while len(encoding) > keep:
                 chunks, encs = encoding.popleft()
-                storing.append(self._store(chunks, {i: f.result() for i, f in encs.items()}))
+                storing.append(self._store(chunks, _results(encs)))
             while len(storing) > keep:
                 self.extents.extend(storing.popleft().result())
 
@@ -75,13 +108,13 @@ class FileIngest:
                     encoding.append((batch, self._encode_missing(batch)))
                     batch, nbytes = [], 0
                     drain(PIPELINE)
-            if batch:
-                encoding.append((batch, self._encode_missing(batch)))
+            tail = (batch, self._encode_missing(batch))
             drain(0)
         finally:
             for fut in storing:
                 fut.exception()  # let every batch land before anyone reads the pending refs
         self.done_to = last
+        return tail
 
     def _encode_missing(self, chunks: list[Chunk]) -> dict[int, Future[bytes]]:
         """Start compressing the chunks the store lacks now (the others are dedup hits)."""
@@ -93,41 +126,31 @@ class FileIngest:
         ino = self.ino
 
         def put(tx: Txn) -> list[Extent]:
-            out = []
-            for i, (off, data, d) in enumerate(chunks):
-                # A chunk seen as stored may have been freed since: then encode it here (rare).
-                chunk_id = tx.add_chunk(d, len(data), encoded.get(i) or (lambda: encode(data)))
+            out = _add_chunks(tx, chunks, encoded)
+            for _, chunk_id, _ in out:
                 tx.add_pending(ino, chunk_id)
-                out.append((off, chunk_id, len(data)))
             return out
 
         return self.store.writer.submit(put)
-
-    def finish(self, size: int, mtime_ns: int, ctime_ns: int) -> None:
-        """Make the stored chunks the file's content, atomically (after a final `advance`)."""
-        ino, extents = self.ino, self.extents
-
-        def finish(tx: Txn) -> None:
-            held = tx.take_pending(ino)
-            inode = tx.inode(ino)
-            if inode is None:  # deleted while we worked: give the references back
-                for chunk_id in held:
-                    tx.decref(chunk_id)
-                return
-            assert held == [e[1] for e in extents], "pending references out of step"
-            tx.set_extents(ino, extents)
-            inode.size = size
-            inode.mtime_ns = mtime_ns
-            inode.ctime_ns = ctime_ns
-            tx.put_inode(inode)
-
-        self.store.writer.call(finish)
-        self.extents, self.done_to = [], 0
 
     def abandon(self) -> None:
         """Release what this ingest stored: its view of the file is out of date."""
         self.store.writer.call(lambda tx: [tx.decref(c) for c in tx.take_pending(self.ino)])
         self.extents, self.done_to = [], 0
+
+
+def _results(encs: EncodeJobs) -> dict[int, bytes]:
+    return {i: f.result() for i, f in encs.items()}
+
+
+def _add_chunks(tx: Txn, chunks: list[Chunk], encoded: dict[int, bytes]) -> list[Extent]:
+    """Take a reference on each chunk, storing those that are new."""
+    out = []
+    for i, (off, data, d) in enumerate(chunks):
+        # A chunk seen as stored may have been freed since: then encode it here (rare).
+        chunk_id = tx.add_chunk(d, len(data), encoded.get(i) or (lambda: encode(data)))
+        out.append((off, chunk_id, len(data)))
+    return out
 
 
 def commit_spool(store: Store, ino: int, fd: int, size: int, mtime_ns: int,
@@ -136,8 +159,7 @@ def commit_spool(store: Store, ino: int, fd: int, size: int, mtime_ns: int,
     continuing `ingest` if it was fed in the background and is still valid."""
     ingest = ingest or FileIngest(store, ino)
     try:
-        ingest.advance(fd, size, final=True)
-        ingest.finish(size, mtime_ns, ctime_ns)
+        ingest.commit(fd, size, mtime_ns, ctime_ns)
     except BaseException:
         ingest.abandon()
         raise

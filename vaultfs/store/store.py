@@ -31,6 +31,7 @@ from .writer import Writer
 log = logging.getLogger(__name__)
 
 MAP_SIZE = 1 << 42  # 4 TiB of address space; the file grows with the data, not with this
+LOCK_FILE_BYTES = 64 * 1024  # more than LMDB's reader table for max_readers=256 needs
 
 
 class Store:
@@ -62,15 +63,16 @@ class Store:
         created = not p.exists()
         try:
             Store._create(p)
-        except (OSError, lmdb.Error) as e:
+        except (OSError, lmdb.Error, StoreError) as e:
             # Leave nothing half made behind (a full disk, a read-only folder...).
-            for name in ("lmdb", "spool", "vault.toml"):
-                shutil.rmtree(p / name, ignore_errors=True) if name != "vault.toml" else \
-                    (p / name).unlink(missing_ok=True)
             if created:
                 shutil.rmtree(p, ignore_errors=True)
-            raise StoreError(f"cannot create a store in {p}: {getattr(e, 'strerror', None) or e}"
-                             ) from None
+            else:
+                shutil.rmtree(p / "lmdb", ignore_errors=True)
+                shutil.rmtree(p / "spool", ignore_errors=True)
+                (p / "vault.toml").unlink(missing_ok=True)
+            why = e if isinstance(e, StoreError) else getattr(e, "strerror", None) or e
+            raise StoreError(f"cannot create a store in {p}: {why}") from None
         return p
 
     @staticmethod
@@ -228,6 +230,7 @@ def _open_env(p: Path, writable: bool) -> lmdb.Environment:
     commits faster in isolation but ingest through the mount slower, 139 vs 186 MB/s, and a
     small synced commit 3.7x slower, 981 vs 268 us.)"""
     (p / "lmdb").mkdir(exist_ok=True)
+    _reserve_lock_file(p / "lmdb" / "lock.mdb")
     try:
         # readahead helps large values (cold random reads of chunks are 12x faster with it).
         return lmdb.open(str(p / "lmdb"), map_size=MAP_SIZE, max_dbs=len(F.ALL_DBS) + 4,
@@ -235,6 +238,23 @@ def _open_env(p: Path, writable: bool) -> lmdb.Environment:
                          max_spare_txns=8)
     except lmdb.Error as e:
         raise StoreError(f"cannot open the store's database in {p / 'lmdb'}: {e}") from None
+
+
+def _reserve_lock_file(path: Path) -> None:
+    """LMDB keeps its reader table in lock.mdb through a shared memory map: a page of it that
+    the disk has no block for kills the process with SIGBUS when first touched. Allocating the
+    blocks first turns a full disk into a clear error."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return  # a read-only store: LMDB says what it can do
+    try:
+        os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise StoreError(f"the disk holding {path.parent.parent} is full") from None
+    finally:
+        os.close(fd)
 
 
 def _open_dbs(env: lmdb.Environment, create: bool) -> dict:

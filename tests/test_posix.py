@@ -1146,3 +1146,18 @@ def test_default_acl_is_inherited_as_on_ext4(mnt, tmp_path):
                      os.getxattr(sub, "system.posix_acl_default")))
     assert seen[0] == seen[1]
     assert seen[0][:2] == (0o660, 0o770)
+
+
+def test_renaming_while_listing_meets_each_file_once(mnt):
+    """Batch renamers rename as they list: each entry must come up once, as on ext4."""
+    d = mnt / "batch"
+    os.mkdir(d)
+    for i in range(1500):
+        write_file(d / f"IMG_{i:04d}.CR2", b"")
+    seen = 0
+    with os.scandir(d) as it:
+        for entry in it:
+            os.rename(entry.path, d / f"renamed_{entry.name}")
+            seen += 1
+    assert seen == 1500
+    assert sorted(os.listdir(d)) == sorted(f"renamed_IMG_{i:04d}.CR2" for i in range(1500))

@@ -60,3 +60,15 @@ def test_status_and_verify_beside_a_running_mount(make_mount, store_path):
     assert report["ok"] and report["files"] == 2
     with pytest.raises(OSError):
         (m.path / ".vault" / "status.json").write_text("{}")
+
+
+def test_cli_mount_and_umount_a_folder_with_spaces(store_path, tmp_path):
+    mp = tmp_path / "Capture One\tsession"
+    mp.mkdir()
+    vaultfs("mount", store_path, mp)
+    try:
+        (mp / "IMG_0001.CR3").write_bytes(b"raw")
+    finally:
+        vaultfs("umount", mp)
+    assert not os.path.ismount(mp)
+    assert os.listdir(mp) == []

@@ -95,18 +95,10 @@ def cmd_umount(args) -> int:
     from .fs import mount as fsmount
 
     mountpoint = Path(args.mountpoint).expanduser().absolute()
-    source = _mount_source(mountpoint)
-    if source is None:
-        raise CliError(f"{mountpoint} is not a vaultfs mount")
-    pid = _daemon_pid(Path(source))
     try:
-        fsmount.unmount(mountpoint)
+        fsmount.unmount_vault(mountpoint)
     except fsmount.MountError as e:
-        raise CliError(f"cannot unmount {mountpoint}: {e}") from None
-    # The daemon commits what is left and releases the store; wait for it.
-    deadline = time.monotonic() + 120
-    while pid and _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        raise CliError(str(e)) from None
     print(f"unmounted {mountpoint}")
     return 0
 
@@ -169,33 +161,6 @@ def _mount_options(opts: list[str]) -> set[str]:
                 raise CliError(f"unknown mount option {o!r} (known: {', '.join(sorted(known))})")
             out.add(o)
     return out
-
-
-def _mount_source(mountpoint: Path) -> str | None:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        sep = fields.index("-")
-        if fields[4] == str(mountpoint) and fields[sep + 1] == "fuse.vaultfs":
-            return fields[sep + 2].replace("\\040", " ")
-    return None
-
-
-def _daemon_pid(store_path: Path) -> int | None:
-    try:
-        return int((store_path / "mount.lock").read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie has finished its work
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _size(n: int) -> str:

@@ -40,7 +40,13 @@ def _data_from(fd: int, pos: int) -> int:
 
 
 ZERO_RUN = next(split(bytes(2 * MAX_SIZE)))[1]  # the length of a chunk cut from zeros
-ZERO_CHUNK = bytes(ZERO_RUN)
+_ZEROS = bytes(MAX_SIZE)
+ZERO_CHUNK = _ZEROS[:ZERO_RUN]
+
+
+def is_zero(chunk: bytes) -> bool:
+    """Whether a chunk is all zeros (a hole). A memcmp, without copying."""
+    return _ZEROS.startswith(chunk)
 
 
 def split_file(fd: int, start: int, end: int, final: bool = True

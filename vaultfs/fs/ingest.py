@@ -16,16 +16,15 @@ Everything here blocks: it runs in worker threads, never on the trio loop.
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..chunking import split_file
-from ..store import Store, Txn
+from ..chunking import is_zero, split_file
+from ..store import Store, StoreError, Txn
 from ..store.codec import Digests, digests, encode
 
 BATCH_BYTES = 4 * 1024 * 1024
 PIPELINE = 2
-_ZEROS = bytes(8 * 1024 * 1024)  # larger than the largest chunk
 
 # Compression is the costliest step; it runs on every core, bounded, for all commits together.
 _encoders = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
@@ -67,7 +66,11 @@ class FileIngest:
                 for chunk_id in held:
                     tx.decref(chunk_id)
                 return
-            assert held == [e[1] for e in extents], "pending references out of step"
+            # Give back what an earlier, failed commit of this file may have left pending.
+            for chunk_id in (Counter(held) - Counter(e[1] for e in extents)).elements():
+                tx.decref(chunk_id)
+            if Counter(e[1] for e in extents) - Counter(held):
+                raise StoreError(f"inode {ino}: commit lost track of its pending chunks")
             tx.set_extents(ino, extents + _add_chunks(tx, chunks, encoded))
             inode.size = size
             inode.mtime_ns = mtime_ns
@@ -100,7 +103,7 @@ class FileIngest:
         try:
             for off, data in split_file(fd, self.done_to, end, final):
                 last = off + len(data)
-                if _ZEROS.startswith(data):
+                if is_zero(data):
                     continue  # a hole: stored as no extent at all
                 batch.append((off, data, digests(data)))
                 nbytes += len(data)

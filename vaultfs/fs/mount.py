@@ -1,7 +1,8 @@
 """Running a mount: pyfuse3's session life cycle, signals, and a clean stop.
 
-This and operations.py are the only modules that touch pyfuse3, so that another binding
-would change two files.
+This module holds pyfuse3's session life cycle; operations.py (and the small views.py and
+acl.py beside it) use its request types. Nothing outside vaultfs/fs/ imports pyfuse3, so that
+another binding would change this folder only.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
@@ -107,13 +111,67 @@ async def _raise_read_ahead(mountpoint: Path) -> None:
     # answered. The device number comes from mountinfo: a stat() of our own mount point from
     # the thread that answers requests would wait on itself for ever.
     await trio.sleep(1)
-    target = os.path.abspath(mountpoint)
-    dev = next((line.split()[2] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                if line.split()[4] == target), None)
-    if dev is None:
+    entry = find_mount(mountpoint)
+    if entry is None:
         return
-    bdi = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+    bdi = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
     try:
         bdi.write_text(str(READ_AHEAD_KB))
     except OSError as e:  # needs root; a plain user keeps the kernel's default
         log.debug("could not raise read-ahead of %s: %s", mountpoint, e)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    device: str      # major:minor
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def find_mount(mountpoint: Path) -> MountEntry | None:
+    """The mount on `mountpoint`, from /proc/self/mountinfo (whose fields escape spaces, tabs,
+    newlines and backslashes as octal)."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" ")
+        sep = fields.index("-")
+        entry = MountEntry(fields[2], _unescape(fields[4]), fields[sep + 1],
+                           _unescape(fields[sep + 2]))
+        if entry.mountpoint == target:
+            found = entry  # the last one listed is the one on top
+    return found
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def unmount_vault(mountpoint: Path, wait: float = 600.0) -> None:
+    """Unmount a vault and wait until its daemon has committed what was left and exited."""
+    entry = find_mount(mountpoint)
+    if entry is None or entry.fstype != "fuse.vaultfs":
+        raise MountError(f"{mountpoint} is not a vaultfs mount")
+    try:
+        pid: int | None = int((Path(entry.source) / "mount.lock").read_text().strip())
+    except (OSError, ValueError):
+        pid = None
+    unmount(mountpoint)
+    deadline = time.monotonic() + wait
+    while pid and _alive(pid):
+        if time.monotonic() > deadline:
+            raise MountError(f"{mountpoint} is unmounted but its daemon (pid {pid}) is still "
+                             f"committing after {wait:.0f} s; wait before unplugging the disk")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has finished its work
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -8,6 +8,7 @@ reads, commits) runs in bounded worker threads; the trio loop only waits.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -15,7 +16,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
@@ -213,13 +214,14 @@ class VaultOperations(pyfuse3.Operations):
         self._no_views(inode)
         now = time.time_ns()
         if fields.update_size:
-            of = self._open.get(inode) or self._open.setdefault(inode, OpenInode(inode))
-            async with of.lock:
-                await self._ensure_spool(of)
-                self._truncate_spool(of, attr.st_size, now)
-                if of.opens == 0:  # truncate(2) by path: no close will follow
-                    await self._commit(of)
-                    if of.opens == 0:  # nobody opened it meanwhile
+            async with self._locked(inode) as of:
+                try:
+                    await self._ensure_spool(of, keep=attr.st_size)
+                    self._truncate_spool(of, attr.st_size, now)
+                    if of.opens == 0:  # truncate(2) by path: no close will follow
+                        await self._commit(of)
+                finally:
+                    if of.opens == 0:  # nobody has it open: keep nothing in memory
                         self._drop_open(of)
 
         def change(tx: Txn) -> Inode:
@@ -371,7 +373,7 @@ class VaultOperations(pyfuse3.Operations):
                 p.nlink -= 1
             p.mtime_ns = p.ctime_ns = now
             tx.put_inode(p)
-            self._drop_name(tx, node, now)
+            _drop_name(tx, node, now)
             return node
 
         node = await self._write(remove)
@@ -390,8 +392,8 @@ class VaultOperations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         _check_name(name_new)
         self._no_views(parent_inode_old, parent_inode_new)
-        if VAULT_NAME in (name_old, name_new) and ROOT_INO in (parent_inode_old,
-                                                                parent_inode_new):
+        if (parent_inode_old, name_old) == (ROOT_INO, VAULT_NAME) or \
+                (parent_inode_new, name_new) == (ROOT_INO, VAULT_NAME):
             raise FUSEError(errno.EBUSY)
         now = time.time_ns()
 
@@ -414,10 +416,8 @@ class VaultOperations(pyfuse3.Operations):
                 other = self._inode(tx, target_ino)
                 if stat.S_ISDIR(other.mode):
                     moved[target_ino] = parent_inode_old
-                tx.remove_entry(parent_inode_old, name_old)
-                tx.remove_entry(parent_inode_new, name_new)
-                tx.add_entry(parent_inode_old, name_old, target_ino)
-                tx.add_entry(parent_inode_new, name_new, ino)
+                tx.relink_entry(parent_inode_old, name_old, target_ino)
+                tx.relink_entry(parent_inode_new, name_new, ino)
                 dirs = stat.S_ISDIR(node.mode) - stat.S_ISDIR(other.mode)
                 old_p.nlink -= dirs
                 new_p.nlink += dirs
@@ -439,9 +439,12 @@ class VaultOperations(pyfuse3.Operations):
                     elif stat.S_ISDIR(replaced.mode):
                         raise FUSEError(errno.EISDIR)
                     tx.remove_entry(parent_inode_new, name_new)
-                    self._drop_name(tx, replaced, now)
-                tx.remove_entry(parent_inode_old, name_old)
-                tx.add_entry(parent_inode_new, name_new, ino)
+                    _drop_name(tx, replaced, now)
+                if parent_inode_old == parent_inode_new:
+                    tx.rename_entry(parent_inode_old, name_old, name_new)
+                else:
+                    tx.remove_entry(parent_inode_old, name_old)
+                    tx.add_entry(parent_inode_new, name_new, ino)
                 if stat.S_ISDIR(node.mode):
                     old_p.nlink -= 1
                     new_p.nlink += 1
@@ -457,17 +460,6 @@ class VaultOperations(pyfuse3.Operations):
             self._parents[ino] = parent
         if replaced is not None and replaced.nlink == 0:
             await self._delete_if_unused(replaced.ino)
-
-    def _drop_name(self, tx: Txn, node: Inode, now: int) -> None:
-        """One name of `node` is gone (a directory has only one). An inode left with no name
-        and no open handle is freed at once: nothing can reach it any more, and the kernel's
-        remaining reference then meets ENOENT (its number is never given out again)."""
-        node.nlink = 0 if stat.S_ISDIR(node.mode) else node.nlink - 1
-        node.ctime_ns = now
-        if node.nlink == 0 and node.ino not in self._open:
-            tx.delete_inode(node)
-        else:
-            tx.put_inode(node)
 
     async def _delete_if_unused(self, ino: int) -> None:
         """Free an inode once it has no name, no kernel reference and no open handle."""
@@ -486,8 +478,25 @@ class VaultOperations(pyfuse3.Operations):
         await self._write(delete)
 
     # ---- file contents ------------------------------------------------------------------------
+    def _open_inode(self, ino: int) -> OpenInode:
+        of = self._open.get(ino)
+        if of is None:
+            of = self._open[ino] = OpenInode(ino)
+        return of
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, ino: int) -> AsyncIterator[OpenInode]:
+        """An inode's in-memory state, locked, and still the one in use: another task may have
+        dropped the object while this one waited for its lock."""
+        while True:
+            of = self._open_inode(ino)
+            async with of.lock:
+                if self._open.get(ino) is of:
+                    yield of
+                    return
+
     def _open_fh(self, ino: int) -> int:
-        of = self._open.get(ino) or self._open.setdefault(ino, OpenInode(ino))
+        of = self._open_inode(ino)
         of.opens += 1
         return self._new_fh(ino)
 
@@ -509,7 +518,7 @@ class VaultOperations(pyfuse3.Operations):
             of = self._open[inode]
             try:
                 async with of.lock:
-                    await self._ensure_spool(of)
+                    await self._ensure_spool(of, keep=0)
                     self._truncate_spool(of, 0, time.time_ns())
             except BaseException:
                 await self.release(fh)
@@ -517,16 +526,18 @@ class VaultOperations(pyfuse3.Operations):
         # Every change passes through this mount, so the kernel's page cache stays valid.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    async def _ensure_spool(self, of: OpenInode) -> None:
-        """Give an inode a spool seeded with its committed content (the inode lock is held)."""
+    async def _ensure_spool(self, of: OpenInode, keep: int | None = None) -> None:
+        """Give an inode a spool seeded with its committed content, or with just its first
+        `keep` bytes when the rest is about to be cut off (the inode lock is held)."""
         if of.fd is not None:
             return
         with self.store.reader() as tx:
             node = self._inode(tx, of.ino)
-        of.fd = await self._thread(open_spool, self.store, self.cache, of.ino, node.size)
-        of.size, of.mtime_ns, of.ctime_ns = node.size, node.mtime_ns, node.ctime_ns
+        size = node.size if keep is None else min(node.size, keep)
+        of.fd = await self._thread(open_spool, self.store, self.cache, of.ino, size)
+        of.size, of.mtime_ns, of.ctime_ns = size, node.mtime_ns, node.ctime_ns
         # Only a file that starts empty is streamed: rewrites in place would undo the work.
-        of.ingest, of.stream_ok, of.stream_end = FileIngest(self.store, of.ino), node.size == 0, 0
+        of.ingest, of.stream_ok, of.stream_end = FileIngest(self.store, of.ino), size == 0, 0
 
     def _truncate_spool(self, of: OpenInode, size: int, now: int) -> None:
         os.ftruncate(of.fd, size)
@@ -588,19 +599,17 @@ class VaultOperations(pyfuse3.Operations):
         async with of.lock:
             if of.fd is not None:
                 return await self._thread(os.pread, of.fd, size, off)
-        with self.store.reader() as tx:
-            file_size = self._inode(tx, ino).size
-        return await self._thread(self._read_committed, ino, off, size, file_size)
+        return await self._thread(self._read_committed, ino, off, size)
 
-    def _read_committed(self, ino: int, off: int, size: int, file_size: int) -> bytes:
-        with self.store.reader() as tx:
-            return read_range(tx, self.cache, ino, off, size, file_size)
+    def _read_committed(self, ino: int, off: int, size: int) -> bytes:
+        with self.store.reader() as tx:  # size and extents from one snapshot
+            return read_range(tx, self.cache, ino, off, size, self._inode(tx, ino).size)
 
     @handler
     async def write(self, fh, off, buf):
-        ino = self._handles[fh]
-        if ino in self._view_data or self.views.owns(ino):
+        if fh in self._view_data:
             raise FUSEError(errno.EBADF)
+        ino = self._handles[fh]
         of = self._open[ino]
         async with of.lock:
             await self._ensure_spool(of)
@@ -637,13 +646,15 @@ class VaultOperations(pyfuse3.Operations):
         of.opens -= 1
         if of.opens > 0:
             return
-        async with of.lock:
-            try:
-                await self._commit(of)
-            finally:
-                if of.opens == 0:
-                    self._drop_open(of)
-        await self._delete_if_unused(ino)
+        try:
+            async with of.lock:
+                try:
+                    await self._commit(of)
+                finally:
+                    if of.opens == 0:
+                        self._drop_open(of)
+        finally:
+            await self._delete_if_unused(ino)
 
     # ---- directories --------------------------------------------------------------------------
     @handler
@@ -763,3 +774,12 @@ class VaultOperations(pyfuse3.Operations):
                     await self._commit(of)
                 except Exception:
                     log.exception("could not commit inode %d at shutdown", of.ino)
+
+
+def _drop_name(tx: Txn, node: Inode, now: int) -> None:
+    """One name of `node` is gone (a directory has only one). An inode left without names is
+    freed later, by `_delete_if_unused`, once no handle and no kernel reference remains: until
+    then an open file stays readable and writable, as on ext4."""
+    node.nlink = 0 if stat.S_ISDIR(node.mode) else node.nlink - 1
+    node.ctime_ns = now
+    tx.put_inode(node)

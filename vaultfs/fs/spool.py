@@ -43,12 +43,14 @@ class OpenInode:
 
 
 def open_spool(store: Store, cache: ChunkCache, ino: int, size: int) -> int:
-    """A new spool file holding the committed content of `ino` (blocking)."""
+    """A new spool file holding the first `size` bytes of the committed content of `ino`
+    (blocking). Only those bytes are read: a file about to be truncated or overwritten
+    (O_TRUNC) costs nothing to spool, even when its old content is damaged."""
     fd = os.open(store.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         with store.reader() as tx:
-            for off, data in iter_extents(tx, cache, ino):
-                os.pwrite(fd, data, off)
+            for off, data in iter_extents(tx, cache, ino, 0, size):
+                os.pwrite(fd, data[:size - off], off)
         os.ftruncate(fd, size)  # holes stay holes in the spool too
     except BaseException:
         os.close(fd)

@@ -1,7 +1,8 @@
 """Turning raw chunk bytes into their stored form and back, with the hashes that name them.
 
 These are pure CPU functions (hashing, zstandard) that release the GIL on large buffers, so
-callers run them in worker threads, never inside the single LMDB writer.
+callers run them in worker threads; the LMDB writer encodes a chunk itself only in the rare
+case that it was freed between a caller's look-up and the commit.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class Store:
             raise StoreError(f"{p} is not a vaultfs store (create one with `vaultfs init {p}`)")
         try:
             version = tomllib.loads((p / "vault.toml").read_text()).get("format_version")
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise StoreError(f"{p / 'vault.toml'} is not valid TOML: {e}") from None
         if isinstance(version, int) and not isinstance(version, bool) \
                 and version > F.FORMAT_VERSION:
@@ -195,10 +195,6 @@ class Store:
             log.warning("recovered after an unclean stop: released %d pending chunk references, "
                         "%d unlinked inodes, discarded %d uncommitted spool files",
                         refs, orphans, spooled)
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.path)
-        return st.f_bavail * st.f_frsize
 
     # ---- figures ------------------------------------------------------------------------------
     def figures(self) -> dict:

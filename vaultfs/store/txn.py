@@ -101,6 +101,21 @@ class Txn:
         self.txn.delete(F.U64x2.pack(parent, entry_id), db=self.dbs[F.DB_DIRLIST])
         return ino
 
+    def rename_entry(self, parent: int, old: bytes, new: bytes) -> None:
+        """Rename within one directory, keeping the entry's id (and so its place in a listing
+        under way: a program renaming as it lists must not meet the same file twice)."""
+        v = self.txn.pop(F.dirent_key(parent, old), db=self.dbs[F.DB_DIRENTS])
+        if v is None:
+            raise KeyError(old)
+        self.txn.put(F.dirent_key(parent, new), v, db=self.dbs[F.DB_DIRENTS])
+        self.txn.put(F.U64x2.pack(parent, F.U64x2.unpack(v)[0]), new, db=self.dbs[F.DB_DIRLIST])
+
+    def relink_entry(self, parent: int, name: bytes, ino: int) -> None:
+        """Point an existing entry at another inode, keeping its id."""
+        key = F.dirent_key(parent, name)
+        entry_id = F.U64x2.unpack(self.txn.get(key, db=self.dbs[F.DB_DIRENTS]))[0]
+        self.txn.put(key, F.U64x2.pack(entry_id, ino), db=self.dbs[F.DB_DIRENTS])
+
     def entries(self, parent: int, start_id: int = 0) -> Iterator[tuple[int, bytes, int]]:
         """(entry id, name, child ino) of a directory, in creation order, from start_id on."""
         prefix = u64(parent)
@@ -179,15 +194,21 @@ class Txn:
         return self.txn.get(chunk_id, db=self.dbs[F.DB_CHUNKDATA])
 
     def find_chunk(self, d: Digests) -> bytes | None:
-        """The id of the stored chunk with both digests, or None. Ids that share the xxh3 part
-        but not the BLAKE3 digest are other content (a collision) and are skipped."""
+        """The id of the stored chunk with both digests, or None."""
+        chunk_id, found = self._probe(d)
+        return chunk_id if found else None
+
+    def _probe(self, d: Digests) -> tuple[bytes, bool]:
+        """(the id of the chunk with both digests, True), or (the first free id for it, False).
+        Ids that share the xxh3 part but not the BLAKE3 digest are other content (a collision)
+        and are skipped."""
         for variant in range(256):
             chunk_id = d.xxh3 + bytes((variant,))
             rec = self.chunk_record(chunk_id)
             if rec is None:
-                return None
+                return chunk_id, False
             if rec.blake3 == d.blake3:
-                return chunk_id
+                return chunk_id, True
         raise StoreError("more than 256 chunks share one xxh3-128 digest")
 
     def add_chunk(self, d: Digests, raw_len: int, stored: bytes | Callable[[], bytes]) -> bytes:
@@ -196,16 +217,12 @@ class Txn:
         `stored` is the chunk's encoded value, or a function that makes it: callers encode in
         worker threads what they saw missing, and pass a function for the rest.
         """
-        chunk_id = self.find_chunk(d)
-        if chunk_id is not None:
+        chunk_id, found = self._probe(d)
+        if found:
             self.incref(chunk_id)
             return chunk_id
         if callable(stored):
             stored = stored()
-        for variant in range(256):
-            chunk_id = d.xxh3 + bytes((variant,))
-            if self.chunk_record(chunk_id) is None:
-                break
         rec = ChunkRecord(1, raw_len, len(stored) - 1, d.blake3)
         self.txn.put(chunk_id, rec.pack(), db=self.dbs[F.DB_CHUNKS])
         self.txn.put(chunk_id, stored, db=self.dbs[F.DB_CHUNKDATA])

@@ -1,10 +1,9 @@
 """The single owner of LMDB write transactions.
 
 Callers submit functions that take a write `Txn`; one thread runs everything queued at that
-moment in one transaction (group commit). If one function fails, the transaction is aborted and
-the batch is run again one function per transaction, so that a failure undoes only its own
-changes and reaches only its own caller. The commit is synced to disk before any caller hears
-of its result: a returned result means durable.
+moment in one transaction (group commit), each function in a nested transaction of its own so
+that one failing function undoes only its own changes. The commit is synced to disk before any
+caller hears of its result: a returned result means durable.
 """
 
 from __future__ import annotations
@@ -66,26 +65,24 @@ class Writer:
                     self._queue.put(None)  # finish this batch, then stop
                     break
                 batch.append(nxt)
-            if not self._commit(batch, fail_fast=len(batch) > 1):
-                for item in batch:
-                    self._commit([item], fail_fast=False)
+            try:
+                self._commit(batch)
+            except BaseException as e:  # noqa: BLE001 - the writer must outlive any batch
+                log.exception("store writer: a batch failed unexpectedly")
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
 
-    def _commit(self, batch: list, fail_fast: bool) -> bool:
-        """Run a batch in one transaction. With `fail_fast`, return False (changing nothing,
-        answering nobody) as soon as a function raises; otherwise hand its error to it."""
+    def _commit(self, batch: list) -> None:
+        results = []
         try:
-            results = []
-            with self._env.begin(write=True) as t:  # aborted by any exception
+            with self._env.begin(write=True) as parent:
                 for fn, fut in batch:
                     try:
-                        results.append((fut, fn(Txn(t, self._dbs))))
-                    except BaseException as e:  # noqa: BLE001 - handed to the caller
-                        raise _FnFailed(e) from None
-        except _FnFailed as e:
-            if fail_fast:
-                return False
-            batch[0][1].set_exception(e.error)
-            return True
+                        with self._env.begin(write=True, parent=parent) as child:
+                            results.append((fut, fn(Txn(child, self._dbs)), None))
+                    except BaseException as e:  # noqa: BLE001 - handed to its caller
+                        results.append((fut, None, e))
         except lmdb.Error as e:
             # LMDB reports a short write on a full disk as EIO; tell the two apart.
             st = os.statvfs(self._env.path())
@@ -96,12 +93,9 @@ class Writer:
                 log.error("store commit failed: %s", e)
             for _, fut in batch:
                 fut.set_exception(e)
-            return True
-        for fut, value in results:
-            fut.set_result(value)
-        return True
-
-
-class _FnFailed(Exception):
-    def __init__(self, error: BaseException):
-        self.error = error
+            return
+        for fut, value, exc in results:
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)

@@ -20,6 +20,8 @@ import lmdb
 import pytest
 
 from conftest import Mount, assert_clean, needs_fuse, vaultfs
+from vaultfs.store import Store
+from vaultfs.store import format as F
 
 pytestmark = needs_fuse
 
@@ -162,8 +164,6 @@ def test_full_disk_gives_enospc_and_keeps_committed_files(tmp_path):
 
 def test_lmdb_corruption_of_a_record_is_reported_not_hidden(store_path):
     """verify compares reference counts with the references that exist."""
-    from vaultfs.store import Store
-    from vaultfs.store import format as F
 
     with Store.open(store_path, writable=True) as store:
         def add(tx):
@@ -195,12 +195,24 @@ def test_sigterm_commits_open_files_and_unmounts(make_mount, store_path):
     buf.write(data[:len(buf)])
     assert os.write(fd, buf) == len(buf)
     (m.path / "closed.dng").write_bytes(data)
+    gone = os.open(m.path / "gone.dng", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(gone, data)
+    os.unlink(m.path / "gone.dng")  # unlinked while open: freed at shutdown
     m.proc.send_signal(signal.SIGTERM)
     assert m.proc.wait(timeout=60) == 0
     m.proc = None
-    with pytest.raises(OSError):
-        os.close(fd)  # the daemon has gone from under the open file
+    for f in (fd, gone):
+        with pytest.raises(OSError):
+            os.close(f)  # the daemon has gone from under the open file
     assert not os.path.ismount(m.path)
+    # Before any recovery: the unlinked file is gone from the store, its space too.
+    figures = json.loads(vaultfs("status", store_path, "--json").stdout)
+    assert figures["files"] == 2
+    assert figures["logical_bytes"] == len(data) + len(buf)
+    with Store.open(store_path) as store, store.reader() as tx:
+        with tx.txn.cursor(db=tx.dbs[F.DB_PENDING]) as pending:
+            assert not list(pending), "an unlinked file's background ingest left references"
+    assert_clean(store_path)
     m2 = make_mount()
     assert (m2.path / "closed.dng").read_bytes() == data
     # What the open file had sent to the daemon was committed at shutdown.

@@ -86,7 +86,7 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                 ops.nursery = nursery
                 nursery.start_soon(_raise_read_ahead, mountpoint)
                 await pyfuse3.main()
-                await ops.commit_all()
+                await ops.shutdown()
                 nursery.cancel_scope.cancel()
 
         trio.run(main)

@@ -766,14 +766,34 @@ class VaultOperations(pyfuse3.Operations):
         return True
 
     # ---- shutdown -----------------------------------------------------------------------------
-    async def commit_all(self) -> None:
-        """Commit every changed file (at unmount, or when the daemon is asked to stop)."""
+    async def shutdown(self) -> None:
+        """At unmount, or when the daemon is asked to stop: commit every changed file that still
+        has a name, then free the inodes that lost their last one (the kernel's references and
+        the open handles end with the mount; FUSE sends no forget for them)."""
         for of in list(self._open.values()):
             async with of.lock:
                 try:
-                    await self._commit(of)
+                    with self.store.reader() as tx:
+                        node = tx.inode(of.ino)
+                    if node is not None and node.nlink:
+                        await self._commit(of)
+                    else:  # no name left: give back what a background ingest stored
+                        if of.streaming is not None:
+                            await of.streaming.wait()
+                        if of.stream_end:
+                            await self._thread(of.ingest.abandon)
                 except Exception:
                     log.exception("could not commit inode %d at shutdown", of.ino)
+                finally:
+                    self._drop_open(of)
+        held = list(self._lookups)
+        self._lookups.clear()
+        self._handles.clear()
+        for ino in held:
+            try:
+                await self._delete_if_unused(ino)
+            except Exception:  # the next mount's recovery frees it
+                log.exception("could not free unlinked inode %d at shutdown", ino)
 
 
 def _drop_name(tx: Txn, node: Inode, now: int) -> None:

@@ -71,7 +71,9 @@ class FileIngest:
                 tx.decref(chunk_id)
             if Counter(e[1] for e in extents) - Counter(held):
                 raise StoreError(f"inode {ino}: commit lost track of its pending chunks")
-            tx.set_extents(ino, extents + _add_chunks(tx, chunks, encoded))
+            new = extents + _add_chunks(tx, chunks, encoded)
+            tx.set_extents(ino, new)
+            inode.data_bytes = sum(e[2] for e in new)
             inode.size = size
             inode.mtime_ns = mtime_ns
             inode.ctime_ns = ctime_ns

@@ -135,12 +135,14 @@ class VaultOperations(pyfuse3.Operations):
         a.st_mode, a.st_nlink = inode.mode, inode.nlink
         a.st_uid, a.st_gid, a.st_rdev = inode.uid, inode.gid, inode.rdev
         a.st_size, a.st_mtime_ns, a.st_ctime_ns = inode.size, inode.mtime_ns, inode.ctime_ns
+        # Sparse files count only their data, as on ext4 (du, cp --sparse rely on it).
+        a.st_blocks = (inode.data_bytes if stat.S_ISREG(inode.mode) else inode.size) + 511 >> 9
         of = self._open.get(inode.ino)
         if of is not None and of.fd is not None:  # changed, not yet committed
             a.st_size, a.st_mtime_ns, a.st_ctime_ns = of.size, of.mtime_ns, of.ctime_ns
+            a.st_blocks = os.fstat(of.fd).st_blocks
         a.st_atime_ns = inode.atime_ns
         a.st_blksize = BLKSIZE
-        a.st_blocks = (a.st_size + 511) // 512
         return a
 
     def _get_attrs(self, ino: int) -> pyfuse3.EntryAttributes:

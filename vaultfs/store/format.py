@@ -95,8 +95,9 @@ def extent_key(ino: int, offset: int) -> bytes:
 
 # ---- inodes -------------------------------------------------------------------------------
 # inodes: ino u64 -> mode u32, uid u32, gid u32, nlink u32, size u64, rdev u64,
-#                     atime_ns i64, mtime_ns i64, ctime_ns i64, then the symlink target bytes.
-INODE_REC = struct.Struct(">IIIIQQqqq")
+#                     atime_ns i64, mtime_ns i64, ctime_ns i64, data_bytes u64,
+#                     then the symlink target bytes.
+INODE_REC = struct.Struct(">IIIIQQqqqQ")
 
 
 @dataclass(slots=True)
@@ -111,11 +112,13 @@ class Inode:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    data_bytes: int = 0  # bytes held by extents (holes excluded): what st_blocks counts
     target: bytes = field(default=b"")
 
     def pack(self) -> bytes:
         return INODE_REC.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.rdev,
-                              self.atime_ns, self.mtime_ns, self.ctime_ns) + self.target
+                              self.atime_ns, self.mtime_ns, self.ctime_ns,
+                              self.data_bytes) + self.target
 
     @classmethod
     def unpack(cls, ino: int, b: bytes) -> "Inode":

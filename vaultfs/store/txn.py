@@ -61,7 +61,8 @@ class Txn:
                   target: bytes = b"") -> Inode:
         """A new inode with no links yet; inode numbers are never reused."""
         ino = self.allocate(F.META_NEXT_INO)
-        inode = Inode(ino, mode, uid, gid, 0, len(target), rdev, now_ns, now_ns, now_ns, target)
+        inode = Inode(ino, mode, uid, gid, 0, len(target), rdev, now_ns, now_ns, now_ns,
+                      target=target)
         self.put_inode(inode)
         if stat.S_ISREG(mode):
             self.bump(F.STAT_FILES, 1)

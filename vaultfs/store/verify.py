@@ -66,10 +66,10 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
                 continue
             report.files += 1
             damaged: list[tuple[int, int]] = []
-            end = 0
+            end = held = 0
             for off, chunk_id, length in tx.extents(node.ino):
                 refs[chunk_id] += 1
-                logical += length
+                held += length
                 if off < end:
                     report.problems.append(f"inode {node.ino}: overlapping extents at {off}")
                 end = off + length
@@ -77,6 +77,10 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
                     damaged.append((off, length))
             if end > node.size:
                 report.problems.append(f"inode {node.ino}: extents run past its size")
+            logical += held
+            if held != node.data_bytes:
+                report.problems.append(f"inode {node.ino}: data_bytes {node.data_bytes}, "
+                                       f"its extents hold {held}")
             if damaged:
                 report.damaged_files[names.get(node.ino, f"<inode {node.ino}>")] = damaged
         with tx.txn.cursor(db=tx.dbs[F.DB_PENDING]) as c:

@@ -3,8 +3,8 @@
 A file's chunks reach LMDB in batches of bounded size (so a 4 GiB file never sits in one
 transaction's memory); each batch records its chunk references as *pending* for the inode.
 The final transaction stores the last batch, turns the pending references into the file's
-extents and releases the old ones, so the file changes atomically: a crash before it leaves the previous version, and the
-next mount releases the pending references (store.Store._recover).
+extents and releases the old ones, so the file changes atomically: a crash before it leaves the
+previous version, and the next mount releases the pending references (store.Store._recover).
 
 While a file is written front to back (the way cameras and tethering software write), the part
 already written is ingested in the background (`advance`), so that closing the file leaves only

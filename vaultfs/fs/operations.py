@@ -604,7 +604,7 @@ class VaultOperations(pyfuse3.Operations):
         return await self._thread(self._read_committed, ino, off, size)
 
     def _read_committed(self, ino: int, off: int, size: int) -> bytes:
-        with self.store.reader() as tx:  # size and extents from one snapshot
+        with self.store.reader(buffers=True) as tx:  # size and extents from one snapshot
             return read_range(tx, self.cache, ino, off, size, self._inode(tx, ino).size)
 
     @handler

@@ -161,9 +161,10 @@ class Store:
 
     # ---- transactions -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def reader(self) -> Iterator[Txn]:
-        """A read-only snapshot of the store (cheap: LMDB readers never block)."""
-        with self.env.begin(write=False) as t:
+    def reader(self, buffers: bool = False) -> Iterator[Txn]:
+        """A read-only snapshot of the store (cheap: LMDB readers never block). With `buffers`,
+        values are memoryviews into the map, valid until the snapshot ends: no copy."""
+        with self.env.begin(write=False, buffers=buffers) as t:
             yield Txn(t, self.dbs)
 
     def write(self, fn):

@@ -536,7 +536,10 @@ class VaultOperations(pyfuse3.Operations):
         with self.store.reader() as tx:
             node = self._inode(tx, of.ino)
         size = node.size if keep is None else min(node.size, keep)
-        of.fd = await self._thread(open_spool, self.store, self.cache, of.ino, size)
+        if size:
+            of.fd = await self._thread(open_spool, self.store, self.cache, of.ino, size)
+        else:  # nothing to read back: a new file's spool is one quick syscall
+            of.fd = open_spool(self.store, self.cache, of.ino, 0)
         of.size, of.mtime_ns, of.ctime_ns = size, node.mtime_ns, node.ctime_ns
         # Only a file that starts empty is streamed: rewrites in place would undo the work.
         of.ingest, of.stream_ok, of.stream_end = FileIngest(self.store, of.ino), size == 0, 0

@@ -17,6 +17,7 @@ import xxhash
 from conftest import assert_clean, vaultfs
 from vaultfs.fs.ingest import commit_spool
 from vaultfs.store import Store, StoreError, codec
+from vaultfs.store import format as F
 from vaultfs.store.reader import ChunkCache, read_range
 
 
@@ -167,3 +168,31 @@ def test_cli_init_refuses_a_non_empty_directory(tmp_path):
     r = vaultfs("init", tmp_path / "photos", check=False)
     assert r.returncode != 0 and "not an empty directory" in r.stderr
     assert os.listdir(tmp_path / "photos") == ["a.jpg"]
+
+
+def test_verify_finds_a_directory_entry_out_of_step(store_path):
+    with Store.open(store_path, writable=True) as store:
+        ino = _new_file(store)
+
+        def break_listing(tx):  # a name whose listing entry and link count went astray
+            node = tx.inode(ino)
+            node.nlink = 3
+            tx.put_inode(node)
+            with tx.txn.cursor(db=tx.dbs[F.DB_DIRLIST]) as c:
+                c.last()
+                c.delete()
+        store.write(break_listing)
+    r = vaultfs("verify", store_path, "--json", check=False)
+    assert r.returncode == 1
+    problems = json.loads(r.stdout)["problems"]
+    assert any("missing from its listing" in p for p in problems)
+    assert any(f"inode {ino}: nlink 3, its names count 1" in p for p in problems)
+    with Store.open(store_path, writable=True) as store:  # mend it for the fixture's check
+        def mend(tx):
+            node = tx.inode(ino)
+            node.nlink = 1
+            tx.put_inode(node)
+            name = f"f{ino}".encode()
+            tx.txn.delete(F.dirent_key(1, name), db=tx.dbs[F.DB_DIRENTS])
+            tx.add_entry(1, name, ino)
+        store.write(mend)

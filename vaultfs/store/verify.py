@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from . import format as F
 from .codec import ChunkCorrupt, confirm_digest, decode
 from .store import Store
+from .txn import Txn
 
 
 @dataclass
@@ -56,6 +57,7 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
             if progress:
                 progress(report.bytes_checked)
 
+        _check_tree(tx, report)
         refs: Counter[bytes] = Counter()
         logical = 0
         names = {node.ino: path.decode(errors="surrogateescape") for path, node in tx.walk()}
@@ -102,6 +104,51 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
                 report.problems.append(f"counter {name} says {counters[name]}, "
                                        f"the store holds {actual}")
     return report
+
+
+def _check_tree(tx: Txn, report: Report) -> None:
+    """Directory entries, their two indexes and link counts agree; no record belongs to an
+    inode that does not exist."""
+    problems = report.problems
+    inodes = {node.ino: node for node in tx.inodes()}
+    names: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    with tx.txn.cursor(db=tx.dbs[F.DB_DIRENTS]) as c:
+        for k, v in c:
+            parent, name = F.from_u64(k[:8]), bytes(k[8:])
+            entry_id, child = F.U64x2.unpack(v)
+            listed = tx.txn.get(F.U64x2.pack(parent, entry_id), db=tx.dbs[F.DB_DIRLIST])
+            if listed != name:
+                problems.append(f"entry {name!r} of directory {parent} is missing from its listing")
+            if parent not in inodes or not stat.S_ISDIR(inodes[parent].mode):
+                problems.append(f"entry {name!r} is in {parent}, which is not a directory")
+            if child not in inodes:
+                problems.append(f"entry {name!r} of directory {parent} names missing inode {child}")
+                continue
+            names[child] += 1
+            if stat.S_ISDIR(inodes[child].mode):
+                subdirs[parent] += 1
+    with tx.txn.cursor(db=tx.dbs[F.DB_DIRLIST]) as c:
+        for k, name in c:
+            parent, entry_id = F.U64x2.unpack(k)
+            v = tx.txn.get(F.dirent_key(parent, bytes(name)), db=tx.dbs[F.DB_DIRENTS])
+            if v is None or F.U64x2.unpack(v)[0] != entry_id:
+                problems.append(f"listing of directory {parent} has a stale entry {bytes(name)!r}")
+    for ino, node in inodes.items():
+        if stat.S_ISDIR(node.mode):
+            linked = names[ino] or ino == F.ROOT_INO
+            want = 2 + subdirs[ino] if linked else 0
+        else:
+            want = names[ino]
+        if node.nlink != want:
+            problems.append(f"inode {ino}: nlink {node.nlink}, its names count {want}")
+    for db, what in ((F.DB_EXTENTS, "extents"), (F.DB_XATTRS, "xattrs")):
+        with tx.txn.cursor(db=tx.dbs[db]) as c:
+            for k in c.iternext(values=False):
+                ino = F.from_u64(k[:8])
+                if ino not in inodes or (db == F.DB_EXTENTS
+                                         and not stat.S_ISREG(inodes[ino].mode)):
+                    problems.append(f"{what} record of inode {ino}, which has none")
 
 
 def _check_chunk(value: bytes | None, chunk_id: bytes, rec: F.ChunkRecord) -> str | None:

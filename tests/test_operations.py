@@ -124,3 +124,44 @@ async def test_unlinked_while_open_lives_until_release(ops):
     with ops.store.reader() as tx:
         assert tx.inode(attrs.st_ino) is None
     assert json.loads(ops.views.content(STATUS_INO))["files"] == 0
+
+
+async def test_appending_to_a_committed_file_cuts_only_what_is_new(ops, monkeypatch):
+    """A data logger appends and fsyncs: each commit must cost what was appended, not the
+    whole file (and a rewrite in place still commits the right bytes)."""
+    import vaultfs.fs.ingest as ingest
+
+    starts = []
+    real = ingest.split_file
+
+    def recording(fd, start, end, final=True):
+        starts.append(start)
+        return real(fd, start, end, final)
+
+    monkeypatch.setattr(ingest, "split_file", recording)
+    fi, attrs = await ops.create(ROOT_INO, b"logger.csv", 0o644, os.O_WRONLY, ROOT)
+    rng = random.Random(3)
+    data = b""
+    for _ in range(4):
+        piece = rng.randbytes(3 * 1024 * 1024)
+        await ops.write(fi.fh, len(data), piece)
+        data += piece
+        starts.clear()
+        await ops.fsync(fi.fh, False)
+        assert min(starts) >= len(data) - len(piece) - 4 * 1024 * 1024, starts
+    await ops.release(fi.fh)
+    # Reopened later for appending: the committed chunks are kept too.
+    fi = await ops.open(attrs.st_ino, os.O_WRONLY | os.O_APPEND, ROOT)
+    await ops.write(fi.fh, len(data), b"tail")
+    data += b"tail"
+    starts.clear()
+    await ops.flush(fi.fh)
+    assert min(starts) > 0
+    await ops.write(fi.fh, 10, b"rewritten")  # below what is committed: cut anew
+    data = data[:10] + b"rewritten" + data[19:]
+    starts.clear()
+    await ops.release(fi.fh)
+    assert starts[0] == 0
+    fi = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT)
+    assert await ops.read(fi.fh, 0, len(data) + 1) == data
+    await ops.release(fi.fh)

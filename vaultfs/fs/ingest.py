@@ -36,55 +36,84 @@ EncodeJobs = dict[int, Future[bytes]]  # chunk index -> its compression, under w
 
 
 class FileIngest:
-    """The new content of one file, stored chunk by chunk as pending references."""
+    """The content of one file as it is being committed: `base`, extents already committed and
+    unchanged since, then `extents` stored as pending references, then the bytes from `done_to`
+    on that are still to be cut. Bytes [0, done_to) are final: `done_to` is always a cut point,
+    so cutting from there gives the chunks that cutting the whole file would."""
 
-    def __init__(self, store: Store, ino: int):
+    def __init__(self, store: Store, ino: int, base: list[Extent] | None = None,
+                 done_to: int = 0):
         self.store = store
         self.ino = ino
+        self.base = base or []
         self.extents: list[Extent] = []
-        self.done_to = 0  # bytes [0, done_to) are chunked and held as pending references
+        self.done_to = done_to
+        self.holds_pending = False  # pending records may exist for this file
+
+    @classmethod
+    def resume(cls, store: Store, tx: Txn, ino: int) -> "FileIngest":
+        """An ingest that keeps a committed file's chunks but for the last one (which may have
+        been cut only by the end of the file): appending then costs what is appended. Sound
+        because a content-defined cut depends only on the bytes before it."""
+        base = list(tx.extents(ino))
+        if not base:
+            return cls(store, ino)
+        return cls(store, ino, base[:-1], base[-1][0])
 
     def advance(self, fd: int, end: int, final: bool) -> None:
         """Store the chunks of bytes [done_to, end) of the spool `fd` as pending references.
         Unless `final`, the last chunk is held back: bytes after `end` may still change where
         it is cut."""
-        chunks, encs = self._chunk(fd, end, final)
+        chunks, encs, _ = self._chunk(fd, end, final)
         if chunks:
             self.extents.extend(self._store(chunks, _results(encs)).result())
 
     def commit(self, fd: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
         """Make the first `size` bytes of the spool `fd` the file's content, atomically: the
         last batch of chunks is stored in the same transaction that swaps the extents."""
-        chunks, encs = self._chunk(fd, size, final=True)
+        chunks, encs, last_cut = self._chunk(fd, size, final=True)
         encoded = _results(encs)
-        ino, extents = self.ino, self.extents
+        ino, base, extents = self.ino, self.base, self.extents
 
-        def finish(tx: Txn) -> None:
+        def finish(tx: Txn) -> list[Extent]:
             held = tx.take_pending(ino)
             inode = tx.inode(ino)
             if inode is None:  # deleted while we worked: give the references back
                 for chunk_id in held:
                     tx.decref(chunk_id)
-                return
+                return []
             # Give back what an earlier, failed commit of this file may have left pending.
             for chunk_id in (Counter(held) - Counter(e[1] for e in extents)).elements():
                 tx.decref(chunk_id)
             if Counter(e[1] for e in extents) - Counter(held):
                 raise StoreError(f"inode {ino}: commit lost track of its pending chunks")
-            new = extents + _add_chunks(tx, chunks, encoded)
+            for _, chunk_id, _ in base:  # kept: set_extents drops the old references
+                tx.incref(chunk_id)
+            new = base + extents + _add_chunks(tx, chunks, encoded)
             tx.set_extents(ino, new)
             inode.data_bytes = sum(e[2] for e in new)
             inode.size = size
             inode.mtime_ns = mtime_ns
             inode.ctime_ns = ctime_ns
             tx.put_inode(inode)
+            return new
 
-        self.store.writer.call(finish)
-        self.extents, self.done_to = [], 0
+        new = self.store.writer.call(finish)
+        # The last chunk was cut by the end of the file: it is cut again after an append.
+        self.base = [e for e in new if e[0] < last_cut]
+        self.extents, self.done_to, self.holds_pending = [], last_cut, False
 
-    def _chunk(self, fd: int, end: int, final: bool) -> tuple[list[Chunk], EncodeJobs]:
+    def abandon(self) -> None:
+        """Release what this ingest stored and start over: its view of the file is out of date."""
+        if self.holds_pending:
+            self.store.writer.call(lambda tx: [tx.decref(c) for c in tx.take_pending(self.ino)])
+        self.base, self.extents, self.done_to, self.holds_pending = [], [], 0, False
+
+    def _chunk(self, fd: int, end: int, final: bool
+               ) -> tuple[list[Chunk], EncodeJobs, int]:
         """Cut, hash and store bytes [done_to, end), but for the last batch, which is returned
-        (with its compression under way) for the caller to store.
+        (with its compression under way) for the caller to store, with where the last chunk
+        begins.
 
         A pipeline: this thread reads, cuts and hashes; the encoder pool compresses the chunks
         the store lacks; the writer commits. Up to PIPELINE batches wait in each stage, so the
@@ -93,7 +122,7 @@ class FileIngest:
         storing: deque[Future[list[Extent]]] = deque()
         batch: list[Chunk] = []
         nbytes = 0
-        last = self.done_to
+        last_cut = last = self.done_to
 
         def drain(keep: int) -> None:
             while len(encoding) > keep:
@@ -104,7 +133,7 @@ class FileIngest:
 
         try:
             for off, data in split_file(fd, self.done_to, end, final):
-                last = off + len(data)
+                last_cut, last = off, off + len(data)
                 if is_zero(data):
                     continue  # a hole: stored as no extent at all
                 batch.append((off, data, digests(data)))
@@ -113,7 +142,7 @@ class FileIngest:
                     encoding.append((batch, self._encode_missing(batch)))
                     batch, nbytes = [], 0
                     drain(PIPELINE)
-            tail = (batch, self._encode_missing(batch))
+            tail = (batch, self._encode_missing(batch), last_cut)
             drain(0)
         finally:
             for fut in storing:
@@ -136,12 +165,8 @@ class FileIngest:
                 tx.add_pending(ino, chunk_id)
             return out
 
+        self.holds_pending = True
         return self.store.writer.submit(put)
-
-    def abandon(self) -> None:
-        """Release what this ingest stored: its view of the file is out of date."""
-        self.store.writer.call(lambda tx: [tx.decref(c) for c in tx.take_pending(self.ino)])
-        self.extents, self.done_to = [], 0
 
 
 def _results(encs: EncodeJobs) -> dict[int, bytes]:

@@ -535,14 +535,18 @@ class VaultOperations(pyfuse3.Operations):
             return
         with self.store.reader() as tx:
             node = self._inode(tx, of.ino)
-        size = node.size if keep is None else min(node.size, keep)
+            size = node.size if keep is None else min(node.size, keep)
+            # Bytes kept whole keep their chunks: appending costs only what is appended. A
+            # truncation below the end cuts anew from the start.
+            ingest = FileIngest.resume(self.store, tx, of.ino) if size == node.size \
+                else FileIngest(self.store, of.ino)
         if size:
             of.fd = await self._thread(open_spool, self.store, self.cache, of.ino, size)
         else:  # nothing to read back: a new file's spool is one quick syscall
             of.fd = open_spool(self.store, self.cache, of.ino, 0)
         of.size, of.mtime_ns, of.ctime_ns = size, node.mtime_ns, node.ctime_ns
-        # Only a file that starts empty is streamed: rewrites in place would undo the work.
-        of.ingest, of.stream_ok, of.stream_end = FileIngest(self.store, of.ino), size == 0, 0
+        of.ingest, of.stream_end = ingest, ingest.done_to
+        of.stream_ok = size == node.size or size == 0
 
     def _truncate_spool(self, of: OpenInode, size: int, now: int) -> None:
         os.ftruncate(of.fd, size)
@@ -579,15 +583,15 @@ class VaultOperations(pyfuse3.Operations):
         if not of.dirty:
             return
         ingest = of.ingest
-        if not of.stream_ok:
-            if of.stream_end:  # what the background stored, if anything, is out of date
-                await self._thread(ingest.abandon)
-            ingest = FileIngest(self.store, of.ino)
-        # Later writes rewrite committed bytes: they are committed whole, not streamed.
-        of.stream_ok = False
-        await self._thread(commit_spool, self.store, of.ino, of.fd, of.size, of.mtime_ns,
-                           of.ctime_ns, ingest)
-        of.ingest, of.stream_end = FileIngest(self.store, of.ino), of.size
+        if not of.stream_ok:  # a byte below what was ingested changed: cut it all anew
+            await self._thread(ingest.abandon)
+        try:
+            await self._thread(commit_spool, self.store, of.ino, of.fd, of.size, of.mtime_ns,
+                               of.ctime_ns, ingest)
+        finally:
+            # Committed (or, on failure, abandoned): from here on, a write below done_to
+            # invalidates the ingest, and appends go on from it.
+            of.stream_ok, of.stream_end = True, ingest.done_to
         of.dirty = False
 
     def _drop_open(self, of: OpenInode) -> None:
@@ -785,7 +789,7 @@ class VaultOperations(pyfuse3.Operations):
                     else:  # no name left: give back what a background ingest stored
                         if of.streaming is not None:
                             await of.streaming.wait()
-                        if of.stream_end:
+                        if of.ingest is not None:
                             await self._thread(of.ingest.abandon)
                 except Exception:
                     log.exception("could not commit inode %d at shutdown", of.ino)

@@ -33,7 +33,7 @@ class OpenInode:
     # Background ingest of a file written front to back (see ingest.py):
     ingest: FileIngest | None = None
     stream_ok: bool = False    # no byte below stream_end changed since ingest read it
-    stream_end: int = 0        # end of the range handed to the background ingest
+    stream_end: int = 0        # end of what the ingest has read (committed or in the background)
     streaming: trio.Event | None = None  # set when the running background step ends
 
     def close_spool(self) -> None:

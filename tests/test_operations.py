@@ -165,3 +165,28 @@ async def test_appending_to_a_committed_file_cuts_only_what_is_new(ops, monkeypa
     fi = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT)
     assert await ops.read(fi.fh, 0, len(data) + 1) == data
     await ops.release(fi.fh)
+
+
+async def test_a_commit_that_fails_twice_is_redone_whole(ops, monkeypatch):
+    """A full disk refuses a file's commit and then the clean-up after it: the retry must store
+    every byte, not resume from where the failed attempt had cut."""
+    fi, attrs = await ops.create(ROOT_INO, b"DSC_0002.NEF", 0o644, os.O_WRONLY, ROOT)
+    data = random.Random(4).randbytes(12 * 1024 * 1024)
+    await ops.write(fi.fh, 0, data)
+    writer = ops.store.writer
+    real, failures = writer.call, [2]
+
+    def failing(fn, *args):
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.ENOSPC, "the store's disk is full")
+        return real(fn, *args)
+
+    monkeypatch.setattr(writer, "call", failing)
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.fsync(fi.fh, False)
+    assert e.value.errno == errno.ENOSPC and failures == [0]
+    await ops.release(fi.fh)  # the disk has room again: this commit must be whole
+    fi = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT)
+    assert await ops.read(fi.fh, 0, len(data) + 1) == data
+    await ops.release(fi.fh)

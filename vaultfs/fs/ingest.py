@@ -75,13 +75,13 @@ class FileIngest:
         encoded = _results(encs)
         ino, base, extents = self.ino, self.base, self.extents
 
-        def finish(tx: Txn) -> list[Extent]:
+        def finish(tx: Txn) -> list[Extent] | None:
             held = tx.take_pending(ino)
             inode = tx.inode(ino)
             if inode is None:  # deleted while we worked: give the references back
                 for chunk_id in held:
                     tx.decref(chunk_id)
-                return []
+                return None
             # Give back what an earlier, failed commit of this file may have left pending.
             for chunk_id in (Counter(held) - Counter(e[1] for e in extents)).elements():
                 tx.decref(chunk_id)
@@ -99,15 +99,23 @@ class FileIngest:
             return new
 
         new = self.store.writer.call(finish)
-        # The last chunk was cut by the end of the file: it is cut again after an append.
-        self.base = [e for e in new if e[0] < last_cut]
+        if new is None:
+            self.base, last_cut = [], 0
+        else:  # the last chunk was cut by the end of the file: it is cut again after an append
+            self.base = [e for e in new if e[0] < last_cut]
         self.extents, self.done_to, self.holds_pending = [], last_cut, False
 
     def abandon(self) -> None:
         """Release what this ingest stored and start over: its view of the file is out of date."""
-        if self.holds_pending:
-            self.store.writer.call(lambda tx: [tx.decref(c) for c in tx.take_pending(self.ino)])
-        self.base, self.extents, self.done_to, self.holds_pending = [], [], 0, False
+        try:
+            if self.holds_pending:
+                self.store.writer.call(
+                    lambda tx: [tx.decref(c) for c in tx.take_pending(self.ino)])
+                self.holds_pending = False
+        finally:
+            # Even if the release failed (it is retried by the next commit's or abandon's
+            # transaction, or by recovery), nothing of this view of the file is kept.
+            self.base, self.extents, self.done_to = [], [], 0
 
     def _chunk(self, fd: int, end: int, final: bool
                ) -> tuple[list[Chunk], EncodeJobs, int]:

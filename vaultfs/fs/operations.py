@@ -580,7 +580,7 @@ class VaultOperations(pyfuse3.Operations):
         """Commit a changed inode's spool to the store (the inode lock is held)."""
         if of.streaming is not None:
             await of.streaming.wait()
-        if not of.dirty:
+        if not of.dirty or of.fd is None:  # nothing to do, or dropped while we waited
             return
         ingest = of.ingest
         if not of.stream_ok:  # a byte below what was ingested changed: cut it all anew
@@ -588,10 +588,11 @@ class VaultOperations(pyfuse3.Operations):
         try:
             await self._thread(commit_spool, self.store, of.ino, of.fd, of.size, of.mtime_ns,
                                of.ctime_ns, ingest)
-        finally:
-            # Committed (or, on failure, abandoned): from here on, a write below done_to
-            # invalidates the ingest, and appends go on from it.
-            of.stream_ok, of.stream_end = True, ingest.done_to
+        except BaseException:
+            of.stream_ok = False  # the next commit starts over from the first byte
+            raise
+        # From here on, a write below done_to invalidates the ingest; appends go on from it.
+        of.stream_ok, of.stream_end = True, ingest.done_to
         of.dirty = False
 
     def _drop_open(self, of: OpenInode) -> None:

@@ -85,7 +85,7 @@ async def test_refusals_carry_the_errno_a_program_expects(ops):
             await coro
         return e.value.errno
 
-    assert await errno_of(ops.lookup(ROOT_INO, b"missing", ROOT)) == errno.ENOENT
+    assert (await ops.lookup(ROOT_INO, b"missing", ROOT)).st_ino == 0  # cacheable "no such"
     assert await errno_of(ops.lookup(ROOT_INO, b"x" * 256, ROOT)) == errno.ENAMETOOLONG
     attrs = await ops.mkdir(ROOT_INO, b"d", 0o755, ROOT)
     await ops.create(attrs.st_ino, b"f", 0o644, os.O_WRONLY, ROOT)

@@ -1164,3 +1164,20 @@ def test_renaming_while_listing_meets_each_file_once(mnt):
             seen += 1
     assert seen == 1500
     assert sorted(os.listdir(d)) == sorted(f"renamed_IMG_{i:04d}.CR2" for i in range(1500))
+
+
+def test_names_looked_up_before_they_exist_appear_when_made(mnt):
+    """The kernel caches "no such file" answers: creating, linking, renaming or making a
+    directory under such a name must show it at once."""
+    for name in ("new.jpg", "link.jpg", "moved.jpg", "dir", "sym"):
+        for _ in range(2):
+            assert raises(errno.ENOENT, os.stat, mnt / name) == errno.ENOENT
+    write_file(mnt / "new.jpg", b"1")
+    os.link(mnt / "new.jpg", mnt / "link.jpg")
+    write_file(mnt / "tmp.jpg", b"2")
+    os.rename(mnt / "tmp.jpg", mnt / "moved.jpg")
+    os.mkdir(mnt / "dir")
+    os.symlink("new.jpg", mnt / "sym")
+    assert (mnt / "link.jpg").read_bytes() == b"1" and (mnt / "moved.jpg").read_bytes() == b"2"
+    assert (mnt / "dir").is_dir() and (mnt / "sym").read_bytes() == b"1"
+    assert raises(errno.ENOENT, os.stat, mnt / "tmp.jpg") == errno.ENOENT

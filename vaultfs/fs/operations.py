@@ -191,7 +191,12 @@ class VaultOperations(pyfuse3.Operations):
         with self.store.reader() as tx:
             ino = tx.lookup(parent_inode, name)
             if ino is None:
-                raise FUSEError(errno.ENOENT)
+                # A negative entry the kernel may cache: every create passes through it, so
+                # "no such file" stays true until the kernel itself learns otherwise.
+                missing = pyfuse3.EntryAttributes()
+                missing.st_ino = 0
+                missing.entry_timeout = CACHE_TIMEOUT
+                return missing
             attrs = self._attrs(self._inode(tx, ino))
         self._remember(ino, attrs.st_mode, parent_inode)
         return attrs

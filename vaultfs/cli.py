@@ -78,7 +78,8 @@ def cmd_mount(args) -> int:
                                  start_new_session=True)
     deadline = time.monotonic() + MOUNT_WAIT
     while time.monotonic() < deadline:
-        if os.path.ismount(mountpoint):
+        if os.path.ismount(mountpoint):  # answered: the kernel has the daemon's INIT reply
+            fsmount.raise_read_ahead(mountpoint)
             print(f"mounted {store_path} on {mountpoint} (daemon pid {child.pid})")
             return 0
         if child.poll() is not None:

@@ -108,9 +108,15 @@ def _dropped_replies(record: logging.LogRecord) -> bool:
 
 async def _raise_read_ahead(mountpoint: Path) -> None:
     # The kernel sets read-ahead from our reply to its INIT request, so wait until that is
-    # answered. The device number comes from mountinfo: a stat() of our own mount point from
-    # the thread that answers requests would wait on itself for ever.
+    # answered (`vaultfs mount` does it at once from outside, as soon as the mount is up).
     await trio.sleep(1)
+    raise_read_ahead(mountpoint)
+
+
+def raise_read_ahead(mountpoint: Path) -> None:
+    """Let the kernel read ahead further than its 128 KiB default on this mount. The device
+    number comes from mountinfo: a stat() of our own mount point from the thread that answers
+    requests would wait on itself for ever."""
     entry = find_mount(mountpoint)
     if entry is None:
         return

@@ -24,25 +24,26 @@ def _acl_entries(value: bytes) -> list[list[int]]:
             for i in range(4, len(value), 8)]
 
 
+def _mode_entries(entries: list[list[int]]) -> list[tuple[list[int], int]]:
+    """The entries that stand for the mode's owner, group and other bits, with their shift:
+    the owning user, the mask (or the owning group when there is no mask) and others."""
+    group = _ACL_MASK if any(tag == _ACL_MASK for tag, _, _ in entries) else _ACL_GROUP_OBJ
+    shifts = {_ACL_USER_OBJ: 6, group: 3, _ACL_OTHER: 0}
+    return [(e, shifts[e[0]]) for e in entries if e[0] in shifts]
+
+
 def acl_mode(value: bytes) -> tuple[int, bool]:
     """The permission bits an access ACL implies, and whether the mode says it all."""
-    perms = {tag: perm & 7 for tag, perm, _ in _acl_entries(value)}
-    group = perms.get(_ACL_MASK, perms.get(_ACL_GROUP_OBJ, 0))
-    bits = perms.get(_ACL_USER_OBJ, 0) << 6 | group << 3 | perms.get(_ACL_OTHER, 0)
-    return bits, set(perms) <= {_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER}
+    entries = _acl_entries(value)
+    bits = sum((e[1] & 7) << shift for e, shift in _mode_entries(entries))
+    return bits, {tag for tag, _, _ in entries} <= {_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER}
 
 
 def acl_chmod(value: bytes, mode: int) -> bytes:
     """An access ACL after chmod: owner, mask (else owning group) and other follow the mode."""
     entries = _acl_entries(value)
-    has_mask = any(tag == _ACL_MASK for tag, _, _ in entries)
-    for e in entries:
-        if e[0] == _ACL_USER_OBJ:
-            e[1] = mode >> 6 & 7
-        elif e[0] == (_ACL_MASK if has_mask else _ACL_GROUP_OBJ):
-            e[1] = mode >> 3 & 7
-        elif e[0] == _ACL_OTHER:
-            e[1] = mode & 7
+    for e, shift in _mode_entries(entries):
+        e[1] = mode >> shift & 7
     return _pack(entries)
 
 
@@ -55,19 +56,10 @@ def _pack(entries: list[list[int]]) -> bytes:
 def acl_inherit(default: bytes, mode: int) -> tuple[int, bytes | None]:
     """A new entry in a directory with a default ACL (posix_acl_create): its access ACL is the
     default ACL limited by the requested mode, and its mode follows that ACL. Returns the new
-    permission bits and the access ACL, or None when the mode says it all."""
+    mode and the access ACL, or None when the mode says it all."""
     entries = _acl_entries(default)
-    has_mask = any(tag == _ACL_MASK for tag, _, _ in entries)
-    bits = mode & ~0o777
-    for e in entries:
-        if e[0] == _ACL_USER_OBJ:
-            e[1] &= mode >> 6 & 7
-            bits |= e[1] << 6
-        elif e[0] == (_ACL_MASK if has_mask else _ACL_GROUP_OBJ):
-            e[1] &= mode >> 3 & 7
-            bits |= e[1] << 3
-        elif e[0] == _ACL_OTHER:
-            e[1] &= mode & 7
-            bits |= e[1]
+    for e, shift in _mode_entries(entries):
+        e[1] &= mode >> shift & 7
     access = _pack(entries)
-    return bits, None if acl_mode(access)[1] else access
+    bits, plain = acl_mode(access)
+    return mode & ~0o777 | bits, None if plain else access

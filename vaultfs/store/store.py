@@ -113,11 +113,10 @@ class Store:
             version = tomllib.loads((p / "vault.toml").read_text()).get("format_version")
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise StoreError(f"{p / 'vault.toml'} is not valid TOML: {e}") from None
-        if isinstance(version, int) and not isinstance(version, bool) \
-                and version > F.FORMAT_VERSION:
+        if type(version) is int and version > F.FORMAT_VERSION:  # (a bool is no version)
             raise StoreError(f"{p} has store format {version}, newer than this vaultfs "
                              f"understands ({F.FORMAT_VERSION}); upgrade vaultfs to use it")
-        if version != F.FORMAT_VERSION or isinstance(version, bool):
+        if type(version) is not int or version != F.FORMAT_VERSION:
             raise StoreError(f"{p / 'vault.toml'} names store format {version!r}; "
                              f"this vaultfs reads format {F.FORMAT_VERSION}")
         lock_fd = _take_lock(p) if writable else None

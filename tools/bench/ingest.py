@@ -57,11 +57,7 @@ def main() -> int:
     st = C.status(store)
     r_vault = C.rate(logical, t_vault)
 
-    print()
-    print("  (MB = 10^6 bytes; ratios are to the native figure of the same run)")
-    C.row("native cp + sync", f"{r_native:8.1f} MB/s", f"{t_native:6.1f} s   1.00")
-    C.row("vaultfs cp + umount", f"{r_vault:8.1f} MB/s",
-          f"{t_vault:6.1f} s   {r_vault / r_native:.2f} of native rate   (goal >= 0.40)")
+    C.rate_rows("native cp + sync", r_native, t_native, "vaultfs cp + umount", r_vault, t_vault)
     C.row("  of which cp", f"{t_vault_cp:8.1f} s", f"umount {t_umount:.1f} s")
     C.row("vaultfs stored/logical bytes", f"{st['stored_bytes'] / st['logical_bytes']:8.3f}",
           f"logical {st['logical_bytes'] / C.MB:,.0f} MB, stored {st['stored_bytes'] / C.MB:,.0f} MB,"

@@ -61,11 +61,7 @@ def main() -> int:
     C.unmount(mnt)
     r_vault = C.rate(logical, t_vault)
 
-    print()
-    print("  (MB = 10^6 bytes; ratios are to the native figure of the same run)")
-    C.row("native cold cat", f"{r_native:8.1f} MB/s", f"{t_native:6.1f} s   1.00")
-    C.row("vaultfs cold cat", f"{r_vault:8.1f} MB/s",
-          f"{t_vault:6.1f} s   {r_vault / r_native:.2f} of native rate   (goal >= 0.40)")
+    C.rate_rows("native cold cat", r_native, t_native, "vaultfs cold cat", r_vault, t_vault)
     C.row("vaultfs daemon peak RSS (VmHWM)", f"{peak / 2**20:8.0f} MiB", "(mount + read)")
     C.row("vaultfs daemon CPU time", f"{rss.cpu_used:8.1f} s",
           f"{rss.cpu_used / t_vault:.2f} cores busy on average (of {os.cpu_count()})")

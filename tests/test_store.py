@@ -45,10 +45,19 @@ def _commit(store: Store, ino: int, data: bytes) -> None:
 
 def _read(store: Store, ino: int, size: int) -> bytes:
     with store.reader() as tx:
-        return read_range(tx, ChunkCache(), ino, 0, size, size)
+        return read_range(tx, ChunkCache(), tx.inode(ino), 0, size)
 
 
-def test_identical_content_is_stored_once_and_freed_with_its_last_reference(store_path):
+def _delete_file(store: Store, ino: int) -> None:
+    def delete(tx):
+        tx.remove_entry(1, f"f{ino}".encode())
+        node = tx.inode(ino)
+        node.nlink = 0
+        tx.delete_inode(node)
+    store.write(delete)
+
+
+def test_identical_content_is_stored_once_and_freed_with_its_last_file(store_path):
     data = random.Random(0).randbytes(6_000_000)
     with Store.open(store_path, writable=True) as store:
         a, b = _new_file(store), _new_file(store)
@@ -60,8 +69,10 @@ def test_identical_content_is_stored_once_and_freed_with_its_last_reference(stor
         assert twice["logical_bytes"] == 2 * once["logical_bytes"]
         assert twice["dedup_ratio"] == 2.0
         assert _read(store, b, len(data)) == data
-        _commit(store, a, b"")
-        _commit(store, b, b"")
+        _commit(store, a, b"")  # the old content stays, as the file's previous version
+        assert store.figures()["stored_bytes"] == once["stored_bytes"]
+        _delete_file(store, a)
+        _delete_file(store, b)
         assert store.figures()["stored_bytes"] == 0
         assert store.figures()["chunks"] == 0
 
@@ -142,7 +153,7 @@ def test_cli_refuses_a_missing_store_in_one_sentence(tmp_path, command):
 
 def test_cli_refuses_a_newer_store_format_and_leaves_it_alone(store_path, tmp_path):
     toml = store_path / "vault.toml"
-    toml.write_text(toml.read_text().replace("format_version = 1", "format_version = 99"))
+    toml.write_text(toml.read_text().replace("format_version = 2", "format_version = 99"))
     before = _digest(store_path / "lmdb" / "data.mdb")
     (tmp_path / "mnt").mkdir()
     for args in (["status", store_path], ["mount", store_path, tmp_path / "mnt"]):
@@ -150,7 +161,7 @@ def test_cli_refuses_a_newer_store_format_and_leaves_it_alone(store_path, tmp_pa
         assert r.returncode != 0
         assert "newer than this vaultfs understands" in r.stderr
     assert _digest(store_path / "lmdb" / "data.mdb") == before
-    toml.write_text(toml.read_text().replace("format_version = 99", "format_version = 1"))
+    toml.write_text(toml.read_text().replace("format_version = 99", "format_version = 2"))
 
 
 def test_cli_refuses_a_mount_point_that_is_not_empty(store_path, tmp_path):

@@ -1,9 +1,9 @@
-"""Committing a spooled file into the store: chunk, hash, compress, then swap the extents.
+"""Committing a spooled file into the store: chunk, hash, compress, then add a version.
 
 A file's chunks reach LMDB in batches of bounded size (so a 4 GiB file never sits in one
 transaction's memory); each batch records its chunk references as *pending* for the inode.
-The final transaction stores the last batch, turns the pending references into the file's
-extents and releases the old ones, so the file changes atomically: a crash before it leaves the
+The final transaction stores the last batch and turns the pending references into the extents
+of the file's new version, so the file changes atomically: a crash before it leaves the
 previous version, and the next mount releases the pending references (store.Store._recover).
 
 While a file is written front to back (the way cameras and tethering software write), the part
@@ -16,6 +16,7 @@ Everything here blocks: it runs in worker threads, never on the trio loop.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -55,7 +56,8 @@ class FileIngest:
         """An ingest that keeps a committed file's chunks but for the last one (which may have
         been cut only by the end of the file): appending then costs what is appended. Sound
         because a content-defined cut depends only on the bytes before it."""
-        base = list(tx.extents(ino))
+        node = tx.inode(ino)
+        base = list(tx.extents(node.content)) if node is not None else []
         if not base:
             return cls(store, ino)
         return cls(store, ino, base[:-1], base[-1][0])
@@ -69,8 +71,8 @@ class FileIngest:
             self.extents.extend(self._store(chunks, _results(encs)).result())
 
     def commit(self, fd: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
-        """Make the first `size` bytes of the spool `fd` the file's content, atomically: the
-        last batch of chunks is stored in the same transaction that swaps the extents."""
+        """Make the first `size` bytes of the spool `fd` the file's new version, atomically:
+        the last batch of chunks is stored in the same transaction that adds the version."""
         chunks, encs, last_cut = self._chunk(fd, size, final=True)
         encoded = _results(encs)
         ino, base, extents = self.ino, self.base, self.extents
@@ -87,12 +89,10 @@ class FileIngest:
                 tx.decref(chunk_id)
             if Counter(e[1] for e in extents) - Counter(held):
                 raise StoreError(f"inode {ino}: commit lost track of its pending chunks")
-            for _, chunk_id, _ in base:  # kept: set_extents drops the old references
+            for _, chunk_id, _ in base:  # the new version's own references
                 tx.incref(chunk_id)
             new = base + extents + _add_chunks(tx, chunks, encoded)
-            tx.set_extents(ino, new)
-            inode.data_bytes = sum(e[2] for e in new)
-            inode.size = size
+            tx.new_version(inode, new, size, mtime_ns, time.time_ns())
             inode.mtime_ns = mtime_ns
             inode.ctime_ns = ctime_ns
             tx.put_inode(inode)

@@ -447,6 +447,8 @@ class VaultOperations(pyfuse3.Operations):
                         raise FUSEError(errno.EISDIR)
                     tx.remove_entry(parent_inode_new, name_new)
                     _drop_name(tx, replaced, now)
+                    if replaced.nlink == 0 and stat.S_ISREG(node.mode):
+                        tx.move_versions(replaced.ino, ino)  # a save by rename: one timeline
                 if parent_inode_old == parent_inode_new:
                     tx.rename_entry(parent_inode_old, name_old, name_new)
                 else:
@@ -618,7 +620,7 @@ class VaultOperations(pyfuse3.Operations):
 
     def _read_committed(self, ino: int, off: int, size: int) -> bytes:
         with self.store.reader(buffers=True) as tx:  # size and extents from one snapshot
-            return read_range(tx, self.cache, ino, off, size, self._inode(tx, ino).size)
+            return read_range(tx, self.cache, self._inode(tx, ino), off, size)
 
     @handler
     async def write(self, fh, off, buf):

@@ -49,7 +49,8 @@ def open_spool(store: Store, cache: ChunkCache, ino: int, size: int) -> int:
     fd = os.open(store.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         with store.reader() as tx:
-            for off, data in iter_extents(tx, cache, ino, 0, size):
+            node = tx.inode(ino)
+            for off, data in iter_extents(tx, cache, node, 0, size) if node else ():
                 os.pwrite(fd, data[:size - off], off)
         os.ftruncate(fd, size)  # holes stay holes in the spool too
     except BaseException:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Named LMDB databases inside the one environment.
 DB_META = b"meta"
@@ -21,8 +21,15 @@ DB_XATTRS = b"xattrs"
 DB_CHUNKS = b"chunks"
 DB_CHUNKDATA = b"chunkdata"
 DB_PENDING = b"pending"
+DB_VERSIONS = b"versions"
+DB_EPOCHS = b"epochs"
+DB_BRANCHES = b"branches"
+DB_SNAPSHOTS = b"snapshots"
 ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_EXTENTS, DB_XATTRS,
-           DB_CHUNKS, DB_CHUNKDATA, DB_PENDING)
+           DB_CHUNKS, DB_CHUNKDATA, DB_PENDING, DB_VERSIONS, DB_EPOCHS, DB_BRANCHES,
+           DB_SNAPSHOTS)
+# Records of these databases are versioned by epoch (see "Epochs" below).
+VERSIONED_DBS = (DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_XATTRS)
 
 ROOT_INO = 1
 
@@ -32,9 +39,12 @@ META_UUID = b"uuid"
 META_NEXT_INO = b"next_ino"
 META_NEXT_ENTRY = b"next_entry"
 META_NEXT_PENDING = b"next_pending"
+META_NEXT_EPOCH = b"next_epoch"
+META_NEXT_VERSION = b"next_version"
+META_EPOCH_GEN = b"epoch_gen"  # bumped whenever an existing epoch's parent changes
 # Counters, kept exact inside the same transactions that change what they count.
 STAT_FILES = b"stat.files"                # regular-file inodes (unlinked but open ones too)
-STAT_LOGICAL = b"stat.logical_bytes"      # bytes of file data referenced by extents
+STAT_LOGICAL = b"stat.logical_bytes"      # bytes of file data in extents (all versions)
 STAT_UNIQUE = b"stat.unique_bytes"        # raw bytes of distinct chunks
 STAT_STORED = b"stat.stored_bytes"        # bytes of chunk payloads as stored (compressed)
 STAT_CHUNKS = b"stat.chunks"              # distinct chunks
@@ -83,21 +93,83 @@ class ChunkRecord:
 
 # chunkdata: id -> codec u8 + payload (the payload is the zstd frame, or the raw bytes).
 
-# ---- extents ------------------------------------------------------------------------------
-# extents: ino u64 + file offset u64 -> chunk id (17 bytes) + length u32.
-# Extents of one file never overlap; a gap between them is a hole that reads as zeros.
+# ---- epochs -------------------------------------------------------------------------------
+# The tree (inodes, directory entries, xattrs) is versioned by epoch, the way bcachefs versions
+# its keys by snapshot id. Every record key ends in the bitwise inverse of the epoch that wrote
+# it, so a key's versions sort newest first. Epochs form a tree (epochs: epoch -> parent); a
+# record is visible at epoch E when it was written at E or at one of E's ancestors, and the
+# visible version is the newest of those. A snapshot freezes a branch's epoch and gives the
+# branch a new child epoch to write in: nothing is copied. A deletion that must stay invisible
+# to the frozen epochs is a tombstone.
+MASK64 = (1 << 64) - 1
+PRESENT = b"\x01"     # first byte of a versioned value: a record follows
+TOMBSTONE = b"\x00"   # the whole value of a deletion
+ROOT_EPOCH = 1
+MAIN_BRANCH = b"main"
+
+# epochs: epoch u64 -> parent epoch u64 (0 for the first) + created ns
+EPOCH_REC = struct.Struct(">Qq")
+# snapshots: name -> epoch u64 + created ns + the branch name it was taken of
+SNAPSHOT_REC = struct.Struct(">Qq")
+# branches: name -> the epoch the branch writes in (u64)
+
+
+def vkey(base: bytes, epoch: int) -> bytes:
+    return base + U64.pack(epoch ^ MASK64)
+
+
+def epoch_of(key: bytes) -> int:
+    return U64.unpack_from(key, len(key) - 8)[0] ^ MASK64
+
+
+# ---- versions and extents -------------------------------------------------------------------
+# A file's content is a *version*: a number from meta next_version, its extents, and an entry
+# in the file's timeline. Versions are immutable; a commit makes a new one.
+# versions: ino u64 + version u64 -> committed ns, size u64, mtime ns, data bytes u64,
+#                                    origin ino u64 (the inode it was committed to)
+# A timeline can hold versions of other inodes: a file saved by renaming a new one over it
+# keeps its history. Only the origin inode ever names the version as its content.
+VERSION_REC = struct.Struct(">qQqQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    ino: int
+    version: int
+    committed_ns: int
+    size: int
+    mtime_ns: int
+    data_bytes: int
+    origin: int
+
+    @property
+    def content(self) -> int:  # read like an inode: reader.read_range takes either
+        return self.version
+
+    def pack(self) -> bytes:
+        return VERSION_REC.pack(self.committed_ns, self.size, self.mtime_ns, self.data_bytes,
+                                self.origin)
+
+    @classmethod
+    def unpack(cls, key: bytes, b: bytes) -> "Version":
+        return cls(*U64x2.unpack(key), *VERSION_REC.unpack(b))
+
+
+# extents: version u64 + file offset u64 -> chunk id (17 bytes) + length u32.
+# Extents of one version never overlap; a gap between them is a hole that reads as zeros.
 EXTENT_VAL = struct.Struct(">17sI")
 
 
-def extent_key(ino: int, offset: int) -> bytes:
-    return U64x2.pack(ino, offset)
+def extent_key(version: int, offset: int) -> bytes:
+    return U64x2.pack(version, offset)
 
 
 # ---- inodes -------------------------------------------------------------------------------
 # inodes: ino u64 -> mode u32, uid u32, gid u32, nlink u32, size u64, rdev u64,
 #                     atime_ns i64, mtime_ns i64, ctime_ns i64, data_bytes u64,
+#                     content u64 (the version holding its bytes, 0 for none),
 #                     then the symlink target bytes.
-INODE_REC = struct.Struct(">IIIIQQqqqQ")
+INODE_REC = struct.Struct(">IIIIQQqqqQQ")
 
 
 @dataclass(slots=True)
@@ -113,12 +185,13 @@ class Inode:
     mtime_ns: int
     ctime_ns: int
     data_bytes: int = 0  # bytes held by extents (holes excluded): what st_blocks counts
+    content: int = 0     # the version holding the file's bytes; 0: none (empty, or not a file)
     target: bytes = field(default=b"")
 
     def pack(self) -> bytes:
         return INODE_REC.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.rdev,
                               self.atime_ns, self.mtime_ns, self.ctime_ns,
-                              self.data_bytes) + self.target
+                              self.data_bytes, self.content) + self.target
 
     @classmethod
     def unpack(cls, ino: int, b: bytes) -> "Inode":
@@ -127,20 +200,27 @@ class Inode:
 
 
 # ---- directories --------------------------------------------------------------------------
-# dirents: parent ino u64 + name -> entry id u64 + child ino u64   (lookup by name)
-# dirlist: parent ino u64 + entry id u64 -> name                    (readdir in creation order)
+# dirents: parent ino u64 + name + NUL -> entry id u64 + child ino u64   (lookup by name)
+# dirlist: parent ino u64 + entry id u64 -> name                         (readdir in creation order)
+# (then the epoch, as for every versioned key). The NUL, which no name contains, keeps the
+# versions of one name together: without it "a" + epoch could sort between "a" and "ab".
 # Entry ids only grow, so a readdir offset stays valid while entries come and go.
 
 
 def dirent_key(parent: int, name: bytes) -> bytes:
-    return u64(parent) + name
+    return u64(parent) + name + b"\0"
 
 
 # ---- xattrs -------------------------------------------------------------------------------
-# xattrs: ino u64 + attribute name -> value
+# xattrs: ino u64 + attribute name + NUL -> value
+
+
+def xattr_key(ino: int, name: bytes) -> bytes:
+    return u64(ino) + name + b"\0"
 
 
 # ---- pending ------------------------------------------------------------------------------
 # pending: ino u64 + sequence u64 -> chunk id. A reference taken on a chunk by a file commit that
 # spans several transactions. The final transaction of the commit turns the pending references
-# into extents; after a crash, the next open of the store drops them (and frees what they held).
+# into the extents of a new version; after a crash, the next open of the store drops them (and
+# frees what they held).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from typing import Protocol
 
 from .codec import ChunkCorrupt, decode
 from .txn import StoreError, Txn
@@ -72,14 +73,20 @@ class ChunkCache:
             loading.set()
 
 
-def read_range(tx: Txn, cache: ChunkCache, ino: int, offset: int, size: int,
-               file_size: int) -> bytes:
+class Content(Protocol):
+    """What reading needs of a file (an Inode) or of one of its versions (a Version)."""
+    ino: int
+    content: int
+    size: int
+
+
+def read_range(tx: Txn, cache: ChunkCache, node: Content, offset: int, size: int) -> bytes:
     """Bytes [offset, offset+size) of a committed file, holes as zeros, short at EOF."""
-    end = min(offset + size, file_size)
+    end = min(offset + size, node.size)
     if end <= offset:
         return b""
     out: bytearray | None = None
-    for ext_off, data in iter_extents(tx, cache, ino, offset, end):
+    for ext_off, data in iter_extents(tx, cache, node, offset, end):
         lo, hi = max(ext_off, offset), min(ext_off + len(data), end)
         if out is None and lo == offset and hi == end:
             return data[lo - ext_off:hi - ext_off]  # the common case: inside one chunk
@@ -89,10 +96,11 @@ def read_range(tx: Txn, cache: ChunkCache, ino: int, offset: int, size: int,
     return bytes(out) if out is not None else bytes(end - offset)
 
 
-def iter_extents(tx: Txn, cache: ChunkCache, ino: int, start: int = 0,
+def iter_extents(tx: Txn, cache: ChunkCache, node: Content, start: int = 0,
                  end: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(file offset, decoded chunk) of the extents overlapping [start, end)."""
-    for ext_off, chunk_id, length in tx.extents(ino, start):
+    ino = node.ino
+    for ext_off, chunk_id, length in tx.extents(node.content, start):
         if end is not None and ext_off >= end:
             return
         try:

@@ -37,12 +37,15 @@ LOCK_FILE_BYTES = 64 * 1024  # more than LMDB's reader table for max_readers=256
 class Store:
     """An open store. Writable stores own the mount lock and a writer thread."""
 
-    def __init__(self, path: Path, env: lmdb.Environment, dbs: dict, lock_fd: int | None):
+    def __init__(self, path: Path, env: lmdb.Environment, dbs: dict, lock_fd: int | None,
+                 branch: bytes = F.MAIN_BRANCH):
         self.path = path
         self.env = env
         self.dbs = dbs
+        self.branch = branch  # the line of history that reads and writes go to
         self._lock_fd = lock_fd
-        self.writer = Writer(env, dbs) if lock_fd is not None else None
+        self._ancestry: dict = {}  # (epoch generation, epoch) -> visible epochs
+        self.writer = Writer(env, self._write_txn) if lock_fd is not None else None
 
     # ---- paths --------------------------------------------------------------------------------
     @property
@@ -85,11 +88,15 @@ class Store:
             dbs = _open_dbs(env, create=True)
             now = time.time_ns()
             with env.begin(write=True) as t:
-                tx = Txn(t, dbs)
+                tx = Txn(t, dbs, write=True)
                 tx.put_meta(F.META_FORMAT, F.u64(F.FORMAT_VERSION))
                 tx.put_meta(F.META_UUID, store_id.bytes)
                 tx.put_meta(F.META_NEXT_INO, F.u64(F.ROOT_INO))
                 tx.put_meta(F.META_NEXT_ENTRY, F.u64(1))  # readdir offset 0 means 'start'
+                tx.put_meta(F.META_NEXT_EPOCH, F.u64(F.ROOT_EPOCH))
+                tx.put_meta(F.META_NEXT_VERSION, F.u64(1))  # content 0 means 'none'
+                epoch = tx.new_epoch(0, now)
+                t.put(F.MAIN_BRANCH, F.u64(epoch), db=dbs[F.DB_BRANCHES])
                 root = tx.new_inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), now)
                 assert root.ino == F.ROOT_INO
                 root.nlink = 2
@@ -103,7 +110,8 @@ class Store:
         )
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, writable: bool = False) -> "Store":
+    def open(cls, path: str | os.PathLike, *, writable: bool = False,
+             branch: bytes = F.MAIN_BRANCH) -> "Store":
         """Open a store. A writable open takes the store's lock (one mount at a time) and
         recovers what a crash left behind; a read-only open works beside a running mount."""
         p = Path(path).expanduser()
@@ -116,6 +124,11 @@ class Store:
         if type(version) is int and version > F.FORMAT_VERSION:  # (a bool is no version)
             raise StoreError(f"{p} has store format {version}, newer than this vaultfs "
                              f"understands ({F.FORMAT_VERSION}); upgrade vaultfs to use it")
+        if type(version) is int and 0 < version < F.FORMAT_VERSION:
+            raise StoreError(f"{p} has store format {version}, from a development version of "
+                             f"vaultfs before snapshots; this vaultfs reads format "
+                             f"{F.FORMAT_VERSION} and cannot upgrade it: read its files with the "
+                             f"vaultfs that wrote it, and copy them into a new store")
         if type(version) is not int or version != F.FORMAT_VERSION:
             raise StoreError(f"{p / 'vault.toml'} names store format {version!r}; "
                              f"this vaultfs reads format {F.FORMAT_VERSION}")
@@ -127,14 +140,15 @@ class Store:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
-        store = cls(p, env, dbs, lock_fd)
+        store = cls(p, env, dbs, lock_fd, branch)
         try:
             with store.reader() as tx:
                 inner = tx.meta(F.META_FORMAT)
-            if inner is None or F.from_u64(inner) != F.FORMAT_VERSION:
-                raise StoreError(f"{p} holds a database of store format "
-                                 f"{F.from_u64(inner) if inner else 'unknown'}, "
-                                 f"not {F.FORMAT_VERSION}")
+                if inner is None or F.from_u64(inner) != F.FORMAT_VERSION:
+                    raise StoreError(f"{p} holds a database of store format "
+                                     f"{F.from_u64(inner) if inner else 'unknown'}, "
+                                     f"not {F.FORMAT_VERSION}")
+                tx.epoch  # noqa: B018 - the branch must exist
             if writable:
                 _check_tmpfile(store.spool_dir)
                 store._recover()
@@ -160,11 +174,15 @@ class Store:
 
     # ---- transactions -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def reader(self, buffers: bool = False) -> Iterator[Txn]:
-        """A read-only snapshot of the store (cheap: LMDB readers never block). With `buffers`,
-        values are memoryviews into the map, valid until the snapshot ends: no copy."""
+    def reader(self, buffers: bool = False, epoch: int | None = None) -> Iterator[Txn]:
+        """A read-only snapshot of the store (cheap: LMDB readers never block) that sees the
+        open branch's tree, or the frozen tree of `epoch`. With `buffers`, values are
+        memoryviews into the map, valid until the snapshot ends: no copy."""
         with self.env.begin(write=False, buffers=buffers) as t:
-            yield Txn(t, self.dbs)
+            yield Txn(t, self.dbs, branch=self.branch, epoch=epoch, ancestry=self._ancestry)
+
+    def _write_txn(self, t: lmdb.Transaction) -> Txn:
+        return Txn(t, self.dbs, branch=self.branch, ancestry=self._ancestry, write=True)
 
     def write(self, fn):
         """Run `fn(txn)` in a durable write transaction and return its result (blocking)."""
@@ -182,6 +200,8 @@ class Store:
             for inode in orphans:
                 tx.delete_inode(inode)
             return refs, len(orphans)
+        # An inode unlinked while open belongs to the branch that was mounted: it is freed when
+        # that branch is next opened for writing.
 
         refs, orphans = self.write(fix)
         spooled = 0

@@ -22,9 +22,19 @@ class StoreError(Exception):
 
 
 class Txn:
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database]):
+    """A transaction over one tree of the store: a branch's live epoch (read and write) or a
+    frozen epoch (read only). `ancestry` is the store's cache of each epoch's visible set."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], *,
+                 branch: bytes | None = F.MAIN_BRANCH, epoch: int | None = None,
+                 ancestry: dict | None = None, write: bool = False):
         self.txn = txn
         self.dbs = dbs
+        self.branch = None if epoch is not None else branch
+        self._epoch = epoch
+        self._visible: frozenset[int] | None = None
+        self._ancestry = {} if ancestry is None else ancestry
+        self._write = write
 
     # ---- meta and counters ------------------------------------------------------------------
     def meta(self, key: bytes) -> bytes | None:
@@ -49,13 +59,116 @@ class Txn:
     def counters(self) -> dict[str, int]:
         return {k.decode().removeprefix("stat."): self.counter(k) for k in F.COUNTERS}
 
+    # ---- epochs -------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The epoch this transaction reads (and writes, on a branch)."""
+        if self._epoch is None:
+            v = self.txn.get(self.branch, db=self.dbs[F.DB_BRANCHES])
+            if v is None:
+                raise StoreError(f"the store has no branch {self.branch.decode(errors='replace')}")
+            self._epoch = from_u64(v)
+        return self._epoch
+
+    @property
+    def visible(self) -> frozenset[int]:
+        """The epochs whose records this transaction sees: its own and its ancestors."""
+        if self._visible is None:
+            key = (self.counter(F.META_EPOCH_GEN), self.epoch)
+            vis = self._ancestry.get(key)
+            if vis is None:
+                vis = frozenset(self.ancestors(self.epoch))
+                if not self._write:  # only committed state may be cached
+                    self._ancestry[key] = vis
+            self._visible = vis
+        return self._visible
+
+    def ancestors(self, epoch: int) -> Iterator[int]:
+        """`epoch`, its parent, and so on up to the first epoch."""
+        while epoch:
+            yield epoch
+            v = self.txn.get(u64(epoch), db=self.dbs[F.DB_EPOCHS])
+            if v is None:
+                raise StoreError(f"epoch {epoch} is missing from the store")
+            epoch = F.EPOCH_REC.unpack(v)[0]
+
+    def new_epoch(self, parent: int, now_ns: int) -> int:
+        epoch = self.allocate(F.META_NEXT_EPOCH)
+        self.txn.put(u64(epoch), F.EPOCH_REC.pack(parent, now_ns), db=self.dbs[F.DB_EPOCHS])
+        return epoch
+
+    def _require_writable(self) -> int:
+        if self.branch is None or not self._write:
+            raise StoreError("this view of the store is read-only")
+        return self.epoch
+
+    # ---- versioned records --------------------------------------------------------------------
+    def _versions(self, db: bytes, base: bytes) -> Iterator[tuple[int, bytes]]:
+        """(epoch, value) of the versions of `base` visible here, newest first; the value is
+        None for a tombstone."""
+        vis, n = self.visible, len(base) + 8
+        with self.txn.cursor(db=self.dbs[db]) as c:
+            if not c.set_range(F.vkey(base, self.epoch)):
+                return
+            for k, v in c:
+                if len(k) != n or k[:-8] != base:
+                    return
+                e = F.epoch_of(k)
+                if e in vis:
+                    yield e, (v[1:] if v[0] else None)
+
+    def _get(self, db: bytes, base: bytes):
+        for _, v in self._versions(db, base):
+            return v
+        return None
+
+    def _put(self, db: bytes, base: bytes, value: bytes) -> None:
+        self.txn.put(F.vkey(base, self._require_writable()), F.PRESENT + value,
+                     db=self.dbs[db])
+
+    def _delete(self, db: bytes, base: bytes) -> bool:
+        """Delete `base` from this branch's tree; True if it was there. A version that an older
+        epoch still sees is hidden by a tombstone; otherwise the record is simply removed."""
+        epoch = self._require_writable()
+        existed = older = False
+        for i, (e, v) in enumerate(self._versions(db, base)):
+            if i == 0:
+                existed = v is not None
+            if e != epoch:
+                older = v is not None
+                break
+        key = F.vkey(base, epoch)
+        if older:
+            self.txn.put(key, F.TOMBSTONE, db=self.dbs[db])
+        else:
+            self.txn.delete(key, db=self.dbs[db])
+        return existed
+
+    def _scan(self, db: bytes, prefix: bytes, start: bytes | None = None
+              ) -> Iterator[tuple[bytes, bytes]]:
+        """(base key, value) of every record visible here whose key begins with `prefix`, in
+        key order, from `start` (a base key) on."""
+        vis, n, skip = self.visible, len(prefix), None
+        with self.txn.cursor(db=self.dbs[db]) as c:
+            if not c.set_range(start if start is not None else prefix):
+                return
+            for k, v in c:
+                if k[:n] != prefix:
+                    return
+                base = k[:-8]
+                if base == skip or F.epoch_of(k) not in vis:
+                    continue
+                skip = bytes(base)
+                if v[0]:
+                    yield skip, v[1:]
+
     # ---- inodes -------------------------------------------------------------------------------
     def inode(self, ino: int) -> Inode | None:
-        v = self.txn.get(u64(ino), db=self.dbs[F.DB_INODES])
+        v = self._get(F.DB_INODES, u64(ino))
         return Inode.unpack(ino, v) if v is not None else None
 
     def put_inode(self, inode: Inode) -> None:
-        self.txn.put(u64(inode.ino), inode.pack(), db=self.dbs[F.DB_INODES])
+        self._put(F.DB_INODES, u64(inode.ino), inode.pack())
 
     def new_inode(self, mode: int, uid: int, gid: int, now_ns: int, rdev: int = 0,
                   target: bytes = b"") -> Inode:
@@ -69,95 +182,208 @@ class Txn:
         return inode
 
     def delete_inode(self, inode: Inode) -> None:
-        """Drop an inode whose last link and last open handle are gone, and free its chunks."""
-        self.set_extents(inode.ino, [])
+        """Drop an inode whose last link and last open handle are gone from this tree. What
+        no other epoch still holds (its versions, their chunks) is freed."""
         for name, _ in list(self.xattrs(inode.ino)):
             self.remove_xattr(inode.ino, name)
-        self.txn.delete(u64(inode.ino), db=self.dbs[F.DB_INODES])
+        self._delete(F.DB_INODES, u64(inode.ino))
+        if self.inode_epochs(inode.ino):
+            return  # a snapshot or another branch still has it
+        for version in list(self.versions(inode.ino)):
+            self.drop_version(version)
         if stat.S_ISREG(inode.mode):
             self.bump(F.STAT_FILES, -1)
 
-    def inodes(self) -> Iterator[Inode]:
+    def inode_epochs(self, ino: int) -> dict[int, Inode]:
+        """Every stored version of an inode, in any epoch, by epoch (tombstones left out)."""
+        base = u64(ino)
+        out = {}
         with self.txn.cursor(db=self.dbs[F.DB_INODES]) as c:
-            for k, v in c:
-                yield Inode.unpack(from_u64(k), v)
+            if c.set_range(base):
+                for k, v in c:
+                    if k[:8] != base:
+                        break
+                    if v[0]:
+                        out[F.epoch_of(k)] = Inode.unpack(ino, v[1:])
+        return out
+
+    def inodes(self) -> Iterator[Inode]:
+        for k, v in self._scan(F.DB_INODES, b""):
+            yield Inode.unpack(from_u64(k), v)
 
     # ---- directories --------------------------------------------------------------------------
+    def _entry(self, parent: int, name: bytes) -> tuple[int, int] | None:
+        v = self._get(F.DB_DIRENTS, F.dirent_key(parent, name))
+        return F.U64x2.unpack(v) if v is not None else None
+
     def lookup(self, parent: int, name: bytes) -> int | None:
-        v = self.txn.get(F.dirent_key(parent, name), db=self.dbs[F.DB_DIRENTS])
-        return F.U64x2.unpack(v)[1] if v is not None else None
+        e = self._entry(parent, name)
+        return e[1] if e is not None else None
+
+    def _put_entry(self, parent: int, name: bytes, entry_id: int, ino: int) -> None:
+        self._put(F.DB_DIRENTS, F.dirent_key(parent, name), F.U64x2.pack(entry_id, ino))
+        self._put(F.DB_DIRLIST, F.U64x2.pack(parent, entry_id), name)
 
     def add_entry(self, parent: int, name: bytes, ino: int) -> None:
-        entry_id = self.allocate(F.META_NEXT_ENTRY)
-        self.txn.put(F.dirent_key(parent, name), F.U64x2.pack(entry_id, ino),
-                     db=self.dbs[F.DB_DIRENTS])
-        self.txn.put(F.U64x2.pack(parent, entry_id), name, db=self.dbs[F.DB_DIRLIST])
+        self._put_entry(parent, name, self.allocate(F.META_NEXT_ENTRY), ino)
+
+    def _pop_entry(self, parent: int, name: bytes) -> tuple[int, int]:
+        e = self._entry(parent, name)
+        if e is None:
+            raise KeyError(name)
+        self._delete(F.DB_DIRENTS, F.dirent_key(parent, name))
+        self._delete(F.DB_DIRLIST, F.U64x2.pack(parent, e[0]))
+        return e
 
     def remove_entry(self, parent: int, name: bytes) -> int:
-        key = F.dirent_key(parent, name)
-        v = self.txn.pop(key, db=self.dbs[F.DB_DIRENTS])
-        if v is None:
-            raise KeyError(name)
-        entry_id, ino = F.U64x2.unpack(v)
-        self.txn.delete(F.U64x2.pack(parent, entry_id), db=self.dbs[F.DB_DIRLIST])
-        return ino
+        return self._pop_entry(parent, name)[1]
 
     def rename_entry(self, parent: int, old: bytes, new: bytes) -> None:
         """Rename within one directory, keeping the entry's id (and so its place in a listing
         under way: a program renaming as it lists must not meet the same file twice)."""
-        v = self.txn.pop(F.dirent_key(parent, old), db=self.dbs[F.DB_DIRENTS])
-        if v is None:
-            raise KeyError(old)
-        self.txn.put(F.dirent_key(parent, new), v, db=self.dbs[F.DB_DIRENTS])
-        self.txn.put(F.U64x2.pack(parent, F.U64x2.unpack(v)[0]), new, db=self.dbs[F.DB_DIRLIST])
+        self._put_entry(parent, new, *self._pop_entry(parent, old))
 
     def relink_entry(self, parent: int, name: bytes, ino: int) -> None:
         """Point an existing entry at another inode, keeping its id."""
-        key = F.dirent_key(parent, name)
-        entry_id = F.U64x2.unpack(self.txn.get(key, db=self.dbs[F.DB_DIRENTS]))[0]
-        self.txn.put(key, F.U64x2.pack(entry_id, ino), db=self.dbs[F.DB_DIRENTS])
+        entry_id = self._entry(parent, name)[0]
+        self._put(F.DB_DIRENTS, F.dirent_key(parent, name), F.U64x2.pack(entry_id, ino))
 
     def entries(self, parent: int, start_id: int = 0) -> Iterator[tuple[int, bytes, int]]:
         """(entry id, name, child ino) of a directory, in creation order, from start_id on."""
-        prefix = u64(parent)
-        with self.txn.cursor(db=self.dbs[F.DB_DIRLIST]) as c:
-            if not c.set_range(F.U64x2.pack(parent, start_id)):
-                return
-            for k, name in c:
-                if k[:8] != prefix:
-                    return
-                ino = self.lookup(parent, name)
-                yield F.U64x2.unpack(k)[1], bytes(name), ino
+        for k, name in self._scan(F.DB_DIRLIST, u64(parent), F.U64x2.pack(parent, start_id)):
+            name = bytes(name)
+            yield F.U64x2.unpack(k)[1], name, self.lookup(parent, name)
+
+    def dirents(self, parent: int) -> Iterator[tuple[bytes, bytes]]:
+        """(name, entry id and child) of a directory by name (for checks)."""
+        for k, v in self._scan(F.DB_DIRENTS, u64(parent)):
+            yield k[8:-1], bytes(v)
 
     def has_entries(self, parent: int) -> bool:
         return next(self.entries(parent), None) is not None
 
     # ---- xattrs ---------------------------------------------------------------------------------
     def xattr(self, ino: int, name: bytes) -> bytes | None:
-        return self.txn.get(u64(ino) + name, db=self.dbs[F.DB_XATTRS])
+        return self._get(F.DB_XATTRS, F.xattr_key(ino, name))
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.txn.put(u64(ino) + name, value, db=self.dbs[F.DB_XATTRS])
+        self._put(F.DB_XATTRS, F.xattr_key(ino, name), value)
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
-        return self.txn.delete(u64(ino) + name, db=self.dbs[F.DB_XATTRS])
+        return self._delete(F.DB_XATTRS, F.xattr_key(ino, name))
 
     def xattrs(self, ino: int) -> Iterator[tuple[bytes, bytes]]:
+        for k, v in self._scan(F.DB_XATTRS, u64(ino)):
+            yield k[8:-1], bytes(v)
+
+    # ---- snapshots and branches ---------------------------------------------------------------
+    def snapshot(self, name: bytes, now_ns: int) -> int:
+        """Freeze this branch's tree as snapshot `name`: the branch goes on in a new epoch,
+        the old one is never written again. Costs the same for any size of tree."""
+        epoch = self._require_writable()
+        if self.txn.get(name, db=self.dbs[F.DB_SNAPSHOTS]) is not None:
+            raise StoreError(f"a snapshot named {name.decode(errors='replace')} exists")
+        child = self.new_epoch(epoch, now_ns)
+        self.txn.put(self.branch, u64(child), db=self.dbs[F.DB_BRANCHES])
+        self.txn.put(name, F.SNAPSHOT_REC.pack(epoch, now_ns) + self.branch,
+                     db=self.dbs[F.DB_SNAPSHOTS])
+        self._epoch, self._visible = None, None
+        return epoch
+
+    def snapshots(self) -> Iterator[tuple[bytes, int, int, bytes]]:
+        """(name, epoch, created ns, branch) of every snapshot, by name."""
+        with self.txn.cursor(db=self.dbs[F.DB_SNAPSHOTS]) as c:
+            for k, v in c:
+                epoch, created = F.SNAPSHOT_REC.unpack_from(v)
+                yield bytes(k), epoch, created, bytes(v[F.SNAPSHOT_REC.size:])
+
+    def branches(self) -> Iterator[tuple[bytes, int]]:
+        """(name, epoch written in) of every branch."""
+        with self.txn.cursor(db=self.dbs[F.DB_BRANCHES]) as c:
+            for k, v in c:
+                yield bytes(k), from_u64(v)
+
+    def snapshot_epoch(self, name: bytes) -> int | None:
+        v = self.txn.get(name, db=self.dbs[F.DB_SNAPSHOTS])
+        return F.SNAPSHOT_REC.unpack_from(v)[0] if v is not None else None
+
+    # ---- versions and extents -----------------------------------------------------------------
+    def versions(self, ino: int) -> Iterator[F.Version]:
+        """A file's timeline: its committed versions, oldest first."""
         prefix = u64(ino)
-        with self.txn.cursor(db=self.dbs[F.DB_XATTRS]) as c:
+        with self.txn.cursor(db=self.dbs[F.DB_VERSIONS]) as c:
             if not c.set_range(prefix):
                 return
             for k, v in c:
                 if k[:8] != prefix:
                     return
-                yield bytes(k[8:]), bytes(v)
+                yield F.Version.unpack(k, v)
 
-    # ---- extents --------------------------------------------------------------------------------
-    def extents(self, ino: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
-        """(offset, chunk id, length) of a file's extents in order, beginning with the one that
-        covers `start` (or the first after it, when `start` falls in a hole)."""
-        prefix = u64(ino)
-        key = F.extent_key(ino, start)
+    def all_versions(self) -> Iterator[F.Version]:
+        with self.txn.cursor(db=self.dbs[F.DB_VERSIONS]) as c:
+            for k, v in c:
+                yield F.Version.unpack(k, v)
+
+    def all_extents(self) -> Iterator[tuple[int, int, bytes, int]]:
+        """(version, offset, chunk id, length) of every extent in the store."""
+        with self.txn.cursor(db=self.dbs[F.DB_EXTENTS]) as c:
+            for k, v in c:
+                yield (*F.U64x2.unpack(k), *F.EXTENT_VAL.unpack(v))
+
+    def version(self, ino: int, number: int) -> F.Version | None:
+        key = F.U64x2.pack(ino, number)
+        v = self.txn.get(key, db=self.dbs[F.DB_VERSIONS])
+        return F.Version.unpack(key, v) if v is not None else None
+
+    def new_version(self, inode: Inode, extents: list[tuple[int, bytes, int]], size: int,
+                    mtime_ns: int, now_ns: int) -> F.Version:
+        """Add a version of `inode` holding `extents` (the caller holds one chunk reference
+        per extent) to its timeline and make it the inode's content (not yet stored)."""
+        number = self.allocate(F.META_NEXT_VERSION)
+        db = self.dbs[F.DB_EXTENTS]
+        for off, chunk_id, length in extents:
+            self.txn.put(F.extent_key(number, off), F.EXTENT_VAL.pack(chunk_id, length), db=db)
+        data = sum(e[2] for e in extents)
+        self.bump(F.STAT_LOGICAL, data)
+        v = F.Version(inode.ino, number, now_ns, size, mtime_ns, data, inode.ino)
+        self.txn.put(F.U64x2.pack(inode.ino, number), v.pack(), db=self.dbs[F.DB_VERSIONS])
+        inode.content, inode.size, inode.data_bytes = number, size, data
+        return v
+
+    def move_versions(self, src: int, dst: int) -> None:
+        """Hand the timeline of inode `src` on to `dst` (a file saved by writing a new one and
+        renaming it over the old keeps one timeline)."""
+        for v in list(self.versions(src)):
+            key = F.U64x2.pack(src, v.version)
+            self.txn.delete(key, db=self.dbs[F.DB_VERSIONS])
+            self.txn.put(F.U64x2.pack(dst, v.version), v.pack(), db=self.dbs[F.DB_VERSIONS])
+
+    def drop_version(self, v: F.Version) -> None:
+        """Remove a version from its timeline and free its extents, unless its origin inode
+        holds it as its content in some epoch: then it goes back to the origin's timeline
+        (a file saved over while still open keeps its content)."""
+        self.txn.delete(F.U64x2.pack(v.ino, v.version), db=self.dbs[F.DB_VERSIONS])
+        if any(node.content == v.version for node in self.inode_epochs(v.origin).values()):
+            self.txn.put(F.U64x2.pack(v.origin, v.version), v.pack(),
+                         db=self.dbs[F.DB_VERSIONS])
+        else:
+            self.free_content(v.version)
+
+    def free_content(self, number: int) -> None:
+        db = self.dbs[F.DB_EXTENTS]
+        old = list(self.extents(number))
+        for off, chunk_id, length in old:
+            self.txn.delete(F.extent_key(number, off), db=db)
+            self.decref(chunk_id)
+        self.bump(F.STAT_LOGICAL, -sum(e[2] for e in old))
+
+    def extents(self, content: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """(offset, chunk id, length) of a version's extents in order, beginning with the one
+        that covers `start` (or the first after it, when `start` falls in a hole)."""
+        if not content:
+            return
+        prefix = u64(content)
+        key = F.extent_key(content, start)
         with self.txn.cursor(db=self.dbs[F.DB_EXTENTS]) as c:
             found = c.set_range(key)
             if not (found and c.key() == key):
@@ -173,18 +399,6 @@ class Txn:
                     return
                 chunk_id, length = F.EXTENT_VAL.unpack(v)
                 yield F.U64x2.unpack(k)[1], chunk_id, length
-
-    def set_extents(self, ino: int, extents: list[tuple[int, bytes, int]]) -> None:
-        """Replace a file's extents. The caller already holds one reference per new extent (see
-        `add_chunk`); this drops the references of the old ones."""
-        db = self.dbs[F.DB_EXTENTS]
-        old = list(self.extents(ino))
-        for off, chunk_id, length in old:
-            self.txn.delete(F.extent_key(ino, off), db=db)
-            self.decref(chunk_id)
-        for off, chunk_id, length in extents:
-            self.txn.put(F.extent_key(ino, off), F.EXTENT_VAL.pack(chunk_id, length), db=db)
-        self.bump(F.STAT_LOGICAL, sum(e[2] for e in extents) - sum(e[2] for e in old))
 
     # ---- chunks ---------------------------------------------------------------------------------
     def chunk_record(self, chunk_id: bytes) -> ChunkRecord | None:
@@ -299,15 +513,10 @@ class Txn:
                 yield from self.walk(child, path + b"/")
 
     def path_of(self, ino: int) -> str | None:
-        """One path of an inode, by scanning the directories (only for error reports)."""
-        parts: list[bytes] = []
-        while ino != F.ROOT_INO:
-            with self.txn.cursor(db=self.dbs[F.DB_DIRENTS]) as c:
-                for k, v in c:
-                    if F.U64x2.unpack(v)[1] == ino:
-                        parts.append(bytes(k[8:]))
-                        ino = from_u64(k[:8])
-                        break
-                else:
-                    return None
-        return "/" + b"/".join(reversed(parts)).decode(errors="surrogateescape")
+        """One path of an inode, by walking the tree (only for error reports)."""
+        if ino == F.ROOT_INO:
+            return "/"
+        for path, node in self.walk():
+            if node.ino == ino:
+                return "/" + path.decode(errors="surrogateescape")
+        return None

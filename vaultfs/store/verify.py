@@ -39,8 +39,9 @@ class Report:
 
 
 def verify(store: Store, progress: Callable[[int], None] | None = None) -> Report:
-    """Check every chunk against both digests, every reference count, every file's extents
-    and the store's counters. `progress` is called with the raw bytes checked so far."""
+    """Check every chunk against both digests, every reference count, every version's
+    extents, every tree (each branch and snapshot) and the store's counters. `progress` is
+    called with the raw bytes checked so far."""
     report = Report()
     with store.reader() as tx:
         bad: set[bytes] = set()
@@ -57,34 +58,65 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
             if progress:
                 progress(report.bytes_checked)
 
-        _check_tree(tx, report)
+        # Every tree: the live tree of each branch and each snapshot's frozen one.
+        held: dict[int, int] = {}      # version -> an inode holding it as content
+        where: dict[int, str] = {}     # version -> a path to name it by
+        files: set[int] = set()
+        # Paths name the tree they are in, but for the main branch's: "a.nef", "draft:a.nef",
+        # "@yesterday:a.nef".
+        trees = [("" if b == F.MAIN_BRANCH else f"{b.decode(errors='replace')}:", e)
+                 for b, e in tx.branches()]
+        trees += [(f"@{n.decode(errors='replace')}:", e) for n, e, _, _ in tx.snapshots()]
+        for label, epoch in trees:
+            with store.reader(epoch=epoch) as view:
+                _check_tree(view, label, report)
+                for node in view.inodes():
+                    if stat.S_ISREG(node.mode):
+                        files.add(node.ino)
+                        held.setdefault(node.content, node.ino)
+                for path, node in view.walk():
+                    if stat.S_ISREG(node.mode):
+                        where.setdefault(node.content,
+                                         label + path.decode(errors="surrogateescape"))
+
         refs: Counter[bytes] = Counter()
         logical = 0
-        names = {node.ino: path.decode(errors="surrogateescape") for path, node in tx.walk()}
-        for node in tx.inodes():
-            if node.ino not in names and node.ino != F.ROOT_INO and node.nlink:
-                report.problems.append(f"inode {node.ino} has links but no directory entry")
-            if not stat.S_ISREG(node.mode):
+        timelines: dict[int, F.Version] = {}
+        for v in tx.all_versions():
+            timelines[v.version] = v
+        contents = set(held) | set(timelines)
+        contents.discard(0)
+        seen: set[int] = set()
+        for number, off, chunk_id, length in tx.all_extents():
+            seen.add(number)
+            refs[chunk_id] += 1
+            logical += length
+            if number not in contents:
+                report.problems.append(f"extents of version {number}, which nothing holds")
+        for number in sorted(contents):
+            v = timelines.get(number)
+            if v is None:
+                report.problems.append(f"version {number} of inode {held[number]} is "
+                                       f"missing from every timeline")
                 continue
-            report.files += 1
             damaged: list[tuple[int, int]] = []
-            end = held = 0
-            for off, chunk_id, length in tx.extents(node.ino):
-                refs[chunk_id] += 1
-                held += length
+            end = data = 0
+            for off, chunk_id, length in tx.extents(number):
+                data += length
                 if off < end:
-                    report.problems.append(f"inode {node.ino}: overlapping extents at {off}")
+                    report.problems.append(f"version {number}: overlapping extents at {off}")
                 end = off + length
                 if chunk_id in bad or tx.chunk_record(chunk_id) is None:
                     damaged.append((off, length))
-            if end > node.size:
-                report.problems.append(f"inode {node.ino}: extents run past its size")
-            logical += held
-            if held != node.data_bytes:
-                report.problems.append(f"inode {node.ino}: data_bytes {node.data_bytes}, "
-                                       f"its extents hold {held}")
+            if end > v.size:
+                report.problems.append(f"version {number}: extents run past its size")
+            if data != v.data_bytes:
+                report.problems.append(f"version {number}: data_bytes {v.data_bytes}, "
+                                       f"its extents hold {data}")
             if damaged:
-                report.damaged_files[names.get(node.ino, f"<inode {node.ino}>")] = damaged
+                name = where.get(number, f"<inode {v.ino} version {number}>")
+                report.damaged_files[name] = damaged
+        report.files = len(files)
         with tx.txn.cursor(db=tx.dbs[F.DB_PENDING]) as c:
             for _, chunk_id in c:
                 refs[bytes(chunk_id)] += 1
@@ -106,34 +138,34 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
     return report
 
 
-def _check_tree(tx: Txn, report: Report) -> None:
-    """Directory entries, their two indexes and link counts agree; no record belongs to an
-    inode that does not exist."""
+def _check_tree(tx: Txn, label: str, report: Report) -> None:
+    """In one tree: directory entries, their two indexes and link counts agree, every name
+    leads to an inode, every inode but the root has a name (or is unlinked, nlink 0)."""
     problems = report.problems
+    label = label or "main:"
     inodes = {node.ino: node for node in tx.inodes()}
     names: Counter[int] = Counter()
     subdirs: Counter[int] = Counter()
-    with tx.txn.cursor(db=tx.dbs[F.DB_DIRENTS]) as c:
-        for k, v in c:
-            parent, name = F.from_u64(k[:8]), bytes(k[8:])
-            entry_id, child = F.U64x2.unpack(v)
-            listed = tx.txn.get(F.U64x2.pack(parent, entry_id), db=tx.dbs[F.DB_DIRLIST])
-            if listed != name:
-                problems.append(f"entry {name!r} of directory {parent} is missing from its listing")
-            if parent not in inodes or not stat.S_ISDIR(inodes[parent].mode):
-                problems.append(f"entry {name!r} is in {parent}, which is not a directory")
+    for parent, node in inodes.items():
+        if not stat.S_ISDIR(node.mode):
+            continue
+        listed = {name: entry_id for entry_id, name, _ in tx.entries(parent)}
+        for entry_id, name, child in tx.entries(parent):
+            if child is None:
+                problems.append(f"{label} listing of directory {parent} has a stale entry "
+                                f"{name!r}")
+                continue
             if child not in inodes:
-                problems.append(f"entry {name!r} of directory {parent} names missing inode {child}")
+                problems.append(f"{label} entry {name!r} of directory {parent} names missing "
+                                f"inode {child}")
                 continue
             names[child] += 1
             if stat.S_ISDIR(inodes[child].mode):
                 subdirs[parent] += 1
-    with tx.txn.cursor(db=tx.dbs[F.DB_DIRLIST]) as c:
-        for k, name in c:
-            parent, entry_id = F.U64x2.unpack(k)
-            v = tx.txn.get(F.dirent_key(parent, bytes(name)), db=tx.dbs[F.DB_DIRENTS])
-            if v is None or F.U64x2.unpack(v)[0] != entry_id:
-                problems.append(f"listing of directory {parent} has a stale entry {bytes(name)!r}")
+        for k, v in tx.dirents(parent):
+            if listed.get(k) != F.U64x2.unpack(v)[0]:
+                problems.append(f"{label} entry {k!r} of directory {parent} is missing from "
+                                f"its listing")
     for ino, node in inodes.items():
         if stat.S_ISDIR(node.mode):
             linked = names[ino] or ino == F.ROOT_INO
@@ -141,14 +173,9 @@ def _check_tree(tx: Txn, report: Report) -> None:
         else:
             want = names[ino]
         if node.nlink != want:
-            problems.append(f"inode {ino}: nlink {node.nlink}, its names count {want}")
-    for db, what in ((F.DB_EXTENTS, "extents"), (F.DB_XATTRS, "xattrs")):
-        with tx.txn.cursor(db=tx.dbs[db]) as c:
-            for k in c.iternext(values=False):
-                ino = F.from_u64(k[:8])
-                if ino not in inodes or (db == F.DB_EXTENTS
-                                         and not stat.S_ISREG(inodes[ino].mode)):
-                    problems.append(f"{what} record of inode {ino}, which has none")
+            problems.append(f"{label} inode {ino}: nlink {node.nlink}, its names count {want}")
+        if node.content and not stat.S_ISREG(node.mode):
+            problems.append(f"{label} inode {ino} is not a file but has content")
 
 
 def _check_chunk(value: bytes | None, chunk_id: bytes, rec: F.ChunkRecord) -> str | None:

@@ -29,9 +29,9 @@ LOW_SPACE = 32 * 1024 * 1024
 
 
 class Writer:
-    def __init__(self, env: lmdb.Environment, dbs: dict):
+    def __init__(self, env: lmdb.Environment, make_txn: Callable[[lmdb.Transaction], Txn]):
         self._env = env
-        self._dbs = dbs
+        self._make_txn = make_txn
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="vaultfs-writer", daemon=True)
         self._thread.start()
@@ -80,7 +80,7 @@ class Writer:
                 for fn, fut in batch:
                     try:
                         with self._env.begin(write=True, parent=parent) as child:
-                            results.append((fut, fn(Txn(child, self._dbs)), None))
+                            results.append((fut, fn(self._make_txn(child)), None))
                     except BaseException as e:  # noqa: BLE001 - handed to its caller
                         results.append((fut, None, e))
         except lmdb.Error as e:

@@ -204,6 +204,6 @@ def test_verify_finds_a_directory_entry_out_of_step(store_path):
             node.nlink = 1
             tx.put_inode(node)
             name = f"f{ino}".encode()
-            tx.txn.delete(F.dirent_key(1, name), db=tx.dbs[F.DB_DIRENTS])
+            tx.remove_entry(1, name)
             tx.add_entry(1, name, ino)
         store.write(mend)

@@ -22,11 +22,12 @@ DB_CHUNKS = b"chunks"
 DB_CHUNKDATA = b"chunkdata"
 DB_PENDING = b"pending"
 DB_VERSIONS = b"versions"
+DB_TIMELINES = b"timelines"
 DB_EPOCHS = b"epochs"
 DB_BRANCHES = b"branches"
 DB_SNAPSHOTS = b"snapshots"
 ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_EXTENTS, DB_XATTRS,
-           DB_CHUNKS, DB_CHUNKDATA, DB_PENDING, DB_VERSIONS, DB_EPOCHS, DB_BRANCHES,
+           DB_CHUNKS, DB_CHUNKDATA, DB_PENDING, DB_VERSIONS, DB_TIMELINES, DB_EPOCHS, DB_BRANCHES,
            DB_SNAPSHOTS)
 # Records of these databases are versioned by epoch (see "Epochs" below).
 VERSIONED_DBS = (DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_XATTRS)
@@ -123,18 +124,19 @@ def epoch_of(key: bytes) -> int:
 
 
 # ---- versions and extents -------------------------------------------------------------------
-# A file's content is a *version*: a number from meta next_version, its extents, and an entry
-# in the file's timeline. Versions are immutable; a commit makes a new one.
-# versions: ino u64 + version u64 -> committed ns, size u64, mtime ns, data bytes u64,
-#                                    origin ino u64 (the inode it was committed to)
-# A timeline can hold versions of other inodes: a file saved by renaming a new one over it
-# keeps its history. Only the origin inode ever names the version as its content.
+# A file's content is a *version*: a number from meta next_version, a record, its extents.
+# Versions are immutable; each commit of a file makes a new one.
+# versions:  version u64 -> committed ns, size u64, mtime ns, data bytes u64,
+#                           origin ino u64 (the inode it was committed to)
+# timelines: ino u64 + version u64 -> (empty)
+# Every version is on exactly one timeline, normally its origin's. A timeline can hold versions
+# of other inodes: a file saved by renaming a new one over it keeps its history. Only the origin
+# ever names a version as its content.
 VERSION_REC = struct.Struct(">qQqQQ")
 
 
 @dataclass(frozen=True, slots=True)
 class Version:
-    ino: int
     version: int
     committed_ns: int
     size: int
@@ -142,17 +144,22 @@ class Version:
     data_bytes: int
     origin: int
 
+    # Read like an inode: reader.read_range takes either.
     @property
-    def content(self) -> int:  # read like an inode: reader.read_range takes either
+    def content(self) -> int:
         return self.version
+
+    @property
+    def ino(self) -> int:
+        return self.origin
 
     def pack(self) -> bytes:
         return VERSION_REC.pack(self.committed_ns, self.size, self.mtime_ns, self.data_bytes,
                                 self.origin)
 
     @classmethod
-    def unpack(cls, key: bytes, b: bytes) -> "Version":
-        return cls(*U64x2.unpack(key), *VERSION_REC.unpack(b))
+    def unpack(cls, number: int, b: bytes) -> "Version":
+        return cls(number, *VERSION_REC.unpack(b))
 
 
 # extents: version u64 + file offset u64 -> chunk id (17 bytes) + length u32.

@@ -190,7 +190,7 @@ class Txn:
         if self.inode_epochs(inode.ino):
             return  # a snapshot or another branch still has it
         for version in list(self.versions(inode.ino)):
-            self.drop_version(version)
+            self.drop_version(version, inode.ino)
         if stat.S_ISREG(inode.mode):
             self.bump(F.STAT_FILES, -1)
 
@@ -311,18 +311,24 @@ class Txn:
     def versions(self, ino: int) -> Iterator[F.Version]:
         """A file's timeline: its committed versions, oldest first."""
         prefix = u64(ino)
-        with self.txn.cursor(db=self.dbs[F.DB_VERSIONS]) as c:
+        with self.txn.cursor(db=self.dbs[F.DB_TIMELINES]) as c:
             if not c.set_range(prefix):
                 return
-            for k, v in c:
+            for k in c.iternext(values=False):
                 if k[:8] != prefix:
                     return
-                yield F.Version.unpack(k, v)
+                yield self.version(F.U64x2.unpack(k)[1])
+
+    def timelines(self) -> Iterator[tuple[int, int]]:
+        """(ino, version) of every timeline entry (for checks)."""
+        with self.txn.cursor(db=self.dbs[F.DB_TIMELINES]) as c:
+            for k in c.iternext(values=False):
+                yield F.U64x2.unpack(k)
 
     def all_versions(self) -> Iterator[F.Version]:
         with self.txn.cursor(db=self.dbs[F.DB_VERSIONS]) as c:
             for k, v in c:
-                yield F.Version.unpack(k, v)
+                yield F.Version.unpack(from_u64(k), v)
 
     def all_extents(self) -> Iterator[tuple[int, int, bytes, int]]:
         """(version, offset, chunk id, length) of every extent in the store."""
@@ -330,10 +336,9 @@ class Txn:
             for k, v in c:
                 yield (*F.U64x2.unpack(k), *F.EXTENT_VAL.unpack(v))
 
-    def version(self, ino: int, number: int) -> F.Version | None:
-        key = F.U64x2.pack(ino, number)
-        v = self.txn.get(key, db=self.dbs[F.DB_VERSIONS])
-        return F.Version.unpack(key, v) if v is not None else None
+    def version(self, number: int) -> F.Version | None:
+        v = self.txn.get(u64(number), db=self.dbs[F.DB_VERSIONS])
+        return F.Version.unpack(number, v) if v is not None else None
 
     def new_version(self, inode: Inode, extents: list[tuple[int, bytes, int]], size: int,
                     mtime_ns: int, now_ns: int) -> F.Version:
@@ -345,8 +350,9 @@ class Txn:
             self.txn.put(F.extent_key(number, off), F.EXTENT_VAL.pack(chunk_id, length), db=db)
         data = sum(e[2] for e in extents)
         self.bump(F.STAT_LOGICAL, data)
-        v = F.Version(inode.ino, number, now_ns, size, mtime_ns, data, inode.ino)
-        self.txn.put(F.U64x2.pack(inode.ino, number), v.pack(), db=self.dbs[F.DB_VERSIONS])
+        v = F.Version(number, now_ns, size, mtime_ns, data, inode.ino)
+        self.txn.put(u64(number), v.pack(), db=self.dbs[F.DB_VERSIONS])
+        self.txn.put(F.U64x2.pack(inode.ino, number), b"", db=self.dbs[F.DB_TIMELINES])
         inode.content, inode.size, inode.data_bytes = number, size, data
         return v
 
@@ -354,19 +360,22 @@ class Txn:
         """Hand the timeline of inode `src` on to `dst` (a file saved by writing a new one and
         renaming it over the old keeps one timeline)."""
         for v in list(self.versions(src)):
-            key = F.U64x2.pack(src, v.version)
-            self.txn.delete(key, db=self.dbs[F.DB_VERSIONS])
-            self.txn.put(F.U64x2.pack(dst, v.version), v.pack(), db=self.dbs[F.DB_VERSIONS])
+            self.txn.delete(F.U64x2.pack(src, v.version), db=self.dbs[F.DB_TIMELINES])
+            self.txn.put(F.U64x2.pack(dst, v.version), b"", db=self.dbs[F.DB_TIMELINES])
 
-    def drop_version(self, v: F.Version) -> None:
-        """Remove a version from its timeline and free its extents, unless its origin inode
-        holds it as its content in some epoch: then it goes back to the origin's timeline
-        (a file saved over while still open keeps its content)."""
-        self.txn.delete(F.U64x2.pack(v.ino, v.version), db=self.dbs[F.DB_VERSIONS])
-        if any(node.content == v.version for node in self.inode_epochs(v.origin).values()):
-            self.txn.put(F.U64x2.pack(v.origin, v.version), v.pack(),
-                         db=self.dbs[F.DB_VERSIONS])
+    def holds(self, v: F.Version) -> bool:
+        """Whether v's origin inode has it as its content in some epoch."""
+        return any(node.content == v.version for node in self.inode_epochs(v.origin).values())
+
+    def drop_version(self, v: F.Version, timeline: int) -> None:
+        """Remove a version from the timeline of inode `timeline` and free it, unless its
+        origin inode holds it as its content in some epoch: then it goes back to the origin's
+        timeline (a file saved over while still open keeps its content)."""
+        self.txn.delete(F.U64x2.pack(timeline, v.version), db=self.dbs[F.DB_TIMELINES])
+        if self.holds(v):
+            self.txn.put(F.U64x2.pack(v.origin, v.version), b"", db=self.dbs[F.DB_TIMELINES])
         else:
+            self.txn.delete(u64(v.version), db=self.dbs[F.DB_VERSIONS])
             self.free_content(v.version)
 
     def free_content(self, number: int) -> None:

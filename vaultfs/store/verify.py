@@ -81,24 +81,24 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
 
         refs: Counter[bytes] = Counter()
         logical = 0
-        timelines: dict[int, F.Version] = {}
-        for v in tx.all_versions():
-            timelines[v.version] = v
-        contents = set(held) | set(timelines)
-        contents.discard(0)
-        seen: set[int] = set()
+        versions = {v.version: v for v in tx.all_versions()}
+        on_timeline: Counter[int] = Counter()
+        for ino, number in tx.timelines():
+            on_timeline[number] += 1
+            if number not in versions:
+                report.problems.append(f"timeline of inode {ino} names missing version {number}")
+        for number in versions:
+            if on_timeline[number] != 1:
+                report.problems.append(f"version {number} is on {on_timeline[number]} timelines")
+        for number, ino in held.items():
+            if number and number not in versions:
+                report.problems.append(f"inode {ino} holds missing version {number}")
         for number, off, chunk_id, length in tx.all_extents():
-            seen.add(number)
             refs[chunk_id] += 1
             logical += length
-            if number not in contents:
-                report.problems.append(f"extents of version {number}, which nothing holds")
-        for number in sorted(contents):
-            v = timelines.get(number)
-            if v is None:
-                report.problems.append(f"version {number} of inode {held[number]} is "
-                                       f"missing from every timeline")
-                continue
+            if number not in versions:
+                report.problems.append(f"extents of version {number}, which does not exist")
+        for number, v in sorted(versions.items()):
             damaged: list[tuple[int, int]] = []
             end = data = 0
             for off, chunk_id, length in tx.extents(number):
@@ -114,7 +114,7 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
                 report.problems.append(f"version {number}: data_bytes {v.data_bytes}, "
                                        f"its extents hold {data}")
             if damaged:
-                name = where.get(number, f"<inode {v.ino} version {number}>")
+                name = where.get(number, f"<inode {v.origin} version {number}>")
                 report.damaged_files[name] = damaged
         report.files = len(files)
         with tx.txn.cursor(db=tx.dbs[F.DB_PENDING]) as c:
@@ -150,11 +150,11 @@ def _check_tree(tx: Txn, label: str, report: Report) -> None:
         if not stat.S_ISDIR(node.mode):
             continue
         listed = {name: entry_id for entry_id, name, _ in tx.entries(parent)}
-        for entry_id, name, child in tx.entries(parent):
-            if child is None:
-                problems.append(f"{label} listing of directory {parent} has a stale entry "
-                                f"{name!r}")
-                continue
+        for name, v in tx.dirents(parent):
+            entry_id, child = F.U64x2.unpack(v)
+            if listed.pop(name, None) != entry_id:
+                problems.append(f"{label} entry {name!r} of directory {parent} is missing "
+                                f"from its listing")
             if child not in inodes:
                 problems.append(f"{label} entry {name!r} of directory {parent} names missing "
                                 f"inode {child}")
@@ -162,10 +162,8 @@ def _check_tree(tx: Txn, label: str, report: Report) -> None:
             names[child] += 1
             if stat.S_ISDIR(inodes[child].mode):
                 subdirs[parent] += 1
-        for k, v in tx.dirents(parent):
-            if listed.get(k) != F.U64x2.unpack(v)[0]:
-                problems.append(f"{label} entry {k!r} of directory {parent} is missing from "
-                                f"its listing")
+        for name in listed:
+            problems.append(f"{label} listing of directory {parent} has a stale entry {name!r}")
     for ino, node in inodes.items():
         if stat.S_ISDIR(node.mode):
             linked = names[ino] or ino == F.ROOT_INO

@@ -152,7 +152,124 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_snapshot(args) -> int:
+    if args.delete:
+        if not args.name:
+            raise CliError("name the snapshot to delete")
+        result = _admin(args.store, "delete-snapshot", name=args.name)
+        print(f"deleted snapshot {result['name']}, freed {_size(result['freed_bytes'])}")
+        return 0
+    result = _admin(args.store, "snapshot", name=args.name)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(f"snapshot {result['name']} of branch {result['branch']}")
+    return 0
+
+
+def cmd_snapshots(args) -> int:
+    from .store import history
+
+    with Store.open(args.store) as store:
+        snaps = history.list_snapshots(store)
+    if args.json:
+        print(json.dumps(snaps, indent=2, sort_keys=True))
+        return 0
+    rows = [("NAME", "CREATED", "FILES", "SIZE", "ONLY HERE")]
+    for s in snaps:
+        rows.append((s["name"], _when(s["created_ns"]), f"{s['files']:,}",
+                     _size(s["logical_bytes"]), _size(s["exclusive_bytes"])))
+    _table(rows)
+    return 0
+
+
+def cmd_log(args) -> int:
+    from .store import history
+
+    with Store.open(args.store) as store:
+        entries = history.file_log(store, args.path)
+    if args.json:
+        print(json.dumps(entries, indent=2, sort_keys=True))
+        return 0
+    rows = [("VERSION", "COMMITTED", "SIZE", "CHANGED")]
+    for e in entries:
+        rows.append((e["name"], _when(e["committed_ns"]), _size(e["size"]),
+                     _size(e["changed_bytes"])))
+    _table(rows)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .store import history
+
+    with Store.open(args.store) as store:
+        changes = history.diff(store, args.a, args.b)
+    if args.json:
+        print(json.dumps(changes, indent=2, sort_keys=True))
+        return 0
+    marks = {"added": "+", "removed": "-", "modified": "M", "renamed": "R"}
+    for c in changes:
+        line = f"{marks[c['change']]} {c['path']}"
+        if c["change"] == "renamed":
+            line = f"R {c['from']} -> {c['path']}"
+        if args.stat:
+            line += f"  ({_size(c.get('old_size', 0))} -> {_size(c.get('size', 0))})"
+        print(line)
+    if args.stat:
+        counts = {k: sum(1 for c in changes if c["change"] == k) for k in marks}
+        print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from tqdm import tqdm
+
+    from .store import restore
+
+    tree, _, path = args.source.partition(":")
+    with Store.open(args.store) as store:
+        plan = restore.plan(store, tree, path or "/")
+        with tqdm(total=plan.bytes, unit="B", unit_scale=True, desc="restoring",
+                  disable=args.json or not sys.stderr.isatty()) as bar:
+            report = restore.run(store, plan, Path(args.dest), overwrite=args.overwrite,
+                                 progress=lambda n: bar.update(n))
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(f"restored {report['files']:,} files ({_size(report['bytes'])}) to {args.dest}")
+        for p in report["skipped_newer"]:
+            print(f"kept newer {p} (use --overwrite to replace it)")
+        for p, why in report["failed"].items():
+            print(f"FAILED {p}: {why}")
+    return 1 if report["failed"] else 0
+
+
 # ---- helpers -----------------------------------------------------------------------------------
+def _admin(store_path: str, op: str, **args):
+    """Run a command that changes the store: here, or by the mount that holds the store."""
+    from .fs import control
+    from .store import StoreBusy, history
+
+    try:
+        store = Store.open(store_path, writable=True)
+    except StoreBusy:
+        with Store.open(store_path) as store:
+            store_id = store.id
+        return control.request(store_id, op, **args)
+    with store:
+        return history.OPERATIONS[op](store, **args)
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
 def _mount_options(opts: list[str]) -> set[str]:
     known = {"allow_other", "vault_visible"}
     out = set()
@@ -222,6 +339,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("snapshot", help="freeze the tree as it is now (or --delete one)")
+    s.add_argument("store")
+    s.add_argument("name", nargs="?", help="default: the local date and time")
+    s.add_argument("--delete", action="store_true", help="delete the named snapshot")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_snapshot)
+
+    s = sub.add_parser("snapshots", help="list snapshots with what each holds")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_snapshots)
+
+    s = sub.add_parser("log", help="the timeline of one file's versions")
+    s.add_argument("store")
+    s.add_argument("path", help="the file's path inside the vault")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_log)
+
+    s = sub.add_parser("diff", help="files added, removed, modified, renamed between trees")
+    s.add_argument("store")
+    s.add_argument("a", help="a snapshot name, or a branch (main: the live tree)")
+    s.add_argument("b")
+    s.add_argument("--stat", action="store_true", help="with sizes")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_diff)
+
+    s = sub.add_parser("restore", help="write files of a snapshot out to a folder")
+    s.add_argument("store")
+    s.add_argument("source", help="SNAPSHOT or SNAPSHOT:PATH (or a branch)")
+    s.add_argument("dest")
+    s.add_argument("--overwrite", action="store_true", help="replace newer files too")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_restore)
     return p
 
 

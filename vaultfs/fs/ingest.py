@@ -50,6 +50,10 @@ class FileIngest:
         self.extents: list[Extent] = []
         self.done_to = done_to
         self.holds_pending = False  # pending records may exist for this file
+        # The version the previous commit of this open session made: the next commit takes
+        # its place, so a file written with fsyncs, or closed through a dup'ed descriptor
+        # first (a shell's `>`), leaves one version per session, not one per flush.
+        self.session_version = 0
 
     @classmethod
     def resume(cls, store: Store, tx: Txn, ino: int) -> "FileIngest":
@@ -77,7 +81,7 @@ class FileIngest:
         encoded = _results(encs)
         ino, base, extents = self.ino, self.base, self.extents
 
-        def finish(tx: Txn) -> list[Extent] | None:
+        def finish(tx: Txn) -> tuple[list[Extent], int] | None:
             held = tx.take_pending(ino)
             inode = tx.inode(ino)
             if inode is None:  # deleted while we worked: give the references back
@@ -92,13 +96,16 @@ class FileIngest:
             for _, chunk_id, _ in base:  # the new version's own references
                 tx.incref(chunk_id)
             new = base + extents + _add_chunks(tx, chunks, encoded)
-            tx.new_version(inode, new, size, mtime_ns, time.time_ns())
+            previous = tx.version(self.session_version)
+            version = tx.new_version(inode, new, size, mtime_ns, time.time_ns())
             inode.mtime_ns = mtime_ns
             inode.ctime_ns = ctime_ns
             tx.put_inode(inode)
-            return new
+            if previous is not None and tx.on_timeline(ino, previous.version):
+                tx.drop_version(previous, ino)  # kept if a snapshot holds it
+            return new, version.version
 
-        new = self.store.writer.call(finish)
+        new, self.session_version = self.store.writer.call(finish) or (None, 0)
         if new is None:
             self.base, last_cut = [], 0
         else:  # the last chunk was cut by the end of the file: it is cut again after an append

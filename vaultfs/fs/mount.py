@@ -20,7 +20,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from ..store import Store
+from ..store import Store, history
+from . import control
 from .operations import VaultOperations
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                 nursery.start_soon(on_signal)
                 ops.nursery = nursery
                 nursery.start_soon(_raise_read_ahead, mountpoint)
+                await nursery.start(control.serve, store, history.OPERATIONS)
                 await pyfuse3.main()
                 await ops.shutdown()
                 nursery.cancel_scope.cancel()

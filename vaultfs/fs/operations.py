@@ -30,7 +30,7 @@ from ..store.reader import ChunkCache, DamagedChunk, read_range
 from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
-from .views import VAULT_INO, VAULT_NAME, Views
+from .views import VAULT_INO, VAULT_NAME, Views, inode_attrs
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ NAME_MAX = 255
 # All changes to the live tree pass through this process, so the kernel may cache what it
 # learns for long; views set their own timeouts (zero).
 CACHE_TIMEOUT = 300.0
-BLKSIZE = 128 * 1024
 # Ingest a file being written front to back once this much is new, so that close() has only
 # the tail left to store.
 STREAM_STEP = 8 * 1024 * 1024
@@ -105,7 +104,7 @@ class VaultOperations(pyfuse3.Operations):
         self.store = store
         self.vault_visible = vault_visible
         self.cache = ChunkCache()
-        self.views = Views(self.status, os.getuid(), os.getgid())
+        self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid())
         self._limiter = trio.CapacityLimiter(workers)
         self._lookups: Counter[int] = Counter()
         self._open: dict[int, OpenInode] = {}
@@ -129,20 +128,11 @@ class VaultOperations(pyfuse3.Operations):
         return inode
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = inode.ino
-        a.entry_timeout = a.attr_timeout = CACHE_TIMEOUT
-        a.st_mode, a.st_nlink = inode.mode, inode.nlink
-        a.st_uid, a.st_gid, a.st_rdev = inode.uid, inode.gid, inode.rdev
-        a.st_size, a.st_mtime_ns, a.st_ctime_ns = inode.size, inode.mtime_ns, inode.ctime_ns
-        # Sparse files count only their data, as on ext4 (du, cp --sparse rely on it).
-        a.st_blocks = (inode.data_bytes if stat.S_ISREG(inode.mode) else inode.size) + 511 >> 9
+        a = inode_attrs(inode, inode.ino, CACHE_TIMEOUT)
         of = self._open.get(inode.ino)
         if of is not None and of.fd is not None:  # changed, not yet committed
             a.st_size, a.st_mtime_ns, a.st_ctime_ns = of.size, of.mtime_ns, of.ctime_ns
             a.st_blocks = os.fstat(of.fd).st_blocks
-        a.st_atime_ns = inode.atime_ns
-        a.st_blksize = BLKSIZE
         return a
 
     def _get_attrs(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -186,7 +176,9 @@ class VaultOperations(pyfuse3.Operations):
         if parent_inode == ROOT_INO and name == VAULT_NAME:
             return self.views.attrs(VAULT_INO)
         if self.views.owns(parent_inode):
-            return self.views.lookup(parent_inode, name)
+            attrs = self.views.attrs(self.views.find(parent_inode, name))
+            self._remember(attrs.st_ino, attrs.st_mode, parent_inode)
+            return attrs
         _check_name(name)
         with self.store.reader() as tx:
             ino = tx.lookup(parent_inode, name)
@@ -260,6 +252,8 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def readlink(self, inode, ctx):
+        if self.views.owns(inode):
+            return self.views.readlink(inode)
         with self.store.reader() as tx:
             node = self._inode(tx, inode)
         if not stat.S_ISLNK(node.mode):
@@ -512,8 +506,12 @@ class VaultOperations(pyfuse3.Operations):
     @handler
     async def open(self, inode, flags, ctx):
         if self.views.owns(inode):
-            if flags & (os.O_WRONLY | os.O_RDWR):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
                 raise FUSEError(errno.EROFS)
+            if not self.views.is_generated(inode):  # a snapshot's file or a version
+                if not stat.S_ISREG(self.views.attrs(inode).st_mode):
+                    raise FUSEError(errno.EISDIR)
+                return pyfuse3.FileInfo(fh=self._new_fh(inode), keep_cache=True)
             content = self.views.content(inode)
             fh = self._new_fh(inode)
             self._view_data[fh] = content
@@ -612,6 +610,8 @@ class VaultOperations(pyfuse3.Operations):
         if fh in self._view_data:
             return self._view_data[fh][off:off + size]
         ino = self._handles[fh]
+        if self.views.owns(ino):
+            return await self._thread(self.views.read, ino, off, size)
         of = self._open[ino]
         async with of.lock:
             if of.fd is not None:
@@ -624,9 +624,9 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def write(self, fh, off, buf):
-        if fh in self._view_data:
-            raise FUSEError(errno.EBADF)
         ino = self._handles[fh]
+        if self.views.owns(ino):
+            raise FUSEError(errno.EBADF)
         of = self._open[ino]
         async with of.lock:
             await self._ensure_spool(of)
@@ -655,10 +655,10 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def release(self, fh):
-        if self._view_data.pop(fh, None) is not None:
-            self._handles.pop(fh)
-            return
+        self._view_data.pop(fh, None)
         ino = self._handles.pop(fh)
+        if self.views.owns(ino):
+            return
         of = self._open[ino]
         of.opens -= 1
         if of.opens > 0:
@@ -676,27 +676,32 @@ class VaultOperations(pyfuse3.Operations):
     # ---- directories --------------------------------------------------------------------------
     @handler
     async def opendir(self, inode, ctx):
-        if not self.views.owns(inode):
-            with self.store.reader() as tx:
-                if not stat.S_ISDIR(self._inode(tx, inode).mode):
-                    raise FUSEError(errno.ENOTDIR)
+        if self.views.owns(inode):
+            if not stat.S_ISDIR(self.views.attrs(inode).st_mode):
+                raise FUSEError(errno.ENOTDIR)
+            return inode
+        with self.store.reader() as tx:
+            if not stat.S_ISDIR(self._inode(tx, inode).mode):
+                raise FUSEError(errno.ENOTDIR)
         return inode
 
     @handler
     async def readdir(self, fh, start_id, token):
         # Offsets: 1 after ".", 2 after "..", 3 after ".vault", then entry id + 3 after an
         # entry, so that an offset stays valid while entries come and go.
-        head = [(b".", fh), (b"..", self._parents.get(fh, ROOT_INO))]
+        parent = self.views.parent_of(fh) or self._parents.get(fh, ROOT_INO)
+        head = [(b".", fh), (b"..", parent)]
         if fh == ROOT_INO and self.vault_visible:
             head.append((VAULT_NAME, VAULT_INO))
         for offset, (name, ino) in enumerate(head[start_id:], start_id + 1):
             if not pyfuse3.readdir_reply(token, name, self._get_attrs(ino), offset):
                 return  # the kernel takes no reference on these three
         if self.views.owns(fh):
-            entries = self.views.entries(fh)
-            for i, (name, ino) in enumerate(entries[max(start_id - 3, 0):], max(start_id, 3)):
-                if not pyfuse3.readdir_reply(token, name, self.views.attrs(ino), i + 1):
+            for offset, name, ino in self.views.entries(fh, start_id):
+                attrs = self.views.attrs(ino)
+                if not pyfuse3.readdir_reply(token, name, attrs, offset):
                     return
+                self._remember(ino, attrs.st_mode, fh)
             return
         with self.store.reader() as tx:
             for entry_id, name, ino in tx.entries(fh, max(start_id - 2, 1)):
@@ -727,7 +732,10 @@ class VaultOperations(pyfuse3.Operations):
     @handler
     async def getxattr(self, inode, name, ctx):
         if self.views.owns(inode):
-            raise FUSEError(pyfuse3.ENOATTR)
+            value = dict(self.views.xattrs(inode)).get(name)
+            if value is None:
+                raise FUSEError(pyfuse3.ENOATTR)
+            return value
         with self.store.reader() as tx:
             self._inode(tx, inode)
             value = tx.xattr(inode, name)
@@ -738,7 +746,7 @@ class VaultOperations(pyfuse3.Operations):
     @handler
     async def listxattr(self, inode, ctx):
         if self.views.owns(inode):
-            return []
+            return [name for name, _ in self.views.xattrs(inode)]
         with self.store.reader() as tx:
             self._inode(tx, inode)
             return [name for name, _ in tx.xattrs(inode)]

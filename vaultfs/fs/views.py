@@ -1,7 +1,17 @@
-"""The read-only virtual tree under MOUNT/.vault (only status.json so far).
+"""The read-only virtual tree under MOUNT/.vault.
 
-Virtual inode numbers live above 2**63, so they can never meet the store's inode numbers,
-which count up from 1.
+    .vault/status.json                    live figures
+    .vault/snapshots/<name>/...           each snapshot's frozen tree; `latest` links the newest
+    .vault/versions/<path>/<time><ext>    every committed version of each live file
+
+Virtual inode numbers have the top bit set, so they never meet the store's inode numbers,
+which count up from 1. The rest of the number says what the node is, so nothing needs to be
+remembered per node:
+
+    bit 63 = 1 | kind (3 bits) | epoch (24 bits) | id (36 bits)
+
+kind 0: the fixed nodes below; 1: inode `id` of the tree frozen at `epoch`; 2: the versions
+view of live directory `id`; 3: the timeline directory of live file `id`; 4: version `id`.
 """
 
 from __future__ import annotations
@@ -10,60 +20,255 @@ import errno
 import json
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pyfuse3
+from pyfuse3 import FUSEError
+
+from ..store import ROOT_INO, Inode, Store
+from ..store.history import version_name
+from ..store.reader import ChunkCache, read_range
 
 VAULT_NAME = b".vault"
-VIRTUAL_BASE = 1 << 63
-VAULT_INO = VIRTUAL_BASE
-STATUS_INO = VIRTUAL_BASE + 1
+VIRTUAL = 1 << 63
+KIND_SHIFT, EPOCH_SHIFT = 60, 36
+ID_MASK = (1 << EPOCH_SHIFT) - 1
+EPOCH_MASK = (1 << (KIND_SHIFT - EPOCH_SHIFT)) - 1
+FIXED, SNAPSHOT_NODE, VERSIONS_DIR, TIMELINE, VERSION_FILE = range(5)
+
+VAULT_INO = VIRTUAL
+STATUS_INO = VIRTUAL + 1
+SNAPSHOTS_INO = VIRTUAL + 2
+LATEST_INO = VIRTUAL + 3
+LATEST = b"latest"
+
+FROZEN_TIMEOUT = 300.0  # snapshots and versions never change
+LIVE_TIMEOUT = 1.0      # views of the live tree follow it within a second
+BLKSIZE = 128 * 1024
+
+
+def encode(kind: int, ident: int, epoch: int = 0) -> int:
+    if ident > ID_MASK or epoch > EPOCH_MASK:
+        raise FUSEError(errno.EOVERFLOW)
+    return VIRTUAL | kind << KIND_SHIFT | epoch << EPOCH_SHIFT | ident
+
+
+def decode(ino: int) -> tuple[int, int, int]:
+    """(kind, epoch, id) of a virtual inode number."""
+    return (ino >> KIND_SHIFT) & 7, (ino >> EPOCH_SHIFT) & EPOCH_MASK, ino & ID_MASK
+
+
+def inode_attrs(inode: Inode, st_ino: int, timeout: float) -> pyfuse3.EntryAttributes:
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = st_ino
+    a.entry_timeout = a.attr_timeout = timeout
+    a.st_mode, a.st_nlink = inode.mode, inode.nlink
+    a.st_uid, a.st_gid, a.st_rdev = inode.uid, inode.gid, inode.rdev
+    a.st_size, a.st_mtime_ns, a.st_ctime_ns = inode.size, inode.mtime_ns, inode.ctime_ns
+    a.st_atime_ns = inode.atime_ns
+    # Sparse files count only their data, as on ext4 (du, cp --sparse rely on it).
+    a.st_blocks = (inode.data_bytes if stat.S_ISREG(inode.mode) else inode.size) + 511 >> 9
+    a.st_blksize = BLKSIZE
+    return a
 
 
 class Views:
-    def __init__(self, status: Callable[[], dict], uid: int, gid: int):
+    def __init__(self, store: Store, cache: ChunkCache, status: Callable[[], dict],
+                 uid: int, gid: int):
+        self.store = store
+        self.cache = cache
         self._status = status
         self._uid, self._gid = uid, gid
-        self._children = {VAULT_INO: {b"status.json": STATUS_INO}}
-        self._files = {STATUS_INO: self._status_json}
+        # The name each timeline was last seen under, for its versions' extensions (the store
+        # keeps no parent links; a walk to find one is the fallback).
+        self._names: dict[int, bytes] = {}
 
     @staticmethod
     def owns(ino: int) -> bool:
-        return ino >= VIRTUAL_BASE
+        return ino >= VIRTUAL
 
-    def _status_json(self) -> bytes:
-        return (json.dumps(self._status(), indent=2, sort_keys=True) + "\n").encode()
-
-    def content(self, ino: int) -> bytes:
-        if ino not in self._files:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        return self._files[ino]()
-
-    def attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+    # ---- attributes ---------------------------------------------------------------------------
+    def _fixed(self, ino: int, mode: int, size: int = 0) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        # Views change under the kernel's feet: never let it cache them.
-        a.entry_timeout = a.attr_timeout = 0
-        if ino in self._children:
-            a.st_mode, a.st_nlink, a.st_size = stat.S_IFDIR | 0o555, 2, 0
-        elif ino in self._files:
-            a.st_mode, a.st_nlink = stat.S_IFREG | 0o444, 1
-            a.st_size = len(self.content(ino))
-        else:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        a.entry_timeout = a.attr_timeout = 0  # they change under the kernel's feet
+        a.st_mode, a.st_nlink, a.st_size = mode, 2 if stat.S_ISDIR(mode) else 1, size
         a.st_uid, a.st_gid = self._uid, self._gid
         a.st_blksize = 4096
-        a.st_blocks = (a.st_size + 511) // 512
+        a.st_blocks = (size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = time.time_ns()
         return a
 
-    def lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
-        ino = self._children.get(parent, {}).get(name)
-        if ino is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self.attrs(ino)
+    def attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        kind, epoch, ident = decode(ino)
+        if ino in (VAULT_INO, SNAPSHOTS_INO):
+            return self._fixed(ino, stat.S_IFDIR | 0o555)
+        if ino == STATUS_INO:
+            return self._fixed(ino, stat.S_IFREG | 0o444, len(self.content(ino)))
+        if ino == LATEST_INO:
+            return self._fixed(ino, stat.S_IFLNK | 0o777, len(self._latest()))
+        with self.store.reader() as tx:
+            if kind == SNAPSHOT_NODE:
+                with self.store.reader(epoch=epoch) as view:
+                    node = view.inode(ident)
+                if node is None:
+                    raise FUSEError(errno.ENOENT)
+                a = inode_attrs(node, ino, FROZEN_TIMEOUT)
+                if ident == ROOT_INO:  # a snapshot's root: not writable even by its owner
+                    a.st_mode &= ~0o222
+                return a
+            if kind in (VERSIONS_DIR, TIMELINE):
+                node = tx.inode(ident)
+                if node is None:
+                    raise FUSEError(errno.ENOENT)
+                a = inode_attrs(node, ino, LIVE_TIMEOUT)
+                a.st_mode, a.st_nlink, a.st_size, a.st_blocks = \
+                    stat.S_IFDIR | (node.mode & 0o555) | 0o500, 2, 0, 0
+                if node.mode & 0o444:
+                    a.st_mode |= (node.mode & 0o444) >> 2  # readable -> listable
+                return a
+            if kind == VERSION_FILE:
+                v = tx.version(ident)
+                node = tx.inode(v.origin) if v is not None else None
+                if v is None:
+                    raise FUSEError(errno.ENOENT)
+                a = self._fixed(ino, stat.S_IFREG | 0o444, v.size)
+                a.entry_timeout = a.attr_timeout = FROZEN_TIMEOUT
+                a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = v.mtime_ns
+                a.st_blocks = (v.data_bytes + 511) >> 9
+                if node is not None:
+                    a.st_mode = stat.S_IFREG | (node.mode & 0o444)
+                    a.st_uid, a.st_gid = node.uid, node.gid
+                return a
+        raise FUSEError(errno.ENOENT)
 
-    def entries(self, parent: int) -> list[tuple[bytes, int]]:
-        if parent not in self._children:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return sorted(self._children[parent].items())
+    # ---- names ----------------------------------------------------------------------------------
+    def find(self, parent: int, name: bytes) -> int:
+        """The child's inode number (a point lookup where the kind allows it)."""
+        kind, epoch, ident = decode(parent)
+        if kind == SNAPSHOT_NODE:
+            with self.store.reader(epoch=epoch) as view:
+                child = view.lookup(ident, name)
+            if child is None:
+                raise FUSEError(errno.ENOENT)
+            return encode(SNAPSHOT_NODE, child, epoch)
+        if kind == VERSIONS_DIR:
+            with self.store.reader() as tx:
+                child = tx.lookup(ident, name)
+                node = tx.inode(child) if child is not None else None
+            if node is not None and stat.S_ISDIR(node.mode):
+                return encode(VERSIONS_DIR, child)
+            if node is not None and stat.S_ISREG(node.mode):
+                self._names[child] = name
+                return encode(TIMELINE, child)
+            raise FUSEError(errno.ENOENT)
+        for _, child_name, ino in self.entries(parent, 0):
+            if child_name == name:
+                return ino
+        raise FUSEError(errno.ENOENT)
+
+    def entries(self, parent: int, start: int) -> Iterator[tuple[int, bytes, int]]:
+        """(offset of the next entry, name, inode) of a directory's entries after `start`
+        (offsets start at 3: the caller lists ".", ".." itself)."""
+        kind, epoch, ident = decode(parent)
+        if kind == SNAPSHOT_NODE or kind == VERSIONS_DIR:
+            reader = self.store.reader(epoch=epoch if kind == SNAPSHOT_NODE else None)
+            with reader as tx:
+                node = tx.inode(ident)
+                if node is None or not stat.S_ISDIR(node.mode):
+                    raise FUSEError(errno.ENOTDIR)
+                for entry_id, name, child in tx.entries(ident, max(start - 2, 1)):
+                    if kind == SNAPSHOT_NODE:
+                        yield entry_id + 3, name, encode(SNAPSHOT_NODE, child, epoch)
+                        continue
+                    mode = tx.inode(child).mode
+                    if stat.S_ISDIR(mode):
+                        yield entry_id + 3, name, encode(VERSIONS_DIR, child)
+                    elif stat.S_ISREG(mode):
+                        self._names[child] = name
+                        yield entry_id + 3, name, encode(TIMELINE, child)
+            return
+        if parent == VAULT_INO:
+            fixed = [(b"snapshots", SNAPSHOTS_INO), (b"status.json", STATUS_INO),
+                     (b"versions", encode(VERSIONS_DIR, ROOT_INO))]
+        elif parent == SNAPSHOTS_INO:
+            with self.store.reader() as tx:
+                fixed = [(name, encode(SNAPSHOT_NODE, ROOT_INO, epoch))
+                         for name, epoch, _, _ in tx.snapshots()]
+            if fixed:
+                fixed.append((LATEST, LATEST_INO))
+        elif kind == TIMELINE:
+            with self.store.reader() as tx:
+                name = self._names.get(ident) or self._name_of(tx, ident)
+                fixed = [(version_name(v, name), encode(VERSION_FILE, v.version))
+                         for v in tx.versions(ident)]
+        else:
+            raise FUSEError(errno.ENOTDIR)
+        for i, (name, ino) in enumerate(fixed[max(start - 3, 0):], max(start, 3)):
+            yield i + 1, name, ino
+
+    def parent_of(self, ino: int) -> int | None:
+        """The parent of the view directories whose parent is known without a lookup."""
+        if ino in (SNAPSHOTS_INO, encode(VERSIONS_DIR, ROOT_INO)):
+            return VAULT_INO
+        kind, _, ident = decode(ino)
+        if kind == SNAPSHOT_NODE and ident == ROOT_INO:
+            return SNAPSHOTS_INO
+        return None
+
+    @staticmethod
+    def _name_of(tx, ino: int) -> bytes:
+        path = tx.path_of(ino) or ""
+        return path.rsplit("/", 1)[-1].encode(errors="surrogateescape")
+
+    def _latest(self) -> bytes:
+        with self.store.reader() as tx:
+            snaps = sorted(tx.snapshots(), key=lambda s: (s[2], s[0]))
+        return snaps[-1][0] if snaps else b""
+
+    # ---- contents -------------------------------------------------------------------------------
+    def content(self, ino: int) -> bytes:
+        """The whole content of a small generated file (read at open)."""
+        if ino == STATUS_INO:
+            return (json.dumps(self._status(), indent=2, sort_keys=True) + "\n").encode()
+        raise FUSEError(errno.EISDIR)
+
+    def is_generated(self, ino: int) -> bool:
+        return ino == STATUS_INO
+
+    def read(self, ino: int, off: int, size: int) -> bytes:
+        """Bytes of a snapshot's file or of a version (blocking: runs in a worker thread)."""
+        kind, epoch, ident = decode(ino)
+        if kind == SNAPSHOT_NODE:
+            with self.store.reader(buffers=True, epoch=epoch) as tx:
+                node = tx.inode(ident)
+                if node is None:
+                    raise FUSEError(errno.ENOENT)
+                return read_range(tx, self.cache, node, off, size)
+        if kind == VERSION_FILE:
+            with self.store.reader(buffers=True) as tx:
+                v = tx.version(ident)
+                if v is None:
+                    raise FUSEError(errno.ENOENT)
+                return read_range(tx, self.cache, v, off, size)
+        raise FUSEError(errno.EISDIR)
+
+    def readlink(self, ino: int) -> bytes:
+        if ino == LATEST_INO:
+            return self._latest()
+        kind, epoch, ident = decode(ino)
+        if kind == SNAPSHOT_NODE:
+            with self.store.reader(epoch=epoch) as tx:
+                node = tx.inode(ident)
+            if node is not None and stat.S_ISLNK(node.mode):
+                return node.target
+        raise FUSEError(errno.EINVAL)
+
+    def xattrs(self, ino: int) -> list[tuple[bytes, bytes]]:
+        """A snapshot node's extended attributes (ACLs included): cp -a and rsync -X copy
+        them out. Other views have none."""
+        kind, epoch, ident = decode(ino)
+        if kind != SNAPSHOT_NODE:
+            return []
+        with self.store.reader(epoch=epoch) as tx:
+            return list(tx.xattrs(ident))

@@ -2,7 +2,7 @@
 
 from .codec import ChunkCorrupt
 from .format import ROOT_INO, Inode
-from .store import Store
+from .store import Store, StoreBusy
 from .txn import StoreError, Txn
 
-__all__ = ["ChunkCorrupt", "ROOT_INO", "Inode", "Store", "StoreError", "Txn"]
+__all__ = ["ChunkCorrupt", "ROOT_INO", "Inode", "Store", "StoreBusy", "StoreError", "Txn"]

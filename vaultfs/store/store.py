@@ -34,6 +34,10 @@ MAP_SIZE = 1 << 42  # 4 TiB of address space; the file grows with the data, not 
 LOCK_FILE_BYTES = 64 * 1024  # more than LMDB's reader table for max_readers=256 needs
 
 
+class StoreBusy(StoreError):
+    """Another process (a mount) holds the store for writing."""
+
+
 class Store:
     """An open store. Writable stores own the mount lock and a writer thread."""
 
@@ -46,6 +50,12 @@ class Store:
         self._lock_fd = lock_fd
         self._ancestry: dict = {}  # (epoch generation, epoch) -> visible epochs
         self.writer = Writer(env, self._write_txn) if lock_fd is not None else None
+
+    @property
+    def id(self) -> str:
+        """The store's UUID, as in vault.toml."""
+        with self.reader() as tx:
+            return str(uuid.UUID(bytes=bytes(tx.meta(F.META_UUID))))
 
     # ---- paths --------------------------------------------------------------------------------
     @property
@@ -221,7 +231,7 @@ class Store:
         """The figures of `vaultfs status` and `.vault/status.json`."""
         with self.reader() as tx:
             c = tx.counters()
-            store_id = str(uuid.UUID(bytes=bytes(tx.meta(F.META_UUID))))
+        store_id = self.id
         st = os.statvfs(self.path)
         logical, unique, stored = c["logical_bytes"], c["unique_bytes"], c["stored_bytes"]
         return {
@@ -299,7 +309,7 @@ def _take_lock(p: Path) -> int:
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise StoreError(f"{p} is in use by another vaultfs process (mounted?)") from None
+            raise StoreBusy(f"{p} is in use by another vaultfs process (mounted?)") from None
         raise
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())

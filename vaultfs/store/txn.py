@@ -363,6 +363,9 @@ class Txn:
             self.txn.delete(F.U64x2.pack(src, v.version), db=self.dbs[F.DB_TIMELINES])
             self.txn.put(F.U64x2.pack(dst, v.version), b"", db=self.dbs[F.DB_TIMELINES])
 
+    def on_timeline(self, ino: int, number: int) -> bool:
+        return self.txn.get(F.U64x2.pack(ino, number), db=self.dbs[F.DB_TIMELINES]) is not None
+
     def holds(self, v: F.Version) -> bool:
         """Whether v's origin inode has it as its content in some epoch."""
         return any(node.content == v.version for node in self.inode_epochs(v.origin).values())
@@ -520,6 +523,17 @@ class Txn:
             yield path, node
             if stat.S_ISDIR(node.mode):
                 yield from self.walk(child, path + b"/")
+
+    def resolve(self, path: str | bytes) -> int | None:
+        """The inode at `path` (relative to the root; '/' and '' are the root), or None."""
+        if isinstance(path, str):
+            path = path.encode(errors="surrogateescape")
+        ino: int | None = F.ROOT_INO
+        for name in filter(None, path.split(b"/")):
+            ino = self.lookup(ino, name)
+            if ino is None:
+                return None
+        return ino
 
     def path_of(self, ino: int) -> str | None:
         """One path of an inode, by walking the tree (only for error reports)."""

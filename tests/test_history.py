@@ -1,0 +1,233 @@
+"""Snapshots, version timelines, diff and restore, driven through a real mount and the command
+line (snapshot commands reach the running mount through its control socket)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+
+import lmdb
+import pytest
+
+from conftest import CORPUS, needs_fuse, vaultfs
+from vaultfs.store import Store
+from vaultfs.store import format as F
+
+pytestmark = needs_fuse
+
+
+def _tree(root) -> dict:
+    """path -> (type and mode, content or link target, mtime, xattrs) of a folder."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    body = f.read()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(p)
+            else:
+                body = None
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else \
+                {n: os.getxattr(p, n) for n in os.listxattr(p) if n.startswith("user.")}
+            # (rsync leaves a symlink's own time alone; directories' change as files arrive)
+            mtime = None if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode) \
+                else st.st_mtime_ns
+            out[os.path.relpath(p, root)] = (st.st_mode, body, mtime, xattrs)
+    return out
+
+
+def _fill(root) -> None:
+    (root / "day1").mkdir()
+    (root / "day1" / "IMG_0001.NEF").write_bytes(os.urandom(3_000_000))
+    (root / "day1" / "IMG_0001.xmp").write_text("<x:xmpmeta rating='3'/>")
+    os.setxattr(root / "day1" / "IMG_0001.NEF", "user.vaultfs.tier", b"select")
+    os.symlink("day1/IMG_0001.NEF", root / "best")
+    os.link(root / "day1" / "IMG_0001.xmp", root / "sidecar-link.xmp")
+    os.chmod(root / "day1" / "IMG_0001.xmp", 0o600)
+
+
+def test_a_snapshot_freezes_the_tree_and_shows_it_read_only(make_mount, store_path, tmp_path):
+    m = make_mount()
+    _fill(m.path)
+    before = _tree(m.path)
+    out = vaultfs("snapshot", store_path, "card1", "--json")  # through the running mount
+    assert json.loads(out.stdout)["name"] == "card1"
+
+    (m.path / "day1" / "IMG_0001.xmp").write_text("<x:xmpmeta rating='5'/>")
+    (m.path / "day1" / "IMG_0001.NEF").unlink()
+    (m.path / "day2").mkdir()
+    (m.path / "day2" / "IMG_0002.NEF").write_bytes(b"new")
+
+    snaps = m.path / ".vault" / "snapshots"
+    assert sorted(os.listdir(snaps)) == ["card1", "latest"]  # no remount needed
+    assert os.readlink(snaps / "latest") == "card1"
+    assert _tree(snaps / "card1") == before
+    assert (m.path / "day1" / "IMG_0001.xmp").read_text() == "<x:xmpmeta rating='5'/>"
+    for attempt in (lambda: (snaps / "card1" / "x").write_text("no"),
+                    lambda: (snaps / "card1" / "day1" / "IMG_0001.xmp").write_text("no"),
+                    lambda: (snaps / "card1" / "best").unlink(),
+                    lambda: os.setxattr(snaps / "card1" / "day1", "user.a", b"1")):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno in (errno.EROFS, errno.EACCES)
+
+    # Real programs copy out of it: cp -a and rsync keep modes, times, links, xattrs.
+    subprocess.run(["cp", "-a", str(snaps / "card1"), str(tmp_path / "cp")], check=True)
+    assert _tree(tmp_path / "cp") == before
+    subprocess.run(["rsync", "-aHX", f"{snaps / 'card1'}/", str(tmp_path / "rsync")],
+                   check=True)
+    assert _tree(tmp_path / "rsync") == before
+
+    vaultfs("snapshot", store_path)  # a second one, named by the time
+    listed = json.loads(vaultfs("snapshots", store_path, "--json").stdout)
+    assert [s["name"] for s in listed][0] == "card1" and len(listed) == 2
+    assert listed[0]["files"] == 2 and listed[0]["logical_bytes"] == 3_000_000 + 23
+    assert listed[0]["exclusive_bytes"] == 0  # the deleted NEF is still on its timeline
+    assert os.readlink(snaps / "latest") == listed[1]["name"]
+    m.stop()
+    # And with nothing mounted, the command line opens the store itself.
+    vaultfs("snapshot", store_path, "offline")
+    with pytest.raises(AssertionError, match="exists"):
+        vaultfs("snapshot", store_path, "card1")
+
+
+def test_a_snapshot_copies_nothing(store_path):
+    """Snapshot cost does not grow with the tree: it writes the same few records for a tree
+    of 20,000 files as for an empty one."""
+    with Store.open(store_path, writable=True) as store:
+        def make(tx, first):
+            for i in range(first, first + 2000):
+                node = tx.new_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())
+                node.nlink = 1
+                tx.put_inode(node)
+                tx.add_entry(F.ROOT_INO, b"f%05d" % i, node.ino)
+        for first in range(0, 20_000, 2000):
+            store.write(lambda tx, first=first: make(tx, first))
+
+    def records() -> int:
+        env = lmdb.open(str(store_path / "lmdb"), readonly=True, max_dbs=20, lock=False)
+        with env.begin() as t:
+            n = sum(t.stat(env.open_db(name, txn=t, create=False))["entries"]
+                    for name in F.ALL_DBS)
+        env.close()
+        return n
+
+    before = records()
+    vaultfs("snapshot", store_path, "big")
+    assert records() - before <= 3  # an epoch, the snapshot, next_epoch in meta
+    with Store.open(store_path) as store, store.reader(epoch=1) as tx:
+        assert sum(1 for _ in tx.entries(F.ROOT_INO)) == 20_000
+
+
+def test_every_version_is_on_the_files_timeline(make_mount, store_path):
+    m = make_mount()
+    f = m.path / "painting.kra"
+    bodies = [os.urandom(500_000) for _ in range(3)]
+    f.write_bytes(bodies[0])
+    with open(f, "r+b") as fh:  # one open session with two fsyncs: one version
+        fh.write(bodies[1])
+        os.fsync(fh.fileno())
+        fh.write(b"")
+        os.fsync(fh.fileno())
+    # The editor's atomic save: a new file renamed over the old keeps the timeline.
+    (m.path / ".painting.kra.tmp").write_bytes(bodies[2])
+    os.rename(m.path / ".painting.kra.tmp", f)
+
+    timeline = m.path / ".vault" / "versions" / "painting.kra"
+    names = os.listdir(timeline)
+    assert len(names) == 3 and all(n.endswith("Z.kra") for n in names)
+    assert [(timeline / n).read_bytes() for n in sorted(names)] == bodies
+    log = json.loads(vaultfs("log", store_path, "painting.kra", "--json").stdout)
+    assert [e["size"] for e in log] == [500_000] * 3
+    assert [e["current"] for e in log] == [False, False, True]
+    assert sorted(names) == [e["name"] for e in log]
+    assert all(e["changed_bytes"] == 500_000 for e in log)
+    with pytest.raises(OSError) as e:
+        (timeline / names[0]).write_bytes(b"no")
+    assert e.value.errno in (errno.EROFS, errno.EACCES)
+    # A timeline is listed by the mirror of the live tree's folders.
+    (m.path / "sub").mkdir()
+    (m.path / "sub" / "x.txt").write_text("x")
+    assert sorted(os.listdir(m.path / ".vault" / "versions")) == ["painting.kra", "sub"]
+    assert os.listdir(m.path / ".vault" / "versions" / "sub" / "x.txt")[0].endswith(".txt")
+
+
+def test_diff_between_snapshots_and_the_live_tree(make_mount, store_path):
+    m = make_mount()
+    _fill(m.path)
+    (m.path / "notes.txt").write_text("keep")
+    vaultfs("snapshot", store_path, "before")
+    (m.path / "day1" / "IMG_0001.xmp").write_text("<x:xmpmeta rating='5'/>")  # modified
+    os.rename(m.path / "day1" / "IMG_0001.NEF", m.path / "day1" / "keeper.NEF")  # renamed
+    (m.path / "notes.txt").unlink()                                           # removed
+    (m.path / "new.txt").write_text("hello")                                  # added
+    changes = json.loads(vaultfs("diff", store_path, "before", "main", "--json").stdout)
+    got = {(c["change"], c["path"], c.get("from")) for c in changes}
+    assert got == {("modified", "day1/IMG_0001.xmp", None),
+                   ("modified", "sidecar-link.xmp", None),
+                   ("renamed", "day1/keeper.NEF", "day1/IMG_0001.NEF"),
+                   ("removed", "notes.txt", None), ("added", "new.txt", None)}
+    text = vaultfs("diff", store_path, "before", "main", "--stat").stdout
+    assert "R day1/IMG_0001.NEF -> day1/keeper.NEF" in text
+    assert "1 added, 1 removed, 2 modified, 1 renamed" in text
+    assert json.loads(vaultfs("diff", store_path, "main", "main", "--json").stdout) == []
+    r = vaultfs("diff", store_path, "nope", "main", check=False)
+    assert r.returncode == 2 and "no snapshot or branch named nope" in r.stderr
+
+
+def test_restore_writes_a_snapshot_out_and_keeps_newer_files(make_mount, store_path,
+                                                             tmp_path):
+    m = make_mount()
+    _fill(m.path)
+    corpus = sorted(p for p in CORPUS.rglob("*") if p.suffix.lower() in (".nef", ".dng"))[:2]
+    assert corpus
+    for p in corpus:
+        shutil.copy2(p, m.path / "day1" / p.name)
+    before = _tree(m.path)
+    vaultfs("snapshot", store_path, "s1")
+    shutil.rmtree(m.path / "day1")
+
+    dest = tmp_path / "restored"
+    vaultfs("restore", store_path, "s1", dest)
+    assert _tree(dest) == before
+    st = os.lstat(dest / "sidecar-link.xmp")
+    assert st.st_nlink == 2 and st.st_ino == os.lstat(dest / "day1" / "IMG_0001.xmp").st_ino
+
+    # Restoring onto it again keeps a file changed since, unless asked.
+    newer = dest / "day1" / "IMG_0001.xmp"
+    os.chmod(newer, 0o644)
+    newer.write_text("edited after the restore")
+    out = json.loads(vaultfs("restore", store_path, "s1:day1", dest / "day1", "--json").stdout)
+    assert out["skipped_newer"] == ["IMG_0001.xmp"] and not out["failed"]
+    assert newer.read_text() == "edited after the restore"
+    vaultfs("restore", store_path, "s1:day1/IMG_0001.xmp", dest / "day1", "--overwrite")
+    assert newer.read_text() == "<x:xmpmeta rating='3'/>"
+    r = vaultfs("restore", store_path, "s1:missing", dest, check=False)
+    assert r.returncode == 2 and "s1 has no missing" in r.stderr
+
+
+def test_deleting_a_snapshot_frees_what_only_it_held(make_mount, store_path):
+    m = make_mount()
+    (m.path / "a.raw").write_bytes(os.urandom(2_000_000))
+    vaultfs("snapshot", store_path, "s1")
+    (m.path / "a.raw").unlink()
+    m.stop()
+    with Store.open(store_path) as store:
+        assert store.figures()["stored_bytes"] >= 2_000_000  # the snapshot still holds it
+    out = vaultfs("snapshot", store_path, "s1", "--delete").stdout
+    assert "deleted snapshot s1" in out
+    with Store.open(store_path) as store:
+        figures = store.figures()
+    assert figures["stored_bytes"] == 0 and figures["files"] == 0 and figures["chunks"] == 0
+    m = make_mount()
+    assert os.listdir(m.path / ".vault" / "snapshots") == []
+    r = vaultfs("snapshot", store_path, "s1", "--delete", check=False)
+    assert r.returncode == 2 and "no snapshot named s1" in r.stderr

@@ -1,0 +1,131 @@
+"""The mount's control socket: commands that need the store's writer while a mount holds it.
+
+`vaultfs snapshot STORE` and its kin open the store for writing when nothing has it; while a
+mount does, they send their request here instead, and the mount runs it with its own writer.
+
+The socket lives in the user's runtime directory, named by the store's id (a Unix socket's
+path is limited to 108 bytes, a store's is not): `$XDG_RUNTIME_DIR/vaultfs/<id>.sock`, or
+`/tmp/vaultfs-<uid>/<id>.sock`, in a directory only its owner can enter. The protocol is one
+JSON object per line each way: `{"op": NAME, "args": {...}}` answered by
+`{"ok": true, "result": ...}` or `{"ok": false, "error": "one sentence"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20
+CLIENT_TIMEOUT = 3600.0  # a prune of a large store takes a while
+
+
+def socket_path(store_id: str) -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "vaultfs" if runtime else Path(f"/tmp/vaultfs-{os.getuid()}")
+    return base / f"{store_id}.sock"
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise StoreError(f"{path} is not a private directory of this user; remove it")
+
+
+async def serve(store: Store, ops: dict[str, Callable[..., Any]],
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Answer requests until cancelled. `ops` maps an op name to a blocking function called
+    as fn(store, **args) in a worker thread."""
+    path = socket_path(store.id)
+    _private_dir(path.parent)
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen()
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(path)
+            listener = trio.SocketListener(sock)
+            await trio.serve_listeners(lambda s: _session(s, store, ops), [listener],
+                                       handler_nursery=nursery)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def _session(stream: trio.SocketStream, store: Store, ops: dict) -> None:
+    """One client: requests answered in turn. A client that sends garbage gets an error
+    answer; one that goes away mid-request changes nothing the request had not committed."""
+    buf = b""
+    async with stream:
+        try:
+            while True:
+                while b"\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                    if len(buf) > MAX_LINE:
+                        await stream.send_all(_answer(False, "request too long"))
+                        return
+                line, buf = buf.split(b"\n", 1)
+                await stream.send_all(await _run(line, store, ops))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _run(line: bytes, store: Store, ops: dict) -> bytes:
+    try:
+        req = json.loads(line)
+        op, args = req["op"], req.get("args", {})
+        if op not in ops or not isinstance(args, dict):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        return _answer(False, "not a request this mount understands")
+    try:
+        result = await trio.to_thread.run_sync(lambda: ops[op](store, **args))
+    except (StoreError, TypeError, ValueError) as e:
+        return _answer(False, str(e))
+    except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+        log.exception("control request %s failed", op)
+        return _answer(False, f"{op} failed: {e}")
+    return _answer(True, result)
+
+
+def _answer(ok: bool, payload: Any) -> bytes:
+    body = {"ok": True, "result": payload} if ok else {"ok": False, "error": payload}
+    return (json.dumps(body) + "\n").encode()
+
+
+def request(store_id: str, op: str, **args: Any) -> Any:
+    """Send one request to the mount of the store with this id, and return its result."""
+    path = socket_path(store_id)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(CLIENT_TIMEOUT)
+        try:
+            s.connect(str(path))
+        except OSError as e:
+            raise StoreError(f"the store is in use, but its mount does not answer at {path} "
+                             f"({e.strerror})") from None
+        s.sendall((json.dumps({"op": op, "args": args}) + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            data = s.recv(65536)
+            if not data:
+                raise StoreError("the mount closed the control connection without answering")
+            buf += data
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise StoreError(reply.get("error", "the mount refused the request"))
+    return reply["result"]

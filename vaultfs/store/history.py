@@ -1,0 +1,240 @@
+"""Snapshots and version timelines: making, listing, measuring and pruning them.
+
+A snapshot freezes a branch's epoch (txn.Txn.snapshot): nothing is copied. Deleting one merges
+its epoch's records into the epoch after it, when only one follows, so that chains of epochs do
+not grow without end; chunks are freed by their reference counts in the same transactions, so
+space comes back as soon as nothing refers to it and a crash at any point loses nothing.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+
+from . import format as F
+from .format import from_u64, u64
+from .store import Store
+from .txn import StoreError, Txn
+
+RESERVED_NAMES = {"latest", ".", ".."}
+
+
+def check_name(name: str) -> bytes:
+    """A snapshot's name as stored; it is a directory name under .vault/snapshots."""
+    b = name.encode()
+    if not b or len(b) > 255 or "/" in name or "\0" in name or name in RESERVED_NAMES:
+        raise StoreError(f"{name!r} cannot name a snapshot (1-255 bytes, no '/', not "
+                         f"{', '.join(sorted(RESERVED_NAMES))})")
+    return b
+
+
+def create_snapshot(store: Store, name: str | None = None) -> dict:
+    """Freeze the open branch's tree. Without a name, the local time names it (sortable)."""
+    now = time.time_ns()
+    wanted = check_name(name) if name else None
+
+    def make(tx: Txn) -> tuple[bytes, int]:
+        chosen = wanted
+        if chosen is None:  # two in one second get -2, -3...
+            stamp = datetime.fromtimestamp(now / 1e9).strftime("%Y-%m-%dT%H%M%S").encode()
+            chosen, n = stamp, 1
+            while tx.snapshot_epoch(chosen) is not None:
+                n += 1
+                chosen = stamp + b"-%d" % n
+        return chosen, tx.snapshot(chosen, now)
+
+    chosen, epoch = store.write(make)
+    return {"name": chosen.decode(errors="surrogateescape"), "epoch": epoch,
+            "created_ns": now, "branch": store.branch.decode(errors="surrogateescape")}
+
+
+def list_snapshots(store: Store, sizes: bool = True) -> list[dict]:
+    """Every snapshot, oldest first, with what it holds and (with `sizes`) the stored bytes
+    only it holds: what deleting it would give back."""
+    with store.reader() as tx:
+        snaps = sorted(tx.snapshots(), key=lambda s: (s[2], s[0]))
+        out = [{"name": n.decode(errors="surrogateescape"), "epoch": e, "created_ns": c,
+                "branch": b.decode(errors="surrogateescape")} for n, e, c, b in snaps]
+        if not sizes:
+            return out
+        # Who holds each chunk: the snapshots, the branches' live trees and the timelines.
+        holders: dict[bytes, set] = defaultdict(set)
+        trees = [(info["name"], info["epoch"], info) for info in out]
+        trees += [(("branch", b), e, {}) for b, e in tx.branches()]
+        for label, epoch, info in trees:
+            info["files"] = info["logical_bytes"] = 0
+            with store.reader(epoch=epoch) as view:
+                for node in view.inodes():
+                    if stat.S_ISREG(node.mode):
+                        info["files"] += 1
+                        info["logical_bytes"] += node.size
+                        for _, chunk_id, _ in tx.extents(node.content):
+                            holders[chunk_id].add(label)
+        for _, number in tx.timelines():
+            for _, chunk_id, _ in tx.extents(number):
+                holders[chunk_id].add(("timeline",))
+        only: dict = defaultdict(int)
+        for chunk_id, who in holders.items():
+            if len(who) == 1:
+                only[next(iter(who))] += tx.chunk_record(chunk_id).stored_len
+        for info in out:
+            info["exclusive_bytes"] = only.get(info["name"], 0)
+    return out
+
+
+def tree_epoch(tx: Txn, spec: str) -> int:
+    """The epoch of a tree named on the command line: a snapshot, else a branch (whose live
+    tree it is: `main` is the live tree of a store)."""
+    epoch = tx.snapshot_epoch(spec.encode())
+    if epoch is None:
+        epoch = dict(tx.branches()).get(spec.encode())
+    if epoch is None:
+        raise StoreError(f"there is no snapshot or branch named {spec}")
+    return epoch
+
+
+def version_name(v: F.Version, file_name: bytes) -> bytes:
+    """A version's name in its timeline: the UTC time of its commit (names sort by time), then
+    the file's extension, so that programs know the type."""
+    t = datetime.fromtimestamp(v.committed_ns / 1e9, timezone.utc)
+    suffix = PurePosixPath(file_name.decode(errors="surrogateescape")).suffix
+    return t.strftime("%Y-%m-%dT%H%M%S.%fZ").encode() + suffix.encode(errors="surrogateescape")
+
+
+def file_log(store: Store, path: str) -> list[dict]:
+    """A live file's timeline, oldest first: each version with its size and the bytes it did
+    not share with the version before it."""
+    with store.reader() as tx:
+        ino = tx.resolve(path)
+        node = tx.inode(ino) if ino is not None else None
+        if node is None or not stat.S_ISREG(node.mode):
+            raise StoreError(f"{path} is not a file in the vault")
+        name = path.rstrip("/").rsplit("/", 1)[-1].encode(errors="surrogateescape")
+        out, before = [], set()
+        for v in tx.versions(ino):
+            chunks = {(off, c) for off, c, _ in tx.extents(v.version)}
+            changed = sum(n for off, c, n in tx.extents(v.version) if (off, c) not in before)
+            out.append({"version": v.version, "name": version_name(v, name).decode(
+                errors="surrogateescape"), "committed_ns": v.committed_ns, "size": v.size,
+                "mtime_ns": v.mtime_ns, "changed_bytes": changed,
+                "current": v.version == node.content})
+            before = chunks
+    return out
+
+
+def diff(store: Store, a: str, b: str) -> list[dict]:
+    """What changed from tree `a` to tree `b`: paths added, removed, modified, and renamed
+    (the same file, or the same content, under another path), sorted by path."""
+    with store.reader() as tx:
+        ea, eb = tree_epoch(tx, a), tree_epoch(tx, b)
+    old, new = _tree_files(store, ea), _tree_files(store, eb)
+    out = []
+    for path in old.keys() & new.keys():
+        x, y = old[path], new[path]
+        if stat.S_IFMT(x["mode"]) != stat.S_IFMT(y["mode"]) or x["sig"] != y["sig"]:
+            out.append({"change": "modified", "path": path, "old_size": x["size"],
+                        "size": y["size"]})
+    gone = {p: old[p] for p in old.keys() - new.keys()}
+    added = {p: new[p] for p in new.keys() - old.keys()}
+    # Renames: the same inode first, then the same content (not for empty files).
+    for key in ("ino", "sig"):
+        by_key = {}
+        for p, x in gone.items():
+            if key == "ino" or x["size"]:
+                by_key.setdefault((stat.S_IFMT(x["mode"]), x[key]), p)
+        for p, y in list(added.items()):
+            src = by_key.pop((stat.S_IFMT(y["mode"]), y[key]), None)
+            if src is not None and src in gone:
+                del gone[src], added[p]
+                out.append({"change": "renamed", "from": src, "path": p,
+                            "old_size": old[src]["size"], "size": y["size"]})
+    out += [{"change": "removed", "path": p, "old_size": x["size"]} for p, x in gone.items()]
+    out += [{"change": "added", "path": p, "size": y["size"]} for p, y in added.items()]
+    return sorted(out, key=lambda c: c["path"])
+
+
+def _tree_files(store: Store, epoch: int) -> dict[str, dict]:
+    """path -> what a diff compares, for everything in a tree."""
+    out = {}
+    with store.reader(epoch=epoch) as tx:
+        for path, node in tx.walk():
+            if stat.S_ISDIR(node.mode):
+                sig = None
+            elif stat.S_ISREG(node.mode):
+                sig = (node.size, tuple((o, c) for o, c, _ in tx.extents(node.content)))
+            else:
+                sig = (node.target, node.rdev)
+            out[path.decode(errors="surrogateescape")] = {
+                "ino": node.ino, "mode": node.mode, "size": node.size, "sig": sig}
+    return out
+
+
+def delete_snapshot(store: Store, name: str) -> dict:
+    """Forget a snapshot. Its epoch merges into the one after it when exactly one follows; what
+    nothing else holds any more is freed in the same transaction."""
+    key = name.encode()
+
+    def delete(tx: Txn) -> dict:
+        epoch = tx.snapshot_epoch(key)
+        if epoch is None:
+            raise StoreError(f"there is no snapshot named {name}")
+        before = tx.counter(F.STAT_STORED)
+        tx.txn.delete(key, db=tx.dbs[F.DB_SNAPSHOTS])
+        collapse(tx, epoch)
+        return {"name": name, "freed_bytes": before - tx.counter(F.STAT_STORED)}
+
+    return store.write(delete)
+
+
+def collapse(tx: Txn, epoch: int) -> bool:
+    """Merge an epoch that no snapshot and no branch names into its only child, if it has
+    exactly one: the child's records win, the epoch's others move to the child. The trees seen
+    from every remaining snapshot and branch stay exactly as they were."""
+    if epoch in {e for _, e in tx.branches()} | {e for _, e, _, _ in tx.snapshots()}:
+        return False
+    children = [c for c, parent in _epochs(tx).items() if parent == epoch]
+    if len(children) != 1:
+        return False
+    child = children[0]
+    gone: dict[int, bool] = {}  # inodes whose record at `epoch` was dropped -> a file?
+    for db in F.VERSIONED_DBS:
+        moved = []
+        with tx.txn.cursor(db=tx.dbs[db]) as c:
+            for k, v in c:
+                if F.epoch_of(k) == epoch:
+                    moved.append((bytes(k), bytes(v)))
+        for k, v in moved:
+            tx.txn.delete(k, db=tx.dbs[db])
+            base = k[:-8]
+            if not tx.txn.get(F.vkey(base, child), db=tx.dbs[db]):
+                tx.txn.put(F.vkey(base, child), v, db=tx.dbs[db])
+            elif db == F.DB_INODES and v[:1] == F.PRESENT:
+                node = F.Inode.unpack(from_u64(base), v[1:])
+                gone[node.ino] = stat.S_ISREG(node.mode)
+    parent, created = F.EPOCH_REC.unpack(tx.txn.get(u64(epoch), db=tx.dbs[F.DB_EPOCHS]))
+    _, child_created = F.EPOCH_REC.unpack(tx.txn.get(u64(child), db=tx.dbs[F.DB_EPOCHS]))
+    tx.txn.put(u64(child), F.EPOCH_REC.pack(parent, child_created), db=tx.dbs[F.DB_EPOCHS])
+    tx.txn.delete(u64(epoch), db=tx.dbs[F.DB_EPOCHS])
+    tx.bump(F.META_EPOCH_GEN, 1)
+    for ino, is_file in gone.items():
+        if not tx.inode_epochs(ino):  # no epoch holds it any more: nor does its timeline
+            for v in list(tx.versions(ino)):
+                tx.drop_version(v, ino)
+            if is_file:
+                tx.bump(F.STAT_FILES, -1)
+    return True
+
+
+def _epochs(tx: Txn) -> dict[int, int]:
+    with tx.txn.cursor(db=tx.dbs[F.DB_EPOCHS]) as c:
+        return {from_u64(k): F.EPOCH_REC.unpack(v)[0] for k, v in c}
+
+
+# What a mount's control socket runs for the command line (fs/control.py).
+OPERATIONS = {
+    "snapshot": create_snapshot,
+    "delete-snapshot": delete_snapshot,
+}

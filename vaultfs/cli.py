@@ -59,18 +59,20 @@ def cmd_mount(args) -> int:
 
     if args.foreground:
         _log_to(store_path, also_stderr=True, debug=args.debug)
-        with Store.open(store_path, writable=True) as store:
+        with Store.open(store_path, writable=True, branch=args.branch.encode()) as store:
             fsmount.run(store, mountpoint, allow_other="allow_other" in options,
                         vault_visible="vault_visible" in options)
         return 0
 
-    Store.open(store_path).close()  # a clear error now, not in a daemon's log
+    Store.open(store_path, branch=args.branch.encode()).close()  # a clear error now
     log_file = store_path / "vaultfs.log"
     start = log_file.stat().st_size if log_file.exists() else 0
     cmd = [sys.executable, "-m", "vaultfs", "mount", "--foreground", str(store_path),
            str(mountpoint)]
     if options:
         cmd += ["-o", ",".join(sorted(options))]
+    if args.branch != "main":
+        cmd += ["--branch", args.branch]
     if args.debug:
         cmd.append("--debug")
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
@@ -159,7 +161,7 @@ def cmd_snapshot(args) -> int:
         result = _admin(args.store, "delete-snapshot", name=args.name)
         print(f"deleted snapshot {result['name']}, freed {_size(result['freed_bytes'])}")
         return 0
-    result = _admin(args.store, "snapshot", name=args.name)
+    result = _admin(args.store, "snapshot", name=args.name, branch=args.branch)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -221,6 +223,70 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_branch(args) -> int:
+    if args.delete:
+        result = _admin(args.store, "delete-branch", name=args.name)
+        print(f"deleted branch {result['name']}, freed {_size(result['freed_bytes'])}")
+        return 0
+    result = _admin(args.store, "branch", name=args.name, source=args.source)
+    print(f"branch {result['name']} from {result['from']}")
+    return 0
+
+
+def cmd_branches(args) -> int:
+    from .store import branches
+
+    with Store.open(args.store) as store:
+        listed = branches.list_branches(store)
+    if args.json:
+        print(json.dumps(listed, indent=2, sort_keys=True))
+        return 0
+    _table([("NAME", "FILES")] + [(b["name"], f"{b['files']:,}") for b in listed])
+    return 0
+
+
+def cmd_merge(args) -> int:
+    report = _admin(args.store, "merge", source=args.source, into=args.into)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    print(f"merged {args.source} into {args.into}: {len(report['applied'])} changes applied")
+    for c in report["conflicts"]:
+        print(f"conflict: {c['path']} changed on both; {args.source}'s version kept as "
+              f"{c['kept_as']}")
+    for p in report["kept"]:
+        print(f"kept {p}: deleted on {args.source} but changed on {args.into}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    keep = {rule: getattr(args, f"keep_{rule}") for rule in ("last", "hourly", "daily",
+                                                              "weekly", "monthly", "yearly")}
+    report = _admin(args.store, "prune", keep=keep, versions=args.versions,
+                    prefix=args.prefix, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for name in report["snapshots_removed"]:
+        print(f"{verb} snapshot {name}")
+    if args.versions:
+        print(f"{verb} {report['versions_removed']:,} file versions")
+    if not args.dry_run:
+        print(f"freed {_size(report['freed_bytes'])}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    report = _admin(args.store, "gc")
+    print(f"merged {report['epochs_merged']} epochs, dropped {report['tombstones_dropped']} "
+          f"tombstones, freed {report['files_freed']} files")
+    if args.compact:
+        before, after = Store.compact(args.store)
+        print(f"compacted the database: {_size(before)} -> {_size(after)}")
+    return 0
+
+
 def cmd_restore(args) -> int:
     from tqdm import tqdm
 
@@ -248,7 +314,7 @@ def cmd_restore(args) -> int:
 def _admin(store_path: str, op: str, **args):
     """Run a command that changes the store: here, or by the mount that holds the store."""
     from .fs import control
-    from .store import StoreBusy, history
+    from .store import StoreBusy, admin
 
     try:
         store = Store.open(store_path, writable=True)
@@ -257,7 +323,7 @@ def _admin(store_path: str, op: str, **args):
             store_id = store.id
         return control.request(store_id, op, **args)
     with store:
-        return history.OPERATIONS[op](store, **args)
+        return admin.OPERATIONS[op](store, **args)
 
 
 def _when(ns: int) -> str:
@@ -321,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", nargs="?")
     s.add_argument("mountpoint", nargs="?")
     s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    s.add_argument("--branch", default="main", help="the branch to mount (default: main)")
     s.add_argument("-o", dest="options", action="append", default=[],
                    help="allow_other, vault_visible")
     s.add_argument("--debug", action="store_true", help="log every detail")
@@ -344,8 +411,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store")
     s.add_argument("name", nargs="?", help="default: the local date and time")
     s.add_argument("--delete", action="store_true", help="delete the named snapshot")
+    s.add_argument("--branch", help="the branch to freeze (default: main, or the mounted one)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_snapshot)
+
+    s = sub.add_parser("branch", help="a writable line of history from a snapshot or branch")
+    s.add_argument("store")
+    s.add_argument("name")
+    s.add_argument("--from", dest="source", help="a snapshot or branch (default: main now)")
+    s.add_argument("--delete", action="store_true", help="delete the named branch")
+    s.set_defaults(fn=cmd_branch)
+
+    s = sub.add_parser("branches", help="list branches")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_branches)
+
+    s = sub.add_parser("merge", help="apply what changed on FROM since it diverged to INTO")
+    s.add_argument("store")
+    s.add_argument("source", metavar="FROM")
+    s.add_argument("into", metavar="INTO")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("snapshots", help="list snapshots with what each holds")
     s.add_argument("store")
@@ -365,6 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stat", action="store_true", help="with sizes")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_diff)
+
+    s = sub.add_parser("prune", help="forget snapshots (and versions) by keep rules")
+    s.add_argument("store")
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        s.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    s.add_argument("--versions", action="store_true",
+                   help="apply the rules to each file's timeline too")
+    s.add_argument("--prefix", default="", help="only snapshots whose names start so")
+    s.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_prune)
+
+    s = sub.add_parser("gc", help="merge what snapshots no longer need; --compact the file")
+    s.add_argument("store")
+    s.add_argument("--compact", action="store_true",
+                   help="give freed space back to the disk (only while not mounted)")
+    s.set_defaults(fn=cmd_gc)
 
     s = sub.add_parser("restore", help="write files of a snapshot out to a folder")
     s.add_argument("store")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from ..store import Store, history
+from ..store import Store, admin
 from . import control
 from .operations import VaultOperations
 
@@ -62,6 +62,7 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
         vault_visible: bool = False) -> None:
     """Serve the mount until it is unmounted or the process gets SIGTERM/SIGINT."""
     ops = VaultOperations(store, vault_visible=vault_visible)
+    store.mounted = True
     logging.getLogger("pyfuse3").addFilter(_dropped_replies)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {f"fsname={store.path}", "subtype=vaultfs", "noatime"}
@@ -86,7 +87,7 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                 nursery.start_soon(on_signal)
                 ops.nursery = nursery
                 nursery.start_soon(_raise_read_ahead, mountpoint)
-                await nursery.start(control.serve, store, history.OPERATIONS)
+                await nursery.start(control.serve, store, admin.OPERATIONS)
                 await pyfuse3.main()
                 await ops.shutdown()
                 nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 from . import format as F
+from . import gc
 from .format import from_u64, u64
 from .store import Store
 from .txn import StoreError, Txn
@@ -31,12 +32,15 @@ def check_name(name: str) -> bytes:
     return b
 
 
-def create_snapshot(store: Store, name: str | None = None) -> dict:
-    """Freeze the open branch's tree. Without a name, the local time names it (sortable)."""
+def create_snapshot(store: Store, name: str | None = None, branch: str | None = None) -> dict:
+    """Freeze a branch's tree (default: the open one's). Without a name, the local time names
+    it (sortable)."""
     now = time.time_ns()
     wanted = check_name(name) if name else None
+    on = branch.encode() if branch else store.branch
 
     def make(tx: Txn) -> tuple[bytes, int]:
+        tx = Txn(tx.txn, tx.dbs, branch=on, write=True)
         chosen = wanted
         if chosen is None:  # two in one second get -2, -3...
             stamp = datetime.fromtimestamp(now / 1e9).strftime("%Y-%m-%dT%H%M%S").encode()
@@ -48,7 +52,7 @@ def create_snapshot(store: Store, name: str | None = None) -> dict:
 
     chosen, epoch = store.write(make)
     return {"name": chosen.decode(errors="surrogateescape"), "epoch": epoch,
-            "created_ns": now, "branch": store.branch.decode(errors="surrogateescape")}
+            "created_ns": now, "branch": on.decode(errors="surrogateescape")}
 
 
 def list_snapshots(store: Store, sizes: bool = True) -> list[dict]:
@@ -130,7 +134,7 @@ def diff(store: Store, a: str, b: str) -> list[dict]:
     (the same file, or the same content, under another path), sorted by path."""
     with store.reader() as tx:
         ea, eb = tree_epoch(tx, a), tree_epoch(tx, b)
-    old, new = _tree_files(store, ea), _tree_files(store, eb)
+    old, new = tree_files(store, ea), tree_files(store, eb)
     out = []
     for path in old.keys() & new.keys():
         x, y = old[path], new[path]
@@ -156,7 +160,7 @@ def diff(store: Store, a: str, b: str) -> list[dict]:
     return sorted(out, key=lambda c: c["path"])
 
 
-def _tree_files(store: Store, epoch: int) -> dict[str, dict]:
+def tree_files(store: Store, epoch: int) -> dict[str, dict]:
     """path -> what a diff compares, for everything in a tree."""
     out = {}
     with store.reader(epoch=epoch) as tx:
@@ -183,58 +187,84 @@ def delete_snapshot(store: Store, name: str) -> dict:
             raise StoreError(f"there is no snapshot named {name}")
         before = tx.counter(F.STAT_STORED)
         tx.txn.delete(key, db=tx.dbs[F.DB_SNAPSHOTS])
-        collapse(tx, epoch)
+        gc.collapse(tx)
         return {"name": name, "freed_bytes": before - tx.counter(F.STAT_STORED)}
 
     return store.write(delete)
 
 
-def collapse(tx: Txn, epoch: int) -> bool:
-    """Merge an epoch that no snapshot and no branch names into its only child, if it has
-    exactly one: the child's records win, the epoch's others move to the child. The trees seen
-    from every remaining snapshot and branch stay exactly as they were."""
-    if epoch in {e for _, e in tx.branches()} | {e for _, e, _, _ in tx.snapshots()}:
-        return False
-    children = [c for c, parent in _epochs(tx).items() if parent == epoch]
-    if len(children) != 1:
-        return False
-    child = children[0]
-    gone: dict[int, bool] = {}  # inodes whose record at `epoch` was dropped -> a file?
-    for db in F.VERSIONED_DBS:
-        moved = []
-        with tx.txn.cursor(db=tx.dbs[db]) as c:
-            for k, v in c:
-                if F.epoch_of(k) == epoch:
-                    moved.append((bytes(k), bytes(v)))
-        for k, v in moved:
-            tx.txn.delete(k, db=tx.dbs[db])
-            base = k[:-8]
-            if not tx.txn.get(F.vkey(base, child), db=tx.dbs[db]):
-                tx.txn.put(F.vkey(base, child), v, db=tx.dbs[db])
-            elif db == F.DB_INODES and v[:1] == F.PRESENT:
-                node = F.Inode.unpack(from_u64(base), v[1:])
-                gone[node.ino] = stat.S_ISREG(node.mode)
-    parent, created = F.EPOCH_REC.unpack(tx.txn.get(u64(epoch), db=tx.dbs[F.DB_EPOCHS]))
-    _, child_created = F.EPOCH_REC.unpack(tx.txn.get(u64(child), db=tx.dbs[F.DB_EPOCHS]))
-    tx.txn.put(u64(child), F.EPOCH_REC.pack(parent, child_created), db=tx.dbs[F.DB_EPOCHS])
-    tx.txn.delete(u64(epoch), db=tx.dbs[F.DB_EPOCHS])
-    tx.bump(F.META_EPOCH_GEN, 1)
-    for ino, is_file in gone.items():
-        if not tx.inode_epochs(ino):  # no epoch holds it any more: nor does its timeline
-            for v in list(tx.versions(ino)):
-                tx.drop_version(v, ino)
-            if is_file:
-                tx.bump(F.STAT_FILES, -1)
-    return True
+# ---- retention -----------------------------------------------------------------------------
+# How `--keep-hourly 24` reads, as in restic and borg: the newest item of each of the 24 most
+# recent hours that have one. Buckets are in local time.
+BUCKETS = {"hourly": "%Y-%m-%d %H", "daily": "%Y-%m-%d", "weekly": "%G-%V", "monthly": "%Y-%m",
+           "yearly": "%Y"}
+RULES = ("last", *BUCKETS)
 
 
-def _epochs(tx: Txn) -> dict[int, int]:
-    with tx.txn.cursor(db=tx.dbs[F.DB_EPOCHS]) as c:
-        return {from_u64(k): F.EPOCH_REC.unpack(v)[0] for k, v in c}
+def retained(items: list[tuple[object, int]], rules: dict[str, int]) -> set:
+    """The keys of `items` ((key, time ns) pairs) that the keep rules keep."""
+    order = sorted(items, key=lambda i: i[1], reverse=True)
+    kept = {k for k, _ in order[:rules.get("last", 0)]}
+    for rule, fmt in BUCKETS.items():
+        seen: set[str] = set()
+        for k, t in order:
+            if len(seen) >= rules.get(rule, 0):
+                break
+            bucket = time.strftime(fmt, time.localtime(t / 1e9))
+            if bucket not in seen:
+                seen.add(bucket)
+                kept.add(k)
+    return kept
 
 
-# What a mount's control socket runs for the command line (fs/control.py).
-OPERATIONS = {
-    "snapshot": create_snapshot,
-    "delete-snapshot": delete_snapshot,
-}
+def prune(store: Store, *, keep: dict[str, int], versions: bool = False, prefix: str = "",
+          dry_run: bool = False) -> dict:
+    """Forget the snapshots (whose names start with `prefix`) and, with `versions`, the file
+    versions that the keep rules do not keep, and give back the space nothing else holds. A
+    file's current version and versions a snapshot holds are never removed here. Each branch
+    and each file's timeline is judged on its own."""
+    keep = {k: int(v) for k, v in keep.items() if v}
+    if not keep or not set(keep) <= set(RULES):
+        raise StoreError("give at least one keep rule: " + ", ".join(f"--keep-{r}" for r in RULES))
+    with store.reader() as tx:
+        by_branch: dict[bytes, list] = defaultdict(list)
+        for name, _, created, branch in tx.snapshots():
+            if name.decode(errors="surrogateescape").startswith(prefix):
+                by_branch[branch].append((name, created))
+        forget = [n for snaps in by_branch.values() for n, _ in snaps
+                  if n not in retained(snaps, keep)]
+        drop: list[tuple[int, F.Version]] = []
+        if versions:
+            timeline: dict[int, list[F.Version]] = defaultdict(list)
+            for ino, number in tx.timelines():
+                timeline[ino].append(tx.version(number))
+            for ino, vs in timeline.items():
+                free = [v for v in vs if not tx.holds(v)]
+                kept = retained([(v.version, v.committed_ns) for v in free], keep)
+                drop += [(ino, v) for v in free if v.version not in kept]
+    report = {"snapshots_removed": sorted(n.decode(errors="surrogateescape") for n in forget),
+              "versions_removed": len(drop), "freed_bytes": 0, "dry_run": dry_run}
+    if dry_run:
+        return report
+    before = store.figures()["stored_bytes"]
+
+    def forget_snapshots(tx: Txn) -> None:
+        for name in forget:
+            tx.txn.delete(name, db=tx.dbs[F.DB_SNAPSHOTS])
+        gc.collapse(tx)
+
+    store.write(forget_snapshots)
+    for i in range(0, len(drop), 500):  # in pieces, so that a mount's writes go on between
+        def drop_versions(tx: Txn, batch=drop[i:i + 500]) -> None:
+            for ino, v in batch:
+                if tx.on_timeline(ino, v.version):
+                    tx.drop_version(v, ino)
+        store.write(drop_versions)
+    report["freed_bytes"] = before - store.figures()["stored_bytes"]
+    return report
+
+
+def collect(store: Store) -> dict:
+    """Merge the epochs nothing names any more and drop tombstones that hide nothing (see
+    gc.py); chunks were freed already, when their last reference went."""
+    return store.write(gc.collapse)

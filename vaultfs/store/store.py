@@ -25,6 +25,7 @@ from pathlib import Path
 import lmdb
 
 from . import format as F
+from . import gc
 from .txn import StoreError, Txn
 from .writer import Writer
 
@@ -47,6 +48,7 @@ class Store:
         self.env = env
         self.dbs = dbs
         self.branch = branch  # the line of history that reads and writes go to
+        self.mounted = False  # set by the mount serving this store's open branch
         self._lock_fd = lock_fd
         self._ancestry: dict = {}  # (epoch generation, epoch) -> visible epochs
         self.writer = Writer(env, self._write_txn) if lock_fd is not None else None
@@ -125,8 +127,7 @@ class Store:
         """Open a store. A writable open takes the store's lock (one mount at a time) and
         recovers what a crash left behind; a read-only open works beside a running mount."""
         p = Path(path).expanduser()
-        if not (p / "vault.toml").is_file() or not (p / "lmdb" / "data.mdb").is_file():
-            raise StoreError(f"{p} is not a vaultfs store (create one with `vaultfs init {p}`)")
+        _check_store(p)
         try:
             version = tomllib.loads((p / "vault.toml").read_text()).get("format_version")
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -144,6 +145,8 @@ class Store:
                              f"this vaultfs reads format {F.FORMAT_VERSION}")
         lock_fd = _take_lock(p) if writable else None
         try:
+            if writable:
+                gc.recover_compaction(p)
             env = _open_env(p, writable=writable)
             dbs = _open_dbs(env, create=False)
         except BaseException:
@@ -166,6 +169,18 @@ class Store:
             store.close()
             raise
         return store
+
+    @staticmethod
+    def compact(path: str | os.PathLike) -> tuple[int, int]:
+        """Rewrite an unmounted store's LMDB file without its free pages (gc.compact)."""
+        p = Path(path).expanduser()
+        _check_store(p)
+        lock_fd = _take_lock(p)
+        try:
+            gc.recover_compaction(p)
+            return gc.compact(p)
+        finally:
+            os.close(lock_fd)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -249,6 +264,12 @@ class Store:
             "free_bytes": st.f_bavail * st.f_frsize,
             "disk_bytes": st.f_blocks * st.f_frsize,
         }
+
+
+def _check_store(p: Path) -> None:
+    has_db = (p / "lmdb" / "data.mdb").is_file() or (p / "lmdb.old" / "data.mdb").is_file()
+    if not (p / "vault.toml").is_file() or not has_db:  # (lmdb.old: a compaction was cut)
+        raise StoreError(f"{p} is not a vaultfs store (create one with `vaultfs init {p}`)")
 
 
 def _open_env(p: Path, writable: bool) -> lmdb.Environment:

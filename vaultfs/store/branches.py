@@ -1,0 +1,216 @@
+"""Branches: writable lines of history sharing every chunk, and merging one into another.
+
+A branch is a name for the epoch it writes in (txn.Txn.epoch). Making one costs two epoch
+records whatever the tree's size: from a snapshot, a new child of its epoch; from a branch, that
+branch's epoch is frozen and both go on in children of it.
+
+A merge applies what changed on FROM since the two diverged (their newest common epoch) to
+INTO, path by path. A path only FROM changed takes FROM's state; a path both changed keeps
+INTO's, and FROM's goes beside it under a conflict name; nothing is lost either way. Files are
+copied by reference: a new version sharing the same chunks.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+import time
+from datetime import datetime
+
+from . import format as F
+from . import gc
+from .history import check_name, tree_files
+from .store import Store
+from .txn import StoreError, Txn
+
+
+def create_branch(store: Store, name: str, source: str | None = None) -> dict:
+    """A new branch from a snapshot or a branch (default: the open branch's tree now)."""
+    key = check_name(name)
+    now = time.time_ns()
+
+    def make(tx: Txn) -> int:
+        if dict(tx.branches()).get(key) is not None:
+            raise StoreError(f"a branch named {name} exists")
+        src = (source or store.branch.decode()).encode()
+        epoch = tx.snapshot_epoch(src)
+        if epoch is None:
+            parent = dict(tx.branches()).get(src)
+            if parent is None:
+                raise StoreError(f"there is no snapshot or branch named {src.decode()}")
+            # The source branch's tree is frozen here and goes on in a child, like ours.
+            tx.txn.put(src, F.u64(tx.new_epoch(parent, now)), db=tx.dbs[F.DB_BRANCHES])
+            epoch = parent
+        tx.txn.put(key, F.u64(tx.new_epoch(epoch, now)), db=tx.dbs[F.DB_BRANCHES])
+        return epoch
+
+    base = store.write(make)
+    return {"name": name, "from": source or store.branch.decode(), "base_epoch": base}
+
+
+def list_branches(store: Store) -> list[dict]:
+    out = []
+    with store.reader() as tx:
+        for name, epoch in tx.branches():
+            with store.reader(epoch=epoch) as view:
+                files = sum(1 for n in view.inodes() if stat.S_ISREG(n.mode))
+            out.append({"name": name.decode(errors="surrogateescape"), "epoch": epoch,
+                        "files": files, "open": name == store.branch})
+    return out
+
+
+def delete_branch(store: Store, name: str) -> dict:
+    """Forget a branch; what only it held is freed (gc.collapse drops its epochs)."""
+    key = name.encode()
+    if key == F.MAIN_BRANCH:
+        raise StoreError("the main branch cannot be deleted")
+    if key == store.branch:
+        raise StoreError(f"branch {name} is the one open (mounted); unmount it first")
+
+    def delete(tx: Txn) -> dict:
+        if not tx.txn.delete(key, db=tx.dbs[F.DB_BRANCHES]):
+            raise StoreError(f"there is no branch named {name}")
+        before = tx.counter(F.STAT_STORED)
+        gc.collapse(tx)
+        return {"name": name, "freed_bytes": before - tx.counter(F.STAT_STORED)}
+
+    return store.write(delete)
+
+
+def merge(store: Store, source: str, into: str) -> dict:
+    """Apply to branch `into` what changed on `source` (a branch or snapshot) since they
+    diverged. Returns the paths applied and the conflicts with the names they were kept under."""
+    if into.encode() == store.branch and getattr(store, "mounted", False):
+        raise StoreError(f"branch {into} is mounted: merge into it after unmounting, or merge "
+                         f"into another branch")
+    with store.reader() as tx:
+        src = tx.snapshot_epoch(source.encode()) or dict(tx.branches()).get(source.encode())
+        dst = dict(tx.branches()).get(into.encode())
+        if src is None:
+            raise StoreError(f"there is no snapshot or branch named {source}")
+        if dst is None:
+            raise StoreError(f"there is no branch named {into}")
+        theirs = set(tx.ancestors(dst))
+        base = next(e for e in tx.ancestors(src) if e in theirs)
+    old, new, mine = (tree_files(store, e) for e in (base, src, dst))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    report = {"applied": [], "conflicts": [], "kept": []}
+    todo: list[tuple[str, str | None]] = []  # (path in INTO, path in SOURCE or None: delete)
+    for path in sorted(old.keys() | new.keys()):
+        was, now_, here = old.get(path), new.get(path), mine.get(path)
+        if _same(was, now_) or _same(here, now_):
+            continue  # unchanged on SOURCE, or INTO made the same change
+        if _same(here, was):
+            todo.append((path, path if now_ is not None else None))
+            report["applied"].append(path)
+        elif now_ is None:
+            report["kept"].append(path)  # deleted on SOURCE, changed on INTO: INTO's stays
+        elif stat.S_ISDIR(now_["mode"]):
+            continue  # a folder both sides touched: its contents are judged one by one
+        else:
+            stem, ext = posixpath.splitext(path)
+            kept_as = f"{stem}.conflict-{source}-{stamp}{ext}"
+            todo.append((kept_as, path))
+            report["conflicts"].append({"path": path, "kept_as": kept_as})
+
+    def apply(tx: Txn) -> None:
+        dtx = Txn(tx.txn, tx.dbs, branch=into.encode(), write=True)
+        stx = Txn(tx.txn, tx.dbs, epoch=src)
+        now = time.time_ns()
+        # Deletions deepest first (a folder empties before it goes), then additions in order.
+        for path, _ in sorted((t for t in todo if t[1] is None), key=lambda t: t[0],
+                              reverse=True):
+            _remove(dtx, path, now)
+        for path, from_path in todo:
+            if from_path is not None:
+                _put(dtx, stx, path, stx.inode(stx.resolve(from_path)), now)
+
+    store.write(apply)
+    return report
+
+
+def _same(a: dict | None, b: dict | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return stat.S_IFMT(a["mode"]) == stat.S_IFMT(b["mode"]) and a["sig"] == b["sig"] and \
+        (stat.S_ISDIR(a["mode"]) or a["mode"] == b["mode"])
+
+
+def _split(path: str) -> tuple[str, bytes]:
+    parent, name = posixpath.split(path)
+    return parent, name.encode(errors="surrogateescape")
+
+
+def _remove(tx: Txn, path: str, now: int) -> None:
+    parent_path, name = _split(path)
+    parent = tx.resolve(parent_path)
+    ino = tx.lookup(parent, name) if parent is not None else None
+    node = tx.inode(ino) if ino is not None else None
+    if node is None or (stat.S_ISDIR(node.mode) and tx.has_entries(ino)):
+        return  # gone already, or a folder INTO still uses
+    tx.remove_entry(parent, name)
+    p = tx.inode(parent)
+    if stat.S_ISDIR(node.mode):
+        p.nlink -= 1
+        node.nlink = 0
+    else:
+        node.nlink -= 1
+    p.mtime_ns = p.ctime_ns = now
+    tx.put_inode(p)
+    tx.put_inode(node)
+    if node.nlink == 0:
+        tx.delete_inode(node)
+
+
+def _put(tx: Txn, stx: Txn, path: str, src: F.Inode, now: int) -> None:
+    """Make `path` in INTO hold what `src` (an inode of SOURCE) holds."""
+    parent_path, name = _split(path)
+    parent = _make_dirs(tx, stx, parent_path, now)
+    ino = tx.lookup(parent, name)
+    node = tx.inode(ino) if ino is not None else None
+    if stat.S_ISDIR(src.mode):
+        if node is None:
+            _new_node(tx, stx, parent, name, src, now)
+        return
+    if node is not None and (not stat.S_ISREG(node.mode) or not stat.S_ISREG(src.mode)):
+        _remove(tx, path, now)
+        node = None
+    if node is None:
+        node = _new_node(tx, stx, parent, name, src, now)
+    if stat.S_ISREG(src.mode):
+        extents = list(stx.extents(src.content))
+        for _, chunk_id, _ in extents:
+            tx.incref(chunk_id)  # the copy's own references: same chunks, no bytes copied
+        tx.new_version(node, extents, src.size, src.mtime_ns, now)
+        node.mode, node.mtime_ns, node.ctime_ns = src.mode, src.mtime_ns, now
+        tx.put_inode(node)
+
+
+def _make_dirs(tx: Txn, stx: Txn, path: str, now: int) -> int:
+    ino = F.ROOT_INO
+    walked = ""
+    for part in filter(None, path.split("/")):
+        walked = posixpath.join(walked, part)
+        name = part.encode(errors="surrogateescape")
+        child = tx.lookup(ino, name)
+        if child is None:
+            src = stx.inode(stx.resolve(walked))
+            child = _new_node(tx, stx, ino, name, src, now).ino
+        ino = child
+    return ino
+
+
+def _new_node(tx: Txn, stx: Txn, parent: int, name: bytes, src: F.Inode, now: int) -> F.Inode:
+    node = tx.new_inode(src.mode, src.uid, src.gid, now, src.rdev, src.target)
+    node.atime_ns, node.mtime_ns = src.atime_ns, src.mtime_ns
+    node.nlink = 2 if stat.S_ISDIR(src.mode) else 1
+    tx.put_inode(node)
+    for key, value in stx.xattrs(src.ino):
+        tx.set_xattr(node.ino, key, value)
+    tx.add_entry(parent, name, node.ino)
+    p = tx.inode(parent)
+    if stat.S_ISDIR(src.mode):
+        p.nlink += 1
+    p.mtime_ns = p.ctime_ns = now
+    tx.put_inode(p)
+    return node

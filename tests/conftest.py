@@ -40,8 +40,9 @@ def assert_clean(store_path: Path) -> None:
 class Mount:
     """A vault mounted by a foreground daemon in its own process."""
 
-    def __init__(self, store: Path, mountpoint: Path, options: tuple[str, ...] = ()):
-        self.store, self.path, self.options = store, mountpoint, options
+    def __init__(self, store: Path, mountpoint: Path, options: tuple[str, ...] = (),
+                 branch: str = "main"):
+        self.store, self.path, self.options, self.branch = store, mountpoint, options, branch
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Mount":
@@ -49,6 +50,7 @@ class Mount:
                str(self.path)]
         if self.options:
             cmd += ["-o", ",".join(self.options)]
+        cmd += ["--branch", self.branch]
         # The daemon's stderr goes to a file: a pipe read only at the end could fill and
         # block the daemon.
         self.log = self.path.parent / f"{self.path.name}.daemon.log"
@@ -102,10 +104,10 @@ def make_mount(tmp_path: Path, store_path: Path):
     """Mount factory: make_mount(*options) -> Mount, unmounted and verified at the end."""
     mounts: list[Mount] = []
 
-    def make(*options: str, store: Path = store_path) -> Mount:
+    def make(*options: str, store: Path = store_path, branch: str = "main") -> Mount:
         mp = tmp_path / f"mnt{len(mounts)}"
         mp.mkdir(exist_ok=True)
-        m = Mount(store, mp, options)
+        m = Mount(store, mp, options, branch)
         mounts.append(m)
         return m.start()
 

@@ -238,10 +238,9 @@ def prune(store: Store, *, keep: dict[str, int], versions: bool = False, prefix:
             timeline: dict[int, list[F.Version]] = defaultdict(list)
             for ino, number in tx.timelines():
                 timeline[ino].append(tx.version(number))
-            for ino, vs in timeline.items():
-                free = [v for v in vs if not tx.holds(v)]
-                kept = retained([(v.version, v.committed_ns) for v in free], keep)
-                drop += [(ino, v) for v in free if v.version not in kept]
+            for ino, vs in timeline.items():  # held versions count, but always stay
+                kept = retained([(v.version, v.committed_ns) for v in vs], keep)
+                drop += [(ino, v) for v in vs if v.version not in kept and not tx.holds(v)]
     report = {"snapshots_removed": sorted(n.decode(errors="surrogateescape") for n in forget),
               "versions_removed": len(drop), "freed_bytes": 0, "dry_run": dry_run}
     if dry_run:

@@ -37,6 +37,20 @@ def assert_clean(store_path: Path) -> None:
     assert report.ok, report.as_dict()
 
 
+def set_policy(store_path: Path, section: str, **values: str) -> None:
+    """Change keys of one [section] of vault.toml, as a user would edit the file."""
+    toml = store_path / "vault.toml"
+    out, current = [], None
+    for line in toml.read_text().splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        key = line.split(" = ")[0]
+        if current == section and key in values:
+            line = f"{key} = {values[key]}"
+        out.append(line)
+    toml.write_text("\n".join(out) + "\n")
+
+
 class Mount:
     """A vault mounted by a foreground daemon in its own process."""
 
@@ -95,6 +109,7 @@ class Mount:
 def store_path(tmp_path: Path) -> Path:
     path = tmp_path / "store"
     Store.init(path)
+    set_policy(path, "snapshots", every_minutes="0", at_unmount="false")  # tests take their own snapshots
     yield path
     assert_clean(path)
 

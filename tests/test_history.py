@@ -14,7 +14,7 @@ import time
 import lmdb
 import pytest
 
-from conftest import CORPUS, assert_clean, needs_fuse, vaultfs
+from conftest import CORPUS, assert_clean, needs_fuse, set_policy, vaultfs
 from vaultfs.store import Store
 from vaultfs.store import format as F
 
@@ -359,3 +359,45 @@ def test_kill_9_during_prune_loses_nothing_still_referenced(make_mount, store_pa
             assert hashlib.sha256(got).digest() == hashlib.sha256(body(i)).digest()
         m.stop()
     assert killed >= 2  # prunes were cut short
+
+
+def test_policy_takes_and_prunes_automatic_snapshots(make_mount, store_path):
+    set_policy(store_path, "snapshots", every_minutes="0.02", at_unmount="true", keep_last="2",
+               keep_hourly="0", keep_daily="0", keep_weekly="0", keep_monthly="0")
+    vaultfs("snapshot", store_path, "by-hand")
+    m = make_mount()
+    snaps = m.path / ".vault" / "snapshots"
+
+    def auto() -> list[str]:
+        return sorted(n for n in os.listdir(snaps) if n.startswith("auto-"))
+
+    seen: set[str] = set()
+    for i in range(4):  # files arrive; snapshots follow every ~1.2 s
+        (m.path / f"frame{i}.raw").write_bytes(os.urandom(10_000))
+        deadline = time.monotonic() + 30
+        while not (set(auto()) - seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        new = set(auto()) - seen
+        assert new, "no automatic snapshot within 30 s"
+        seen |= new
+        assert len(auto()) <= 2  # pruned to keep_last
+        assert f"frame{i}.raw" in os.listdir(snaps / max(new))
+    time.sleep(2.5)
+    assert set(auto()) <= seen  # nothing changed: no new snapshot
+    (m.path / "last.raw").write_bytes(b"x")
+    m.stop()  # at unmount, one more: it holds the last file
+    with Store.open(store_path) as store, store.reader() as tx:
+        names = sorted(n.decode() for n, _, _, _ in tx.snapshots())
+    assert "by-hand" in names  # hand-made snapshots are never pruned by policy
+    m = make_mount()
+    newest = max(n for n in names if n.startswith("auto-"))
+    assert (m.path / ".vault" / "snapshots" / newest / "last.raw").read_bytes() == b"x"
+
+
+def test_a_bad_policy_stops_the_mount_with_a_clear_error(store_path, tmp_path):
+    set_policy(store_path, "snapshots", keep_last='"many"')
+    (tmp_path / "mp").mkdir()
+    r = vaultfs("mount", store_path, tmp_path / "mp", check=False)
+    assert r.returncode != 0 and "snapshots.keep_last must be" in r.stderr
+    assert not os.path.ismount(tmp_path / "mp")
+    set_policy(store_path, "snapshots", keep_last="20")

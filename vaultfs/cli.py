@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .store import Store, StoreError
+from .store import Store, StoreError, policy
 
 log = logging.getLogger("vaultfs")
 
@@ -64,7 +64,8 @@ def cmd_mount(args) -> int:
                         vault_visible="vault_visible" in options)
         return 0
 
-    Store.open(store_path, branch=args.branch.encode()).close()  # a clear error now
+    Store.open(store_path, branch=args.branch.encode()).close()  # a clear error now,
+    policy.load(store_path)                                       # not in a daemon's log
     log_file = store_path / "vaultfs.log"
     start = log_file.stat().st_size if log_file.exists() else 0
     cmd = [sys.executable, "-m", "vaultfs", "mount", "--foreground", str(store_path),

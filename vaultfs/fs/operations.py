@@ -113,9 +113,11 @@ class VaultOperations(pyfuse3.Operations):
         self._view_data: dict[int, bytes] = {}    # fh -> content of an open view file
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None  # for background ingest; set by mount.run
+        self.changed = False  # the tree changed since the last automatic snapshot
 
     # ---- helpers ------------------------------------------------------------------------------
     async def _write(self, fn: Callable[[Txn], T]) -> T:
+        self.changed = True
         return await wait_future(self.store.writer.submit(fn))
 
     async def _thread(self, fn: Callable[..., T], *args) -> T:
@@ -596,6 +598,7 @@ class VaultOperations(pyfuse3.Operations):
         except BaseException:
             of.stream_ok = False  # the next commit starts over from the first byte
             raise
+        self.changed = True
         # From here on, a write below done_to invalidates the ingest; appends go on from it.
         of.stream_ok, of.stream_end = True, ingest.done_to
         of.dirty = False

@@ -32,9 +32,10 @@ def check_name(name: str) -> bytes:
     return b
 
 
-def create_snapshot(store: Store, name: str | None = None, branch: str | None = None) -> dict:
-    """Freeze a branch's tree (default: the open one's). Without a name, the local time names
-    it (sortable)."""
+def create_snapshot(store: Store, name: str | None = None, branch: str | None = None,
+                    prefix: str = "") -> dict:
+    """Freeze a branch's tree (default: the open one's). Without a name, `prefix` and the local
+    time name it (sortable)."""
     now = time.time_ns()
     wanted = check_name(name) if name else None
     on = branch.encode() if branch else store.branch
@@ -43,7 +44,8 @@ def create_snapshot(store: Store, name: str | None = None, branch: str | None = 
         tx = Txn(tx.txn, tx.dbs, branch=on, write=True)
         chosen = wanted
         if chosen is None:  # two in one second get -2, -3...
-            stamp = datetime.fromtimestamp(now / 1e9).strftime("%Y-%m-%dT%H%M%S").encode()
+            stamp = prefix.encode() + datetime.fromtimestamp(now / 1e9).strftime(
+                "%Y-%m-%dT%H%M%S").encode()
             chosen, n = stamp, 1
             while tx.snapshot_epoch(chosen) is not None:
                 n += 1
@@ -220,12 +222,9 @@ def retained(items: list[tuple[object, int]], rules: dict[str, int]) -> set:
 def prune(store: Store, *, keep: dict[str, int], versions: bool = False, prefix: str = "",
           dry_run: bool = False) -> dict:
     """Forget the snapshots (whose names start with `prefix`) and, with `versions`, the file
-    versions that the keep rules do not keep, and give back the space nothing else holds. A
-    file's current version and versions a snapshot holds are never removed here. Each branch
-    and each file's timeline is judged on its own."""
-    keep = {k: int(v) for k, v in keep.items() if v}
-    if not keep or not set(keep) <= set(RULES):
-        raise StoreError("give at least one keep rule: " + ", ".join(f"--keep-{r}" for r in RULES))
+    versions that the keep rules do not keep, giving back the space nothing else holds. Each
+    branch's snapshots, and each file's timeline, are judged on their own."""
+    keep = _check_rules(keep)
     with store.reader() as tx:
         by_branch: dict[bytes, list] = defaultdict(list)
         for name, _, created, branch in tx.snapshots():
@@ -233,34 +232,51 @@ def prune(store: Store, *, keep: dict[str, int], versions: bool = False, prefix:
                 by_branch[branch].append((name, created))
         forget = [n for snaps in by_branch.values() for n, _ in snaps
                   if n not in retained(snaps, keep)]
-        drop: list[tuple[int, F.Version]] = []
-        if versions:
-            timeline: dict[int, list[F.Version]] = defaultdict(list)
-            for ino, number in tx.timelines():
-                timeline[ino].append(tx.version(number))
-            for ino, vs in timeline.items():  # held versions count, but always stay
-                kept = retained([(v.version, v.committed_ns) for v in vs], keep)
-                drop += [(ino, v) for v in vs if v.version not in kept and not tx.holds(v)]
     report = {"snapshots_removed": sorted(n.decode(errors="surrogateescape") for n in forget),
-              "versions_removed": len(drop), "freed_bytes": 0, "dry_run": dry_run}
-    if dry_run:
-        return report
+              "versions_removed": 0, "freed_bytes": 0, "dry_run": dry_run}
     before = store.figures()["stored_bytes"]
-
-    def forget_snapshots(tx: Txn) -> None:
-        for name in forget:
-            tx.txn.delete(name, db=tx.dbs[F.DB_SNAPSHOTS])
-        gc.collapse(tx)
-
-    store.write(forget_snapshots)
-    for i in range(0, len(drop), 500):  # in pieces, so that a mount's writes go on between
-        def drop_versions(tx: Txn, batch=drop[i:i + 500]) -> None:
-            for ino, v in batch:
-                if tx.on_timeline(ino, v.version):
-                    tx.drop_version(v, ino)
-        store.write(drop_versions)
+    if forget and not dry_run:
+        def forget_snapshots(tx: Txn) -> None:
+            for name in forget:
+                tx.txn.delete(name, db=tx.dbs[F.DB_SNAPSHOTS])
+            gc.collapse(tx)
+        store.write(forget_snapshots)
+    if versions:
+        report["versions_removed"] = prune_versions(store, keep=keep,
+                                                    dry_run=dry_run)["versions_removed"]
     report["freed_bytes"] = before - store.figures()["stored_bytes"]
     return report
+
+
+def prune_versions(store: Store, *, keep: dict[str, int], dry_run: bool = False) -> dict:
+    """Thin every file's timeline by the keep rules. A file's current version, and versions
+    a snapshot holds, count toward what is kept and are never removed here."""
+    keep = _check_rules(keep)
+    drop: list[tuple[int, F.Version]] = []
+    with store.reader() as tx:
+        timeline: dict[int, list[F.Version]] = defaultdict(list)
+        for ino, number in tx.timelines():
+            timeline[ino].append(tx.version(number))
+        for ino, vs in timeline.items():
+            if len(vs) <= keep.get("last", 0):
+                continue
+            kept = retained([(v.version, v.committed_ns) for v in vs], keep)
+            drop += [(ino, v) for v in vs if v.version not in kept and not tx.holds(v)]
+    if not dry_run:
+        for i in range(0, len(drop), 500):  # in pieces: a mount's writes go on between
+            def drop_versions(tx: Txn, batch=drop[i:i + 500]) -> None:
+                for ino, v in batch:
+                    if tx.on_timeline(ino, v.version):
+                        tx.drop_version(v, ino)
+            store.write(drop_versions)
+    return {"versions_removed": len(drop), "dry_run": dry_run}
+
+
+def _check_rules(keep: dict) -> dict[str, int]:
+    keep = {k: int(v) for k, v in keep.items() if v}
+    if not keep or not set(keep) <= set(RULES):
+        raise StoreError("give at least one keep rule: " + ", ".join(f"--keep-{r}" for r in RULES))
+    return keep
 
 
 def collect(store: Store) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import lmdb
 
 from . import format as F
-from . import gc
+from . import gc, policy
 from .txn import StoreError, Txn
 from .writer import Writer
 
@@ -119,6 +119,7 @@ class Store:
             "# vaultfs store\n"
             f"format_version = {F.FORMAT_VERSION}\n"
             f'id = "{store_id}"\n'
+            + policy.default_toml()
         )
 
     @classmethod

@@ -1,0 +1,82 @@
+"""The store's policies, read from vault.toml: automatic snapshots and what retention keeps.
+
+    [snapshots]
+    every_minutes = 15   # while files change; 0 turns automatic snapshots off
+    at_unmount = true    # one more when a mount ends with changes since the last
+    keep_last = 20       # automatic snapshots (named auto-...) kept by these rules
+    keep_hourly = 24
+    keep_daily = 30
+    keep_weekly = 8
+    keep_monthly = 12
+
+    [versions]           # each file's timeline, thinned by the same kind of rules
+    keep_last = 50
+    keep_daily = 30
+    keep_monthly = 12
+
+A missing key takes the default above; `vaultfs init` writes them all, so they can be read and
+changed in one place. Snapshots made by hand are never pruned by policy.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .txn import StoreError
+
+RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+DEFAULT_SNAPSHOT_KEEP = {"last": 20, "hourly": 24, "daily": 30, "weekly": 8, "monthly": 12}
+DEFAULT_VERSION_KEEP = {"last": 50, "daily": 30, "monthly": 12}
+AUTO_PREFIX = "auto-"
+
+
+@dataclass
+class Policy:
+    snapshot_every_s: float = 15 * 60.0
+    snapshot_at_unmount: bool = True
+    snapshot_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SNAPSHOT_KEEP))
+    version_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_VERSION_KEEP))
+
+
+def default_toml() -> str:
+    """The policy part of a new store's vault.toml."""
+    lines = ["", "[snapshots]", "every_minutes = 15", "at_unmount = true"]
+    lines += [f"keep_{k} = {v}" for k, v in DEFAULT_SNAPSHOT_KEEP.items()]
+    lines += ["", "[versions]"] + [f"keep_{k} = {v}" for k, v in DEFAULT_VERSION_KEEP.items()]
+    return "\n".join(lines) + "\n"
+
+
+def load(store_path: Path) -> Policy:
+    """The policy of a store; a bad value is an error that names it."""
+    path = store_path / "vault.toml"
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path} is not valid TOML: {e}") from None
+    p = Policy()
+    snaps, versions = doc.get("snapshots", {}), doc.get("versions", {})
+    every = snaps.get("every_minutes", 15)
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or every < 0:
+        raise StoreError(f"{path}: snapshots.every_minutes must be a number >= 0")
+    p.snapshot_every_s = float(every) * 60
+    at_unmount = snaps.get("at_unmount", True)
+    if not isinstance(at_unmount, bool):
+        raise StoreError(f"{path}: snapshots.at_unmount must be true or false")
+    p.snapshot_at_unmount = at_unmount
+    p.snapshot_keep = _rules(path, "snapshots", snaps, DEFAULT_SNAPSHOT_KEEP)
+    p.version_keep = _rules(path, "versions", versions, DEFAULT_VERSION_KEEP)
+    return p
+
+
+def _rules(path: Path, section: str, table: dict, default: dict[str, int]) -> dict[str, int]:
+    given = {k.removeprefix("keep_"): v for k, v in table.items() if k.startswith("keep_")}
+    for k, v in given.items():
+        if k not in RULES or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise StoreError(f"{path}: {section}.keep_{k} must be one of keep_"
+                             f"{', keep_'.join(RULES)} with a whole number >= 0")
+    rules = given if given else dict(default)
+    if not any(rules.values()):
+        raise StoreError(f"{path}: {section} keeps nothing; give at least one keep_ rule")
+    return rules

@@ -107,36 +107,36 @@ class Views:
             return self._fixed(ino, stat.S_IFREG | 0o444, len(self.content(ino)))
         if ino == LATEST_INO:
             return self._fixed(ino, stat.S_IFLNK | 0o777, len(self._latest()))
+        if kind == SNAPSHOT_NODE:
+            with self.store.reader(epoch=epoch) as view:
+                node = view.inode(ident)
+            if node is None:
+                raise FUSEError(errno.ENOENT)
+            a = inode_attrs(node, ino, FROZEN_TIMEOUT)
+            if ident == ROOT_INO:  # a snapshot's root: not writable even by its owner
+                a.st_mode &= ~0o222
+            return a
         with self.store.reader() as tx:
-            if kind == SNAPSHOT_NODE:
-                with self.store.reader(epoch=epoch) as view:
-                    node = view.inode(ident)
-                if node is None:
-                    raise FUSEError(errno.ENOENT)
-                a = inode_attrs(node, ino, FROZEN_TIMEOUT)
-                if ident == ROOT_INO:  # a snapshot's root: not writable even by its owner
-                    a.st_mode &= ~0o222
-                return a
             if kind in (VERSIONS_DIR, TIMELINE):
                 node = tx.inode(ident)
                 if node is None:
                     raise FUSEError(errno.ENOENT)
+                # A folder of versions: listable by whoever may read the file or folder.
                 a = inode_attrs(node, ino, LIVE_TIMEOUT)
-                a.st_mode, a.st_nlink, a.st_size, a.st_blocks = \
-                    stat.S_IFDIR | (node.mode & 0o555) | 0o500, 2, 0, 0
-                if node.mode & 0o444:
-                    a.st_mode |= (node.mode & 0o444) >> 2  # readable -> listable
+                read = node.mode & 0o444
+                a.st_mode = stat.S_IFDIR | read | read >> 2
+                a.st_nlink, a.st_size, a.st_blocks = 2, 0, 0
                 return a
             if kind == VERSION_FILE:
                 v = tx.version(ident)
-                node = tx.inode(v.origin) if v is not None else None
                 if v is None:
                     raise FUSEError(errno.ENOENT)
+                node = tx.inode(v.origin)
                 a = self._fixed(ino, stat.S_IFREG | 0o444, v.size)
                 a.entry_timeout = a.attr_timeout = FROZEN_TIMEOUT
                 a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = v.mtime_ns
                 a.st_blocks = (v.data_bytes + 511) >> 9
-                if node is not None:
+                if node is not None:  # the file's owner and read bits, as it has them now
                     a.st_mode = stat.S_IFREG | (node.mode & 0o444)
                     a.st_uid, a.st_gid = node.uid, node.gid
                 return a

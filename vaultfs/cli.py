@@ -110,8 +110,7 @@ def cmd_umount(args) -> int:
 def cmd_status(args) -> int:
     with Store.open(args.store) as store:
         figures = store.figures()
-    if args.json:
-        print(json.dumps(figures, indent=2, sort_keys=True))
+    if _json(args, figures):
         return 0
     rows = [
         ("store", figures["store"]),
@@ -130,17 +129,12 @@ def cmd_status(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from tqdm import tqdm
-
     from .store.verify import verify
 
     with Store.open(args.store) as store:
-        total = store.figures()["unique_bytes"]
-        with tqdm(total=total, unit="B", unit_scale=True, desc="verifying",
-                  disable=args.json or not sys.stderr.isatty()) as bar:
+        with _progress(args, store.figures()["unique_bytes"], "verifying") as bar:
             report = verify(store, progress=lambda done: bar.update(done - bar.n))
-    if args.json:
-        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    if _json(args, report.as_dict()):
         return 0 if report.ok else 1
     print(f"checked {report.chunks:,} chunks ({_size(report.bytes_checked)}) "
           f"and {report.files:,} files")
@@ -163,9 +157,7 @@ def cmd_snapshot(args) -> int:
         print(f"deleted snapshot {result['name']}, freed {_size(result['freed_bytes'])}")
         return 0
     result = _admin(args.store, "snapshot", name=args.name, branch=args.branch)
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    else:
+    if not _json(args, result):
         print(f"snapshot {result['name']} of branch {result['branch']}")
     return 0
 
@@ -175,8 +167,7 @@ def cmd_snapshots(args) -> int:
 
     with Store.open(args.store) as store:
         snaps = history.list_snapshots(store)
-    if args.json:
-        print(json.dumps(snaps, indent=2, sort_keys=True))
+    if _json(args, snaps):
         return 0
     rows = [("NAME", "CREATED", "FILES", "SIZE", "ONLY HERE")]
     for s in snaps:
@@ -191,8 +182,7 @@ def cmd_log(args) -> int:
 
     with Store.open(args.store) as store:
         entries = history.file_log(store, args.path)
-    if args.json:
-        print(json.dumps(entries, indent=2, sort_keys=True))
+    if _json(args, entries):
         return 0
     rows = [("VERSION", "COMMITTED", "SIZE", "CHANGED")]
     for e in entries:
@@ -207,8 +197,7 @@ def cmd_diff(args) -> int:
 
     with Store.open(args.store) as store:
         changes = history.diff(store, args.a, args.b)
-    if args.json:
-        print(json.dumps(changes, indent=2, sort_keys=True))
+    if _json(args, changes):
         return 0
     marks = {"added": "+", "removed": "-", "modified": "M", "renamed": "R"}
     for c in changes:
@@ -239,8 +228,7 @@ def cmd_branches(args) -> int:
 
     with Store.open(args.store) as store:
         listed = branches.list_branches(store)
-    if args.json:
-        print(json.dumps(listed, indent=2, sort_keys=True))
+    if _json(args, listed):
         return 0
     _table([("NAME", "FILES")] + [(b["name"], f"{b['files']:,}") for b in listed])
     return 0
@@ -248,8 +236,7 @@ def cmd_branches(args) -> int:
 
 def cmd_merge(args) -> int:
     report = _admin(args.store, "merge", source=args.source, into=args.into)
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+    if _json(args, report):
         return 0
     print(f"merged {args.source} into {args.into}: {len(report['applied'])} changes applied")
     for c in report["conflicts"]:
@@ -261,12 +248,10 @@ def cmd_merge(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    keep = {rule: getattr(args, f"keep_{rule}") for rule in ("last", "hourly", "daily",
-                                                              "weekly", "monthly", "yearly")}
+    keep = {rule: getattr(args, f"keep_{rule}") for rule in policy.RULES}
     report = _admin(args.store, "prune", keep=keep, versions=args.versions,
                     prefix=args.prefix, dry_run=args.dry_run)
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+    if _json(args, report):
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for name in report["snapshots_removed"]:
@@ -289,20 +274,15 @@ def cmd_gc(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from tqdm import tqdm
-
     from .store import restore
 
     tree, _, path = args.source.partition(":")
     with Store.open(args.store) as store:
         plan = restore.plan(store, tree, path or "/")
-        with tqdm(total=plan.bytes, unit="B", unit_scale=True, desc="restoring",
-                  disable=args.json or not sys.stderr.isatty()) as bar:
+        with _progress(args, plan.bytes, "restoring") as bar:
             report = restore.run(store, plan, Path(args.dest), overwrite=args.overwrite,
                                  progress=lambda n: bar.update(n))
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-    else:
+    if not _json(args, report):
         print(f"restored {report['files']:,} files ({_size(report['bytes'])}) to {args.dest}")
         for p in report["skipped_newer"]:
             print(f"kept newer {p} (use --overwrite to replace it)")
@@ -325,6 +305,22 @@ def _admin(store_path: str, op: str, **args):
         return control.request(store_id, op, **args)
     with store:
         return admin.OPERATIONS[op](store, **args)
+
+
+def _json(args, data) -> bool:
+    """Print `data` as JSON for scripts when --json was given; say whether it was."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return True
+    return False
+
+
+def _progress(args, total: int, desc: str):
+    """A progress bar in bytes on a terminal's stderr; none for --json or when redirected."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                disable=getattr(args, "json", False) or not sys.stderr.isatty())
 
 
 def _when(ns: int) -> str:
@@ -375,14 +371,22 @@ def _stderr_is(path: Path) -> bool:
         return False
 
 
+def _command(sub, name: str, fn, help: str, json: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that works on a store: STORE first, then its own arguments."""
+    s = sub.add_parser(name, help=help)
+    s.add_argument("store")
+    if json:
+        s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=fn)
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaultfs", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"vaultfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("init", help="create a vault store")
-    s.add_argument("store")
-    s.set_defaults(fn=cmd_init)
+    _command(sub, "init", cmd_init, "create a vault store")
 
     s = sub.add_parser("mount", help="mount a store (no arguments: the default vault)")
     s.add_argument("store", nargs="?")
@@ -398,86 +402,59 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_umount)
 
-    s = sub.add_parser("status", help="files, sizes, dedup and compression of a store")
-    s.add_argument("store")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_status)
+    _command(sub, "status", cmd_status, "files, sizes, dedup and compression of a store",
+             json=True)
+    _command(sub, "verify", cmd_verify, "re-read and re-hash every chunk and every file",
+             json=True)
 
-    s = sub.add_parser("verify", help="re-read and re-hash every chunk and every file")
-    s.add_argument("store")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_verify)
-
-    s = sub.add_parser("snapshot", help="freeze the tree as it is now (or --delete one)")
-    s.add_argument("store")
+    s = _command(sub, "snapshot", cmd_snapshot, "freeze the tree as it is now (or --delete one)",
+                 json=True)
     s.add_argument("name", nargs="?", help="default: the local date and time")
     s.add_argument("--delete", action="store_true", help="delete the named snapshot")
     s.add_argument("--branch", help="the branch to freeze (default: main, or the mounted one)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_snapshot)
 
-    s = sub.add_parser("branch", help="a writable line of history from a snapshot or branch")
-    s.add_argument("store")
+    s = _command(sub, "branch", cmd_branch,
+                 "a writable line of history from a snapshot or branch")
     s.add_argument("name")
     s.add_argument("--from", dest="source", help="a snapshot or branch (default: main now)")
     s.add_argument("--delete", action="store_true", help="delete the named branch")
-    s.set_defaults(fn=cmd_branch)
 
-    s = sub.add_parser("branches", help="list branches")
-    s.add_argument("store")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_branches)
+    _command(sub, "branches", cmd_branches, "list branches", json=True)
 
-    s = sub.add_parser("merge", help="apply what changed on FROM since it diverged to INTO")
-    s.add_argument("store")
+    s = _command(sub, "merge", cmd_merge, "apply what changed on FROM since it diverged to INTO",
+                 json=True)
     s.add_argument("source", metavar="FROM")
     s.add_argument("into", metavar="INTO")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_merge)
 
-    s = sub.add_parser("snapshots", help="list snapshots with what each holds")
-    s.add_argument("store")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_snapshots)
+    _command(sub, "snapshots", cmd_snapshots, "list snapshots with what each holds", json=True)
 
-    s = sub.add_parser("log", help="the timeline of one file's versions")
-    s.add_argument("store")
+    s = _command(sub, "log", cmd_log, "the timeline of one file's versions", json=True)
     s.add_argument("path", help="the file's path inside the vault")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_log)
 
-    s = sub.add_parser("diff", help="files added, removed, modified, renamed between trees")
-    s.add_argument("store")
+    s = _command(sub, "diff", cmd_diff, "files added, removed, modified, renamed between trees",
+                 json=True)
     s.add_argument("a", help="a snapshot name, or a branch (main: the live tree)")
     s.add_argument("b")
     s.add_argument("--stat", action="store_true", help="with sizes")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_diff)
 
-    s = sub.add_parser("prune", help="forget snapshots (and versions) by keep rules")
-    s.add_argument("store")
-    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+    s = _command(sub, "prune", cmd_prune, "forget snapshots (and versions) by keep rules",
+                 json=True)
+    for rule in policy.RULES:
         s.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
     s.add_argument("--versions", action="store_true",
                    help="apply the rules to each file's timeline too")
     s.add_argument("--prefix", default="", help="only snapshots whose names start so")
     s.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_prune)
 
-    s = sub.add_parser("gc", help="merge what snapshots no longer need; --compact the file")
-    s.add_argument("store")
+    s = _command(sub, "gc", cmd_gc, "merge what snapshots no longer need; --compact the file")
     s.add_argument("--compact", action="store_true",
                    help="give freed space back to the disk (only while not mounted)")
-    s.set_defaults(fn=cmd_gc)
 
-    s = sub.add_parser("restore", help="write files of a snapshot out to a folder")
-    s.add_argument("store")
+    s = _command(sub, "restore", cmd_restore, "write files of a snapshot out to a folder",
+                 json=True)
     s.add_argument("source", help="SNAPSHOT or SNAPSHOT:PATH (or a branch)")
     s.add_argument("dest")
     s.add_argument("--overwrite", action="store_true", help="replace newer files too")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_restore)
     return p
 
 

@@ -16,6 +16,7 @@ from pathlib import PurePosixPath
 
 from . import format as F
 from . import gc
+from .policy import RULES
 from .format import from_u64, u64
 from .store import Store
 from .txn import StoreError, Txn
@@ -200,7 +201,6 @@ def delete_snapshot(store: Store, name: str) -> dict:
 # recent hours that have one. Buckets are in local time.
 BUCKETS = {"hourly": "%Y-%m-%d %H", "daily": "%Y-%m-%d", "weekly": "%G-%V", "monthly": "%Y-%m",
            "yearly": "%Y"}
-RULES = ("last", *BUCKETS)
 
 
 def retained(items: list[tuple[object, int]], rules: dict[str, int]) -> set:

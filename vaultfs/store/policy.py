@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .txn import StoreError
 
-RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")  # see history.retained
 DEFAULT_SNAPSHOT_KEEP = {"last": 20, "hourly": 24, "daily": 30, "weekly": 8, "monthly": 12}
 DEFAULT_VERSION_KEEP = {"last": 50, "daily": 30, "monthly": 12}
 AUTO_PREFIX = "auto-"

@@ -90,7 +90,7 @@ def test_a_snapshot_freezes_the_tree_and_shows_it_read_only(make_mount, store_pa
     listed = json.loads(vaultfs("snapshots", store_path, "--json").stdout)
     assert [s["name"] for s in listed][0] == "card1" and len(listed) == 2
     assert listed[0]["files"] == 2 and listed[0]["logical_bytes"] == 3_000_000 + 23
-    assert listed[0]["exclusive_bytes"] == 0  # the deleted NEF is still on its timeline
+    assert listed[0]["exclusive_bytes"] == 3_000_000  # the NEF deleted since (incompressible)
     assert os.readlink(snaps / "latest") == listed[1]["name"]
     m.stop()
     # And with nothing mounted, the command line opens the store itself.
@@ -434,3 +434,45 @@ def test_kill_9_during_compaction_leaves_a_whole_store(make_mount, store_path):
         assert_clean(store_path)
         assert not (store_path / "lmdb.new").exists() and not (store_path / "lmdb.old").exists()
     assert "killed" in outcomes
+
+
+def test_a_file_deleted_on_two_branches_is_freed(make_mount, store_path):
+    m = make_mount()
+    (m.path / "shared.raw").write_bytes(os.urandom(1_000_000))
+    vaultfs("branch", store_path, "side")  # main's tree is frozen; both go on from it
+    (m.path / "shared.raw").unlink()
+    m.stop()
+    side = make_mount(branch="side")
+    (side.path / "shared.raw").unlink()
+    side.stop()
+    vaultfs("gc", store_path)  # no tree sees the frozen record any more
+    with Store.open(store_path) as store:
+        figures = store.figures()
+    assert figures["stored_bytes"] == 0 and figures["files"] == 0
+
+
+def test_merge_of_a_file_that_became_a_folder(make_mount, store_path):
+    m = make_mount()
+    (m.path / "x").write_text("a file")
+    (m.path / "d").mkdir()
+    (m.path / "d" / "old.txt").write_text("old")
+    vaultfs("branch", store_path, "side")
+    (m.path / "d" / "main-only.txt").write_text("added on main")
+    m.stop()
+    side = make_mount(branch="side")
+    (side.path / "x").unlink()
+    (side.path / "x").mkdir()
+    (side.path / "x" / "y").write_text("now a folder")
+    shutil.rmtree(side.path / "d")
+    (side.path / "d").write_text("d became a file")
+    side.stop()
+    r = vaultfs("merge", store_path, "side", "main", check=False)  # d: a folder main uses
+    assert r.returncode == 2 and "merge stopped, nothing changed: d is a folder" in r.stderr
+    m = make_mount()
+    assert (m.path / "x").read_text() == "a file"  # nothing applied
+    (m.path / "d" / "main-only.txt").unlink()
+    m.stop()
+    vaultfs("merge", store_path, "side", "main")
+    m = make_mount()
+    assert (m.path / "x" / "y").read_text() == "now a folder"
+    assert (m.path / "d").read_text() == "d became a file"

@@ -301,8 +301,7 @@ def _admin(store_path: str, op: str, **args):
         store = Store.open(store_path, writable=True)
     except StoreBusy:
         with Store.open(store_path) as store:
-            store_id = store.id
-        return control.request(store_id, op, **args)
+            return control.request(store, op, **args)
     with store:
         return admin.OPERATIONS[op](store, **args)
 

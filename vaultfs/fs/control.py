@@ -3,15 +3,17 @@
 `vaultfs snapshot STORE` and its kin open the store for writing when nothing has it; while a
 mount does, they send their request here instead, and the mount runs it with its own writer.
 
-The socket lives in the user's runtime directory, named by the store's id (a Unix socket's
-path is limited to 108 bytes, a store's is not): `$XDG_RUNTIME_DIR/vaultfs/<id>.sock`, or
-`/tmp/vaultfs-<uid>/<id>.sock`, in a directory only its owner can enter. The protocol is one
+The socket lives in the user's runtime directory, named by the store's id and a digest of its
+path (a Unix socket's path is limited to 108 bytes, a store's is not):
+`$XDG_RUNTIME_DIR/vaultfs/<id>-<path digest>.sock`, or `/tmp/vaultfs-<uid>/...`, in a directory
+only its owner can enter. The protocol is one
 JSON object per line each way: `{"op": NAME, "args": {...}}` answered by
 `{"ok": true, "result": ...}` or `{"ok": false, "error": "one sentence"}`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,10 +33,13 @@ MAX_LINE = 1 << 20
 CLIENT_TIMEOUT = 3600.0  # a prune of a large store takes a while
 
 
-def socket_path(store_id: str) -> Path:
+def socket_path(store: Store) -> Path:
+    """Named by the store's id and its real path: a copy of a store (same id) mounted beside
+    the original has a socket of its own."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) / "vaultfs" if runtime else Path(f"/tmp/vaultfs-{os.getuid()}")
-    return base / f"{store_id}.sock"
+    where = hashlib.blake2b(os.fsencode(store.path.resolve()), digest_size=6).hexdigest()
+    return base / f"{store.id}-{where}.sock"
 
 
 def _private_dir(path: Path) -> None:
@@ -48,9 +53,11 @@ async def serve(store: Store, ops: dict[str, Callable[..., Any]],
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Answer requests until cancelled. `ops` maps an op name to a blocking function called
     as fn(store, **args) in a worker thread."""
-    path = socket_path(store.id)
+    path = socket_path(store)
     _private_dir(path.parent)
-    path.unlink(missing_ok=True)
+    if _answers(path):
+        raise StoreError(f"another mount of {store.path} answers at {path}")
+    path.unlink(missing_ok=True)  # left by a mount that died
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(str(path))
     sock.listen()
@@ -108,9 +115,19 @@ def _answer(ok: bool, payload: Any) -> bytes:
     return (json.dumps(body) + "\n").encode()
 
 
-def request(store_id: str, op: str, **args: Any) -> Any:
-    """Send one request to the mount of the store with this id, and return its result."""
-    path = socket_path(store_id)
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def request(store: Store, op: str, **args: Any) -> Any:
+    """Send one request to the mount that holds `store` (opened read-only by the caller), and
+    return its result."""
+    path = socket_path(store)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(CLIENT_TIMEOUT)
         try:

@@ -16,6 +16,7 @@ view of live directory `id`; 3: the timeline directory of live file `id`; 4: ver
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import stat
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from ..store import ROOT_INO, Inode, Store
+from ..store import ROOT_INO, Inode, Store, StoreError, Txn
 from ..store.history import version_name
 from ..store.reader import ChunkCache, read_range
 
@@ -87,6 +88,16 @@ class Views:
     def owns(ino: int) -> bool:
         return ino >= VIRTUAL
 
+    @contextlib.contextmanager
+    def _tree(self, epoch: int | None, buffers: bool = False) -> Iterator[Txn]:
+        """The tree at a snapshot's epoch (None: the live tree). A snapshot deleted while the
+        kernel still knew its nodes has no epoch any more: its nodes are gone (ENOENT)."""
+        try:
+            with self.store.reader(buffers=buffers, epoch=epoch) as tx:
+                yield tx
+        except StoreError:
+            raise FUSEError(errno.ENOENT) from None
+
     # ---- attributes ---------------------------------------------------------------------------
     def _fixed(self, ino: int, mode: int, size: int = 0) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -108,13 +119,14 @@ class Views:
         if ino == LATEST_INO:
             return self._fixed(ino, stat.S_IFLNK | 0o777, len(self._latest()))
         if kind == SNAPSHOT_NODE:
-            with self.store.reader(epoch=epoch) as view:
+            with self._tree(epoch) as view:
                 node = view.inode(ident)
             if node is None:
                 raise FUSEError(errno.ENOENT)
             a = inode_attrs(node, ino, FROZEN_TIMEOUT)
-            if ident == ROOT_INO:  # a snapshot's root: not writable even by its owner
-                a.st_mode &= ~0o222
+            if ident == ROOT_INO:  # a snapshot's root: not writable even by its owner, and
+                a.st_mode &= ~0o222  # looked up anew (the name may go, or come back as another)
+                a.entry_timeout = a.attr_timeout = 0
             return a
         with self.store.reader() as tx:
             if kind in (VERSIONS_DIR, TIMELINE):
@@ -147,7 +159,7 @@ class Views:
         """The child's inode number (a point lookup where the kind allows it)."""
         kind, epoch, ident = decode(parent)
         if kind == SNAPSHOT_NODE:
-            with self.store.reader(epoch=epoch) as view:
+            with self._tree(epoch) as view:
                 child = view.lookup(ident, name)
             if child is None:
                 raise FUSEError(errno.ENOENT)
@@ -172,7 +184,7 @@ class Views:
         (offsets start at 3: the caller lists ".", ".." itself)."""
         kind, epoch, ident = decode(parent)
         if kind == SNAPSHOT_NODE or kind == VERSIONS_DIR:
-            reader = self.store.reader(epoch=epoch if kind == SNAPSHOT_NODE else None)
+            reader = self._tree(epoch if kind == SNAPSHOT_NODE else None)
             with reader as tx:
                 node = tx.inode(ident)
                 if node is None or not stat.S_ISDIR(node.mode):
@@ -240,7 +252,7 @@ class Views:
         """Bytes of a snapshot's file or of a version (blocking: runs in a worker thread)."""
         kind, epoch, ident = decode(ino)
         if kind == SNAPSHOT_NODE:
-            with self.store.reader(buffers=True, epoch=epoch) as tx:
+            with self._tree(epoch, buffers=True) as tx:
                 node = tx.inode(ident)
                 if node is None:
                     raise FUSEError(errno.ENOENT)
@@ -258,7 +270,7 @@ class Views:
             return self._latest()
         kind, epoch, ident = decode(ino)
         if kind == SNAPSHOT_NODE:
-            with self.store.reader(epoch=epoch) as tx:
+            with self._tree(epoch) as tx:
                 node = tx.inode(ident)
             if node is not None and stat.S_ISLNK(node.mode):
                 return node.target
@@ -270,5 +282,5 @@ class Views:
         kind, epoch, ident = decode(ino)
         if kind != SNAPSHOT_NODE:
             return []
-        with self.store.reader(epoch=epoch) as tx:
+        with self._tree(epoch) as tx:
             return list(tx.xattrs(ident))

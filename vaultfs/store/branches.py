@@ -123,7 +123,11 @@ def merge(store: Store, source: str, into: str) -> dict:
             _remove(dtx, path, now)
         for path, from_path in todo:
             if from_path is not None:
-                _put(dtx, stx, path, stx.inode(stx.resolve(from_path)), now)
+                src_node = stx.inode(stx.resolve(from_path) or 0)
+                if src_node is None:  # SOURCE is a mounted branch that changed meanwhile
+                    raise StoreError(f"{from_path} changed on {source} during the merge; "
+                                     f"nothing was changed, run it again")
+                _put(dtx, stx, path, src_node, now)
 
     store.write(apply)
     return report
@@ -141,13 +145,16 @@ def _split(path: str) -> tuple[str, bytes]:
     return parent, name.encode(errors="surrogateescape")
 
 
-def _remove(tx: Txn, path: str, now: int) -> None:
+def _remove(tx: Txn, path: str, now: int) -> bool:
+    """Remove `path` from INTO; False if it is a folder that still holds something."""
     parent_path, name = _split(path)
     parent = tx.resolve(parent_path)
     ino = tx.lookup(parent, name) if parent is not None else None
     node = tx.inode(ino) if ino is not None else None
-    if node is None or (stat.S_ISDIR(node.mode) and tx.has_entries(ino)):
-        return  # gone already, or a folder INTO still uses
+    if node is None:
+        return True
+    if stat.S_ISDIR(node.mode) and tx.has_entries(ino):
+        return False  # a folder INTO still uses
     tx.remove_entry(parent, name)
     p = tx.inode(parent)
     if stat.S_ISDIR(node.mode):
@@ -160,6 +167,7 @@ def _remove(tx: Txn, path: str, now: int) -> None:
     tx.put_inode(node)
     if node.nlink == 0:
         tx.delete_inode(node)
+    return True
 
 
 def _put(tx: Txn, stx: Txn, path: str, src: F.Inode, now: int) -> None:
@@ -168,12 +176,13 @@ def _put(tx: Txn, stx: Txn, path: str, src: F.Inode, now: int) -> None:
     parent = _make_dirs(tx, stx, parent_path, now)
     ino = tx.lookup(parent, name)
     node = tx.inode(ino) if ino is not None else None
-    if stat.S_ISDIR(src.mode):
-        if node is None:
-            _new_node(tx, stx, parent, name, src, now)
-        return
-    if node is not None and (not stat.S_ISREG(node.mode) or not stat.S_ISREG(src.mode)):
-        _remove(tx, path, now)
+    if node is not None and stat.S_ISDIR(node.mode) and stat.S_ISDIR(src.mode):
+        return  # the folder is there already
+    if node is not None and not (stat.S_ISREG(node.mode) and stat.S_ISREG(src.mode)):
+        if not _remove(tx, path, now):  # (the whole merge is one transaction: undone)
+            raise StoreError(f"merge stopped, nothing changed: {path} is a folder with files "
+                             f"in it on one side and a file on the other; move one of them "
+                             f"and merge again")
         node = None
     if node is None:
         node = _new_node(tx, stx, parent, name, src, now)
@@ -196,6 +205,9 @@ def _make_dirs(tx: Txn, stx: Txn, path: str, now: int) -> int:
         if child is None:
             src = stx.inode(stx.resolve(walked))
             child = _new_node(tx, stx, ino, name, src, now).ino
+        elif not stat.S_ISDIR(tx.inode(child).mode):
+            raise StoreError(f"merge stopped, nothing changed: {walked} is a file on one side "
+                             f"and a folder on the other; move one of them and merge again")
         ino = child
     return ino
 

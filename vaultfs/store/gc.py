@@ -21,27 +21,25 @@ import lmdb
 
 from . import format as F
 from .format import from_u64, u64
-from .txn import StoreError, Txn
+from .txn import Txn
 
 
 def collapse(tx: Txn) -> dict:
-    """Merge every epoch that nothing names and that has exactly one child into its
-    descendants, and drop tombstones with nothing older to hide. Every snapshot and branch
-    sees exactly the tree it saw before."""
-    parents = epochs(tx)
-    named = {e for _, e in tx.branches()} | {e for _, e, _, _ in tx.snapshots()}
-    children: dict[int, list[int]] = defaultdict(list)
-    for e, p in parents.items():
-        children[p].append(e)
+    """Drop every record no snapshot or branch sees, merge every epoch that nothing names and
+    that has exactly one child into its descendants, and drop tombstones with nothing older to
+    hide. Every snapshot and branch sees exactly the tree it saw before."""
+    tree = tx.epoch_tree()
+    parents, named = tree.parents, tree.named
+    children = {e: list(cs) for e, cs in tree.children.items()}
     # Dead: nothing names it nor anything after it (a deleted branch's epochs).
     dead: set[int] = set()
     for e in sorted(parents, reverse=True):  # children before parents: ids only grow
-        if e not in named and all(c in dead for c in children[e]):
+        if e not in named and all(c in dead for c in children.get(e, ())):
             dead.add(e)
     for e in children:
         children[e] = [c for c in children[e] if c not in dead]
     removable = {e for e in parents
-                 if e not in named and e not in dead and len(children[e]) == 1}
+                 if e not in named and e not in dead and len(children.get(e, ())) == 1}
     target = {}
     for e in removable:
         t = children[e][0]
@@ -59,11 +57,13 @@ def collapse(tx: Txn) -> dict:
     for db in F.VERSIONED_DBS:
         for base, versions in _groups(tx, db):
             changed = dict(versions)
-            for e in versions.keys() & dead:
+            # Versions no snapshot or branch sees go: a deleted branch's, and those hidden
+            # below every named epoch by newer ones (a file deleted on two branches).
+            for e in [e for e in versions if not tree.seen(e, versions)]:
                 value = changed.pop(e)
                 if db == F.DB_INODES and value[:1] == F.PRESENT:
                     gone[from_u64(base)] = stat.S_ISREG(F.Inode.unpack(0, value[1:]).mode)
-            for e in sorted((e for e in versions if e in removable), reverse=True):
+            for e in sorted((e for e in changed if e in removable), reverse=True):
                 value = changed.pop(e)
                 if target[e] not in changed:  # newest first: what is nearer wins
                     changed[target[e]] = value
@@ -99,12 +99,6 @@ def collapse(tx: Txn) -> dict:
     return {"epochs_merged": len(removable), "epochs_dropped": len(dead),
             "records_moved": merged,
             "tombstones_dropped": dropped, "files_freed": freed_files}
-
-
-def epochs(tx: Txn) -> dict[int, int]:
-    """epoch -> parent, for every epoch."""
-    with tx.txn.cursor(db=tx.dbs[F.DB_EPOCHS]) as c:
-        return {from_u64(k): F.EPOCH_REC.unpack(v)[0] for k, v in c}
 
 
 def _groups(tx: Txn, db: bytes):
@@ -158,16 +152,16 @@ def compact(store_path: Path) -> tuple[int, int]:
 
 
 def recover_compaction(store_path: Path) -> None:
-    """After a crash in `compact`: a finished copy beside a moved original completes the swap;
-    anything else goes back to the original."""
+    """After a crash in `compact` (the caller holds the store's lock): if the database was
+    moved aside and the copy not yet put in its place, the original goes back; once a database
+    is in place, what is left of the copy or the original is deleted."""
     lmdb_dir, new, old = store_path / "lmdb", store_path / "lmdb.new", store_path / "lmdb.old"
-    if not lmdb_dir.exists() and old.exists():
-        os.rename(old, lmdb_dir)  # the original, untouched
-    if lmdb_dir.exists():
+    if not (lmdb_dir / "data.mdb").exists() and (old / "data.mdb").exists():
+        shutil.rmtree(lmdb_dir, ignore_errors=True)  # at most an empty lmdb/ or a lock file
+        os.rename(old, lmdb_dir)
+    if (lmdb_dir / "data.mdb").exists():
         shutil.rmtree(new, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-    elif not lmdb_dir.exists():
-        raise StoreError(f"{store_path} has no database (lmdb/ is missing)")
 
 
 def _fsync_file(path: Path) -> None:

@@ -67,22 +67,27 @@ def list_snapshots(store: Store, sizes: bool = True) -> list[dict]:
                 "branch": b.decode(errors="surrogateescape")} for n, e, c, b in snaps]
         if not sizes:
             return out
-        # Who holds each chunk: the snapshots, the branches' live trees and the timelines.
+        # Who holds each chunk: the snapshots, the branches' live trees, and the timelines of
+        # live files (a timeline of a file only snapshots have goes with the last of them).
         holders: dict[bytes, set] = defaultdict(set)
+        live: set[int] = set()
         trees = [(info["name"], info["epoch"], info) for info in out]
         trees += [(("branch", b), e, {}) for b, e in tx.branches()]
         for label, epoch, info in trees:
             info["files"] = info["logical_bytes"] = 0
             with store.reader(epoch=epoch) as view:
                 for node in view.inodes():
+                    if isinstance(label, tuple):
+                        live.add(node.ino)
                     if stat.S_ISREG(node.mode):
                         info["files"] += 1
                         info["logical_bytes"] += node.size
                         for _, chunk_id, _ in tx.extents(node.content):
                             holders[chunk_id].add(label)
-        for _, number in tx.timelines():
-            for _, chunk_id, _ in tx.extents(number):
-                holders[chunk_id].add(("timeline",))
+        for ino, number in tx.timelines():
+            if ino in live:
+                for _, chunk_id, _ in tx.extents(number):
+                    holders[chunk_id].add(("timeline",))
         only: dict = defaultdict(int)
         for chunk_id, who in holders.items():
             if len(who) == 1:

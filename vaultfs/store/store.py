@@ -277,7 +277,8 @@ def _open_env(p: Path, writable: bool) -> lmdb.Environment:
     """Readers map the file read-only. (WRITEMAP was measured and left out: it made bulk
     commits faster in isolation but ingest through the mount slower, 139 vs 186 MB/s, and a
     small synced commit 3.7x slower, 981 vs 268 us.)"""
-    (p / "lmdb").mkdir(exist_ok=True)
+    if writable:  # (a reader must not make an empty lmdb/ beside an interrupted compaction's)
+        (p / "lmdb").mkdir(exist_ok=True)
     _reserve_lock_file(p / "lmdb" / "lock.mdb")
     try:
         # readahead helps large values (cold random reads of chunks are 12x faster with it).

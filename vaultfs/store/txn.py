@@ -8,7 +8,9 @@ so the figures in `vaultfs status` are exact after any crash.
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Container, Iterator
+from dataclasses import dataclass
 
 import lmdb
 
@@ -19,6 +21,29 @@ from .format import ChunkRecord, Inode, from_u64, u64
 
 class StoreError(Exception):
     """A store operation that cannot go on: the message says why, for a person."""
+
+
+@dataclass
+class EpochTree:
+    """The epochs, their children, and which are named (a snapshot's or a branch's)."""
+    parents: dict[int, int]
+    children: dict[int, list[int]]
+    named: set[int]
+
+    def seen(self, epoch: int, versioned: Container[int]) -> bool:
+        """Whether a record of some key at `epoch` is visible from a snapshot or branch, given
+        the epochs `versioned` where that key has records of its own (which hide it below)."""
+        if epoch in self.named:
+            return True
+        stack = list(self.children.get(epoch, ()))
+        while stack:
+            e = stack.pop()
+            if e in versioned:
+                continue
+            if e in self.named:
+                return True
+            stack.extend(self.children.get(e, ()))
+        return False
 
 
 class Txn:
@@ -91,6 +116,15 @@ class Txn:
             if v is None:
                 raise StoreError(f"epoch {epoch} is missing from the store")
             epoch = F.EPOCH_REC.unpack(v)[0]
+
+    def epoch_tree(self) -> EpochTree:
+        with self.txn.cursor(db=self.dbs[F.DB_EPOCHS]) as c:
+            parents = {from_u64(k): F.EPOCH_REC.unpack(v)[0] for k, v in c}
+        children: dict[int, list[int]] = defaultdict(list)
+        for e, p in parents.items():
+            children[p].append(e)
+        named = {e for _, e in self.branches()} | {e for _, e, _, _ in self.snapshots()}
+        return EpochTree(parents, dict(children), named)
 
     def new_epoch(self, parent: int, now_ns: int) -> int:
         epoch = self.allocate(F.META_NEXT_EPOCH)
@@ -183,29 +217,38 @@ class Txn:
 
     def delete_inode(self, inode: Inode) -> None:
         """Drop an inode whose last link and last open handle are gone from this tree. What
-        no other epoch still holds (its versions, their chunks) is freed."""
+        no snapshot or branch still sees (its versions, their chunks) is freed."""
         for name, _ in list(self.xattrs(inode.ino)):
             self.remove_xattr(inode.ino, name)
         self._delete(F.DB_INODES, u64(inode.ino))
-        if self.inode_epochs(inode.ino):
-            return  # a snapshot or another branch still has it
+        records = self.records(F.DB_INODES, u64(inode.ino))
+        if records:
+            tree = self.epoch_tree()
+            if any(v[:1] == F.PRESENT and tree.seen(e, records) for e, v in records.items()):
+                return  # a snapshot or another branch still has it
+            for e in records:  # left only in epochs nobody sees (gc would drop them)
+                self.txn.delete(F.vkey(u64(inode.ino), e), db=self.dbs[F.DB_INODES])
         for version in list(self.versions(inode.ino)):
             self.drop_version(version, inode.ino)
         if stat.S_ISREG(inode.mode):
             self.bump(F.STAT_FILES, -1)
 
-    def inode_epochs(self, ino: int) -> dict[int, Inode]:
-        """Every stored version of an inode, in any epoch, by epoch (tombstones left out)."""
-        base = u64(ino)
+    def records(self, db: bytes, base: bytes) -> dict[int, bytes]:
+        """Every stored version of a base key, in any epoch, tombstones included."""
         out = {}
-        with self.txn.cursor(db=self.dbs[F.DB_INODES]) as c:
+        n = len(base) + 8
+        with self.txn.cursor(db=self.dbs[db]) as c:
             if c.set_range(base):
                 for k, v in c:
-                    if k[:8] != base:
+                    if len(k) != n or k[:-8] != base:
                         break
-                    if v[0]:
-                        out[F.epoch_of(k)] = Inode.unpack(ino, v[1:])
+                    out[F.epoch_of(k)] = bytes(v)
         return out
+
+    def inode_epochs(self, ino: int) -> dict[int, Inode]:
+        """Every stored version of an inode, in any epoch, by epoch (tombstones left out)."""
+        return {e: Inode.unpack(ino, v[1:])
+                for e, v in self.records(F.DB_INODES, u64(ino)).items() if v[:1] == F.PRESENT}
 
     def inodes(self) -> Iterator[Inode]:
         for k, v in self._scan(F.DB_INODES, b""):

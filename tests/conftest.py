@@ -109,7 +109,8 @@ class Mount:
 def store_path(tmp_path: Path) -> Path:
     path = tmp_path / "store"
     Store.init(path)
-    set_policy(path, "snapshots", every_minutes="0", at_unmount="false")  # tests take their own snapshots
+    # Tests take their own snapshots.
+    set_policy(path, "snapshots", every_minutes="0", at_unmount="false", on_select="false")
     yield path
     assert_clean(path)
 

@@ -110,6 +110,7 @@ def cmd_umount(args) -> int:
 def cmd_status(args) -> int:
     with Store.open(args.store) as store:
         figures = store.figures()
+        figures["tiers"] = _catalog(store).tier_figures()
     if _json(args, figures):
         return 0
     rows = [
@@ -122,6 +123,8 @@ def cmd_status(args) -> int:
         ("compression ratio", f"{figures['compression_ratio']:.2f}x"),
         ("free on disk", _size(figures["free_bytes"])),
     ]
+    rows += [(f"tier {name}", f"{t['files']:,} files, {_size(t['bytes'])}")
+             for name, t in sorted(figures["tiers"].items())]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -210,6 +213,40 @@ def cmd_diff(args) -> int:
     if args.stat:
         counts = {k: sum(1 for c in changes if c["change"] == k) for k in marks}
         print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 0
+
+
+def cmd_find(args) -> int:
+    with Store.open(args.store) as store:
+        entries = _catalog(store).files.values()
+    rating = _comparison(args.rating) if args.rating else None
+    found = []
+    for e in sorted(entries, key=lambda e: e.path):
+        m = e.meta
+        camera = " ".join(p for p in (m.get("make"), m.get("model")) if p)
+        when = m.get("capture_time", "")
+        if (args.tier and e.tier != args.tier
+                or rating and not (m.get("kind") == "image" and rating(m.get("rating", 0)))
+                or args.label and m.get("label") != args.label.lower()
+                or args.camera and args.camera.lower() not in (camera.lower(),
+                                                               m.get("model", "").lower())
+                or args.since and (not when or when[:10] < args.since)
+                or args.until and (not when or when[:10] > args.until)
+                or args.keyword and args.keyword not in m.get("keywords", [])):
+            continue
+        found.append({"path": e.path, "tier": e.tier, "metadata": m, "sidecars": e.sidecars})
+    if not _json(args, found):
+        for f in found:
+            print(f["path"])
+    return 0
+
+
+def cmd_tag(args) -> int:
+    if (args.tier is None) == (not args.clear):
+        raise CliError("give --tier NAME, or --clear")
+    result = _admin(args.store, "tag", paths=args.paths, tier=args.tier)
+    for p in result["paths"]:
+        print(f"{p}: {'tier ' + result['tier'] if result['tier'] else 'tag cleared'}")
     return 0
 
 
@@ -304,6 +341,28 @@ def _admin(store_path: str, op: str, **args):
             return control.request(store, op, **args)
     with store:
         return admin.OPERATIONS[op](store, **args)
+
+
+def _catalog(store: Store):
+    """The live tree's catalogue (files, metadata, tiers), by the store's tier rules."""
+    from .fs import catalog
+    from .fs.mount import tier_rules
+
+    with store.reader() as tx:
+        return catalog.build(tx, tier_rules(policy.load(store.path)))
+
+
+def _comparison(text: str):
+    """'>=4', '4', '<2' -> a test of a number."""
+    import operator
+    import re
+
+    m = re.fullmatch(r"\s*(>=|<=|==|!=|>|<|=)?\s*(-?\d+)\s*", text)
+    if m is None:
+        raise CliError(f"{text!r} is not a comparison like '>=4', '3' or '<2'")
+    op = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
+          "!=": operator.ne}.get(m.group(1) or "==", operator.eq)
+    return lambda value: op(value, int(m.group(2)))
 
 
 def _json(args, data) -> bool:
@@ -435,6 +494,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("a", help="a snapshot name, or a branch (main: the live tree)")
     s.add_argument("b")
     s.add_argument("--stat", action="store_true", help="with sizes")
+
+    s = _command(sub, "find", cmd_find, "files by metadata: rating, label, camera, date...",
+                 json=True)
+    s.add_argument("--tier")
+    s.add_argument("--rating", help="'>=4', '5', '<2' (images only)")
+    s.add_argument("--label", help="a colour label: red, yellow, green, blue, purple")
+    s.add_argument("--camera", help="'NIKON Z 9': make and model, or model")
+    s.add_argument("--since", help="captured on or after, YYYY-MM-DD")
+    s.add_argument("--until", help="captured on or before, YYYY-MM-DD")
+    s.add_argument("--keyword")
+
+    s = _command(sub, "tag", cmd_tag, "put files, folders or globs in a tier by hand")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="inside the vault; globs allowed")
+    s.add_argument("--tier")
+    s.add_argument("--clear", action="store_true", help="back to the rules")
 
     s = _command(sub, "prune", cmd_prune, "forget snapshots (and versions) by keep rules",
                  json=True)

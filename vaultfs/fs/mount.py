@@ -22,12 +22,16 @@ import trio
 
 from ..store import Store, admin, history, policy
 from . import control
+from ..media.tiers import RuleError, Tiers
+from ..store import StoreError
+from .analysis import Analyzer
 from .operations import VaultOperations
 
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024  # measured: ~1.5x faster cold reads than the 128 KiB default
-VERSION_THINNING_S = 3600.0  # how often the timelines are thinned by the versions policy
+VERSION_THINNING_S = 3600.0
+SELECT_CHECK_S = 2.0  # how often the catalogue is looked at for new selects  # how often the timelines are thinned by the versions policy
 
 
 class MountError(Exception):
@@ -63,7 +67,8 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
         vault_visible: bool = False) -> None:
     """Serve the mount until it is unmounted or the process gets SIGTERM/SIGINT."""
     rules = policy.load(store.path)  # a bad vault.toml stops the mount before it starts
-    ops = VaultOperations(store, vault_visible=vault_visible)
+    ops = VaultOperations(store, vault_visible=vault_visible, rules=tier_rules(rules))
+    ops.analyzer = Analyzer(store, ops.cache)
     store.mounted = True
     logging.getLogger("pyfuse3").addFilter(_dropped_replies)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -91,6 +96,9 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                 nursery.start_soon(_raise_read_ahead, mountpoint)
                 await nursery.start(control.serve, store, admin.OPERATIONS)
                 nursery.start_soon(_policies, store, ops, rules)
+                nursery.start_soon(ops.analyzer.run)
+                if rules.snapshot_on_select:
+                    nursery.start_soon(_on_select, store, ops, rules)
                 await pyfuse3.main()
                 await ops.shutdown()
                 if rules.snapshot_at_unmount and ops.changed:
@@ -102,6 +110,14 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
         # After fusermount -u the session is already gone; after a signal we unmount here.
         pyfuse3.close(unmount=stopped_by_signal)
         log.info("unmounted %s", mountpoint)
+
+
+def tier_rules(rules: policy.Policy) -> Tiers:
+    """The store's tiers, compiled; a rule that does not read is a clear error."""
+    try:
+        return Tiers(rules.tiers)
+    except RuleError as e:
+        raise StoreError(f"vault.toml, [[tiers]]: {e}") from None
 
 
 async def _policies(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:
@@ -122,6 +138,25 @@ async def _policies(store: Store, ops: VaultOperations, rules: policy.Policy) ->
                 last_thinning = now
         except Exception:
             log.exception("automatic snapshot or pruning failed; trying again later")
+
+
+async def _on_select(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:
+    """A snapshot whenever a file newly counts as a select (a rating, label or tag changed),
+    once the index has caught up with it (policy snapshots.on_select)."""
+    seen: set[int] | None = None
+    analysed = -1
+    while True:
+        await trio.sleep(SELECT_CHECK_S)
+        if ops.analyzer.analysed == analysed and seen is not None and not ops.changed:
+            continue
+        analysed = ops.analyzer.analysed
+        try:
+            selects = set(ops.catalog().members.get(("tier", "select"), ()))
+            if seen is not None and selects - seen:
+                await _auto_snapshot(store, ops, rules)
+            seen = selects
+        except Exception:
+            log.exception("snapshot on a new select failed; trying again later")
 
 
 async def _auto_snapshot(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:

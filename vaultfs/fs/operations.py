@@ -30,6 +30,11 @@ from ..store.reader import ChunkCache, DamagedChunk, read_range
 from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
+from ..media.tiers import Tiers
+from ..store import policy
+from .analysis import Analyzer
+from .catalog import Catalog
+from .catalog import build as build_catalog
 from .views import VAULT_INO, VAULT_NAME, Views, inode_attrs
 
 log = logging.getLogger(__name__)
@@ -99,12 +104,17 @@ class VaultOperations(pyfuse3.Operations):
     enable_acl = True              # POSIX ACLs are kept as system.posix_acl_* xattrs
     supports_dot_lookup = False
 
-    def __init__(self, store: Store, *, vault_visible: bool = False, workers: int = 4):
+    def __init__(self, store: Store, *, vault_visible: bool = False, workers: int = 4,
+                 rules: Tiers | None = None):
         super().__init__()
         self.store = store
         self.vault_visible = vault_visible
         self.cache = ChunkCache()
-        self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid())
+        self.rules = rules or Tiers(list(policy.DEFAULT_TIERS))
+        self._catalog: tuple[int, Catalog] | None = None  # (the store's last txn id, it)
+        self.analyzer: Analyzer | None = None  # set by mount.run
+        self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
+                           self.catalog, self.rules.names)
         self._limiter = trio.CapacityLimiter(workers)
         self._lookups: Counter[int] = Counter()
         self._open: dict[int, OpenInode] = {}
@@ -166,10 +176,20 @@ class VaultOperations(pyfuse3.Operations):
         with self.store.reader() as tx:
             return tx.path_of(ino) or f"<inode {ino}>"
 
+    def catalog(self) -> Catalog:
+        """The live tree's catalogue (catalog.py), rebuilt when the store committed something
+        since it was built."""
+        with self.store.reader() as tx:
+            txn_id = self.store.env.info()["last_txnid"]
+            if self._catalog is None or self._catalog[0] != txn_id:
+                self._catalog = (txn_id, build_catalog(tx, self.rules))
+        return self._catalog[1]
+
     def status(self) -> dict:
         figures = self.store.figures()
         figures["open_files"] = len(self._open)
         figures["uncommitted_files"] = sum(1 for of in self._open.values() if of.dirty)
+        figures["tiers"] = self.catalog().tier_figures()
         return figures
 
     # ---- lookups and attributes ---------------------------------------------------------------
@@ -599,6 +619,8 @@ class VaultOperations(pyfuse3.Operations):
             of.stream_ok = False  # the next commit starts over from the first byte
             raise
         self.changed = True
+        if self.analyzer is not None:
+            self.analyzer.enqueue(of.ino)
         # From here on, a write below done_to invalidates the ingest; appends go on from it.
         of.stream_ok, of.stream_end = True, ingest.done_to
         of.dirty = False

@@ -11,7 +11,13 @@ remembered per node:
     bit 63 = 1 | kind (3 bits) | epoch (24 bits) | id (36 bits)
 
 kind 0: the fixed nodes below; 1: inode `id` of the tree frozen at `epoch`; 2: the versions
-view of live directory `id`; 3: the timeline directory of live file `id`; 4: version `id`.
+view of live directory `id`; 3: the timeline directory of live file `id`; 4: version `id`;
+5: live directory `id` seen through filter number `epoch` (a tier, a rating, a label: the
+numbers are handed out as a mount first shows each filter); 6: live file `id`, read-only.
+
+    .vault/tiers/<tier>/<path>            live files by tier (catalog.py)
+    .vault/rating/<0..5>/<path>           live images by star rating
+    .vault/labels/<colour>/<path>         live images by colour label
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..store import ROOT_INO, Inode, Store, StoreError, Txn
+from ..media.metadata import LABELS
 from ..store.history import version_name
+from .catalog import Catalog
 from ..store.reader import ChunkCache, read_range
 
 VAULT_NAME = b".vault"
@@ -35,13 +43,17 @@ VIRTUAL = 1 << 63
 KIND_SHIFT, EPOCH_SHIFT = 60, 36
 ID_MASK = (1 << EPOCH_SHIFT) - 1
 EPOCH_MASK = (1 << (KIND_SHIFT - EPOCH_SHIFT)) - 1
-FIXED, SNAPSHOT_NODE, VERSIONS_DIR, TIMELINE, VERSION_FILE = range(5)
+FIXED, SNAPSHOT_NODE, VERSIONS_DIR, TIMELINE, VERSION_FILE, FILTER_DIR, FILTER_FILE = range(7)
 
 VAULT_INO = VIRTUAL
 STATUS_INO = VIRTUAL + 1
 SNAPSHOTS_INO = VIRTUAL + 2
 LATEST_INO = VIRTUAL + 3
+TIERS_INO = VIRTUAL + 4
+RATING_INO = VIRTUAL + 5
+LABELS_INO = VIRTUAL + 6
 LATEST = b"latest"
+GROUPS = {TIERS_INO: "tier", RATING_INO: "rating", LABELS_INO: "label"}
 
 FROZEN_TIMEOUT = 300.0  # snapshots and versions never change
 LIVE_TIMEOUT = 1.0      # views of the live tree follow it within a second
@@ -75,11 +87,14 @@ def inode_attrs(inode: Inode, st_ino: int, timeout: float) -> pyfuse3.EntryAttri
 
 class Views:
     def __init__(self, store: Store, cache: ChunkCache, status: Callable[[], dict],
-                 uid: int, gid: int):
+                 uid: int, gid: int, catalog: Callable[[], Catalog], tier_names: list[str]):
         self.store = store
         self.cache = cache
         self._status = status
         self._uid, self._gid = uid, gid
+        self._catalog = catalog
+        self._tier_names = tier_names
+        self._filters: list[tuple] = []  # filter number - 1 -> ("tier", name), ("rating", 3)...
         # The name each timeline was last seen under, for its versions' extensions (the store
         # keeps no parent links; a walk to find one is the fallback).
         self._names: dict[int, bytes] = {}
@@ -112,7 +127,7 @@ class Views:
 
     def attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         kind, epoch, ident = decode(ino)
-        if ino in (VAULT_INO, SNAPSHOTS_INO):
+        if ino in (VAULT_INO, SNAPSHOTS_INO) or ino in GROUPS:
             return self._fixed(ino, stat.S_IFDIR | 0o555)
         if ino == STATUS_INO:
             return self._fixed(ino, stat.S_IFREG | 0o444, len(self.content(ino)))
@@ -129,15 +144,22 @@ class Views:
                 a.entry_timeout = a.attr_timeout = 0
             return a
         with self.store.reader() as tx:
-            if kind in (VERSIONS_DIR, TIMELINE):
+            if kind in (VERSIONS_DIR, TIMELINE, FILTER_DIR):
                 node = tx.inode(ident)
                 if node is None:
                     raise FUSEError(errno.ENOENT)
                 # A folder of versions: listable by whoever may read the file or folder.
-                a = inode_attrs(node, ino, LIVE_TIMEOUT)
+                a = inode_attrs(node, ino, 0 if kind == FILTER_DIR else LIVE_TIMEOUT)
                 read = node.mode & 0o444
                 a.st_mode = stat.S_IFDIR | read | read >> 2
                 a.st_nlink, a.st_size, a.st_blocks = 2, 0, 0
+                return a
+            if kind == FILTER_FILE:
+                node = tx.inode(ident)
+                if node is None or not stat.S_ISREG(node.mode):
+                    raise FUSEError(errno.ENOENT)
+                a = inode_attrs(node, ino, 0)  # a rating may move it at any moment
+                a.st_mode &= ~0o222
                 return a
             if kind == VERSION_FILE:
                 v = tx.version(ident)
@@ -174,15 +196,46 @@ class Views:
                 self._names[child] = name
                 return encode(TIMELINE, child)
             raise FUSEError(errno.ENOENT)
+        if kind == FILTER_DIR:
+            key = self._filter(epoch)
+            with self.store.reader() as tx:
+                child = tx.lookup(ident, name)
+            cat = self._catalog()
+            if child is not None and child in cat.folders.get(key, ()):
+                return encode(FILTER_DIR, child, epoch)
+            if child is not None and child in cat.members.get(key, ()):
+                return encode(FILTER_FILE, child)
+            raise FUSEError(errno.ENOENT)
         for _, child_name, ino in self.entries(parent, 0):
             if child_name == name:
                 return ino
         raise FUSEError(errno.ENOENT)
 
+    def _filter_number(self, key: tuple) -> int:
+        if key not in self._filters:
+            self._filters.append(key)
+        return self._filters.index(key) + 1
+
+    def _filter(self, number: int) -> tuple:
+        if not 0 < number <= len(self._filters):
+            raise FUSEError(errno.ENOENT)  # a number from before a remount
+        return self._filters[number - 1]
+
     def entries(self, parent: int, start: int) -> Iterator[tuple[int, bytes, int]]:
         """(offset of the next entry, name, inode) of a directory's entries after `start`
         (offsets start at 3: the caller lists ".", ".." itself)."""
         kind, epoch, ident = decode(parent)
+        if kind == FILTER_DIR:
+            key = self._filter(epoch)
+            cat = self._catalog()
+            folders, members = cat.folders.get(key, set()), cat.members.get(key, set())
+            with self.store.reader() as tx:
+                for entry_id, name, child in tx.entries(ident, max(start - 2, 1)):
+                    if child in folders:
+                        yield entry_id + 3, name, encode(FILTER_DIR, child, epoch)
+                    elif child in members:
+                        yield entry_id + 3, name, encode(FILTER_FILE, child)
+            return
         if kind == SNAPSHOT_NODE or kind == VERSIONS_DIR:
             reader = self._tree(epoch if kind == SNAPSHOT_NODE else None)
             with reader as tx:
@@ -201,8 +254,21 @@ class Views:
                         yield entry_id + 3, name, encode(TIMELINE, child)
             return
         if parent == VAULT_INO:
-            fixed = [(b"snapshots", SNAPSHOTS_INO), (b"status.json", STATUS_INO),
-                     (b"versions", encode(VERSIONS_DIR, ROOT_INO))]
+            fixed = [(b"labels", LABELS_INO), (b"rating", RATING_INO),
+                     (b"snapshots", SNAPSHOTS_INO), (b"status.json", STATUS_INO),
+                     (b"tiers", TIERS_INO), (b"versions", encode(VERSIONS_DIR, ROOT_INO))]
+        elif parent in GROUPS:
+            group = GROUPS[parent]
+            if group == "tier":
+                values: list = list(self._tier_names)
+            elif group == "rating":
+                values = list(range(6))
+            else:  # the usual five, then any other label the catalogue has
+                seen = {k[1] for k in self._catalog().members if k[0] == "label"}
+                values = list(LABELS) + sorted(seen - set(LABELS))
+            fixed = [(str(v).encode(errors="surrogateescape"),
+                      encode(FILTER_DIR, ROOT_INO, self._filter_number((group, v))))
+                     for v in values]
         elif parent == SNAPSHOTS_INO:
             with self.store.reader() as tx:
                 fixed = [(name, encode(SNAPSHOT_NODE, ROOT_INO, epoch))
@@ -221,11 +287,14 @@ class Views:
 
     def parent_of(self, ino: int) -> int | None:
         """The parent of the view directories whose parent is known without a lookup."""
-        if ino in (SNAPSHOTS_INO, encode(VERSIONS_DIR, ROOT_INO)):
+        if ino in (SNAPSHOTS_INO, encode(VERSIONS_DIR, ROOT_INO)) or ino in GROUPS:
             return VAULT_INO
-        kind, _, ident = decode(ino)
+        kind, epoch, ident = decode(ino)
         if kind == SNAPSHOT_NODE and ident == ROOT_INO:
             return SNAPSHOTS_INO
+        if kind == FILTER_DIR and ident == ROOT_INO:
+            group = {v: k for k, v in GROUPS.items()}
+            return group[self._filter(epoch)[0]]
         return None
 
     @staticmethod
@@ -263,6 +332,12 @@ class Views:
                 if v is None:
                     raise FUSEError(errno.ENOENT)
                 return read_range(tx, self.cache, v, off, size)
+        if kind == FILTER_FILE:
+            with self.store.reader(buffers=True) as tx:
+                node = tx.inode(ident)
+                if node is None:
+                    raise FUSEError(errno.ENOENT)
+                return read_range(tx, self.cache, node, off, size)
         raise FUSEError(errno.EISDIR)
 
     def readlink(self, ino: int) -> bytes:
@@ -277,10 +352,10 @@ class Views:
         raise FUSEError(errno.EINVAL)
 
     def xattrs(self, ino: int) -> list[tuple[bytes, bytes]]:
-        """A snapshot node's extended attributes (ACLs included): cp -a and rsync -X copy
-        them out. Other views have none."""
+        """The extended attributes (ACLs included) of a snapshot's node or of a live file seen
+        in a filtered view: cp -a and rsync -X copy them out. Other views have none."""
         kind, epoch, ident = decode(ino)
-        if kind != SNAPSHOT_NODE:
+        if kind not in (SNAPSHOT_NODE, FILTER_FILE):
             return []
-        with self._tree(epoch) as tx:
+        with self._tree(epoch if kind == SNAPSHOT_NODE else None) as tx:
             return list(tx.xattrs(ident))

@@ -2,7 +2,7 @@
 opens, or sends them to the mount that holds the store (fs/control.py), which runs them with
 its own writer."""
 
-from . import branches, history
+from . import branches, history, tags
 
 OPERATIONS = {
     "snapshot": history.create_snapshot,
@@ -12,4 +12,5 @@ OPERATIONS = {
     "branch": branches.create_branch,
     "delete-branch": branches.delete_branch,
     "merge": branches.merge,
+    "tag": tags.tag,
 }

@@ -26,9 +26,13 @@ DB_TIMELINES = b"timelines"
 DB_EPOCHS = b"epochs"
 DB_BRANCHES = b"branches"
 DB_SNAPSHOTS = b"snapshots"
+DB_MEDIA = b"media"
 ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_EXTENTS, DB_XATTRS,
            DB_CHUNKS, DB_CHUNKDATA, DB_PENDING, DB_VERSIONS, DB_TIMELINES, DB_EPOCHS, DB_BRANCHES,
-           DB_SNAPSHOTS)
+           DB_SNAPSHOTS, DB_MEDIA)
+# Added to format 2 after its first stores were made: a writable open creates it, a reader
+# that finds none sees an empty index.
+LATER_DBS = (DB_MEDIA,)
 # Records of these databases are versioned by epoch (see "Epochs" below).
 VERSIONED_DBS = (DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_XATTRS)
 
@@ -161,6 +165,9 @@ class Version:
     def unpack(cls, number: int, b: bytes) -> "Version":
         return cls(number, *VERSION_REC.unpack(b))
 
+
+# media: version u64 -> JSON object: what the version's bytes say as an image or a sidecar
+# (media/metadata.py), or {"error": why} when they could not be read. Dropped with the version.
 
 # extents: version u64 + file offset u64 -> chunk id (17 bytes) + length u32.
 # Extents of one version never overlap; a gap between them is a hole that reads as zeros.

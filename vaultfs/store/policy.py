@@ -3,6 +3,7 @@
     [snapshots]
     every_minutes = 15   # while files change; 0 turns automatic snapshots off
     at_unmount = true    # one more when a mount ends with changes since the last
+    on_select = true     # and one when a file newly counts as a select
     keep_last = 20       # automatic snapshots (named auto-...) kept by these rules
     keep_hourly = 24
     keep_daily = 30
@@ -13,6 +14,16 @@
     keep_last = 50
     keep_daily = 30
     keep_monthly = 12
+
+    [[tiers]]            # priority tiers, in order: the first rule that holds names the tier
+    name = "select"      # (rules: media/tiers.py)
+    rule = "rating >= 4 or pick or label == 'red'"
+    [[tiers]]
+    name = "reject"
+    rule = "reject"
+    [[tiers]]
+    name = "general"
+    rule = "true"
 
 A missing key takes the default above; `vaultfs init` writes them all, so they can be read and
 changed in one place. Snapshots made by hand are never pruned by policy.
@@ -32,19 +43,28 @@ DEFAULT_VERSION_KEEP = {"last": 50, "daily": 30, "monthly": 12}
 AUTO_PREFIX = "auto-"
 
 
+DEFAULT_TIERS = (("select", "rating >= 4 or pick or label == 'red'"),
+                 ("reject", "reject"),
+                 ("general", "true"))
+
+
 @dataclass
 class Policy:
+    tiers: list[tuple[str, str]] = field(default_factory=lambda: list(DEFAULT_TIERS))
     snapshot_every_s: float = 15 * 60.0
     snapshot_at_unmount: bool = True
+    snapshot_on_select: bool = True
     snapshot_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SNAPSHOT_KEEP))
     version_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_VERSION_KEEP))
 
 
 def default_toml() -> str:
     """The policy part of a new store's vault.toml."""
-    lines = ["", "[snapshots]", "every_minutes = 15", "at_unmount = true"]
+    lines = ["", "[snapshots]", "every_minutes = 15", "at_unmount = true", "on_select = true"]
     lines += [f"keep_{k} = {v}" for k, v in DEFAULT_SNAPSHOT_KEEP.items()]
     lines += ["", "[versions]"] + [f"keep_{k} = {v}" for k, v in DEFAULT_VERSION_KEEP.items()]
+    for name, rule in DEFAULT_TIERS:
+        lines += ["", "[[tiers]]", f'name = "{name}"', f'rule = "{rule}"']
     return "\n".join(lines) + "\n"
 
 
@@ -65,8 +85,19 @@ def load(store_path: Path) -> Policy:
     if not isinstance(at_unmount, bool):
         raise StoreError(f"{path}: snapshots.at_unmount must be true or false")
     p.snapshot_at_unmount = at_unmount
+    on_select = snaps.get("on_select", True)
+    if not isinstance(on_select, bool):
+        raise StoreError(f"{path}: snapshots.on_select must be true or false")
+    p.snapshot_on_select = on_select
     p.snapshot_keep = _rules(path, "snapshots", snaps, DEFAULT_SNAPSHOT_KEEP)
     p.version_keep = _rules(path, "versions", versions, DEFAULT_VERSION_KEEP)
+    tiers = doc.get("tiers", [dict(name=n, rule=r) for n, r in DEFAULT_TIERS])
+    if not isinstance(tiers, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"]
+            and "/" not in t["name"] and isinstance(t.get("rule", "true"), str) for t in tiers):
+        raise StoreError(f'{path}: each [[tiers]] needs a name = "..." (no "/") and a '
+                         f'rule = "..."')
+    p.tiers = [(t["name"], t.get("rule", "true")) for t in tiers]
     return p
 
 

@@ -149,7 +149,7 @@ class Store:
             if writable:
                 gc.recover_compaction(p)
             env = _open_env(p, writable=writable)
-            dbs = _open_dbs(env, create=False)
+            dbs = _open_dbs(env, create=False, writable=writable)
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -306,11 +306,16 @@ def _reserve_lock_file(path: Path) -> None:
         os.close(fd)
 
 
-def _open_dbs(env: lmdb.Environment, create: bool) -> dict:
-    try:
-        return {name: env.open_db(name, create=create) for name in F.ALL_DBS}
-    except lmdb.NotFoundError:
-        raise StoreError(f"{env.path()} is missing databases; the store is damaged") from None
+def _open_dbs(env: lmdb.Environment, create: bool, writable: bool = True) -> dict:
+    dbs = {}
+    for name in F.ALL_DBS:
+        try:
+            dbs[name] = env.open_db(name, create=create or (writable and name in F.LATER_DBS))
+        except lmdb.NotFoundError:
+            if name not in F.LATER_DBS:
+                raise StoreError(f"{env.path()} is missing databases; the store is "
+                                 f"damaged") from None
+    return dbs
 
 
 def _check_tmpfile(spool: Path) -> None:

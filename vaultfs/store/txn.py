@@ -7,6 +7,7 @@ so the figures in `vaultfs status` are exact after any crash.
 
 from __future__ import annotations
 
+import json
 import stat
 from collections import defaultdict
 from collections.abc import Callable, Container, Iterator
@@ -424,7 +425,20 @@ class Txn:
             self.txn.delete(u64(v.version), db=self.dbs[F.DB_VERSIONS])
             self.free_content(v.version)
 
+    def media(self, number: int) -> dict | None:
+        """What the media index says of a version's bytes (None: not analysed yet)."""
+        db = self.dbs.get(F.DB_MEDIA)
+        v = self.txn.get(u64(number), db=db) if db is not None and number else None
+        return json.loads(bytes(v)) if v is not None else None
+
+    def put_media(self, number: int, record: dict) -> None:
+        if self.version(number) is not None:  # (dropped while it was being analysed)
+            self.txn.put(u64(number), json.dumps(record, sort_keys=True).encode(),
+                         db=self.dbs[F.DB_MEDIA])
+
     def free_content(self, number: int) -> None:
+        if F.DB_MEDIA in self.dbs:
+            self.txn.delete(u64(number), db=self.dbs[F.DB_MEDIA])
         db = self.dbs[F.DB_EXTENTS]
         old = list(self.extents(number))
         for off, chunk_id, length in old:

@@ -1,0 +1,187 @@
+"""Metadata, sidecars and tiers: the index read from real camera files, and the views, `find`
+and `tag` that show it, driven through a real mount with exiftool and setfattr."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import CORPUS, needs_fuse, vaultfs
+from vaultfs.media import metadata, sidecars, tiers
+
+EXIFTOOL = shutil.which("exiftool")
+needs_exiftool = pytest.mark.skipif(EXIFTOOL is None, reason="exiftool is not installed")
+
+
+# ---- the pure parts ----------------------------------------------------------------------------
+def test_metadata_of_real_camera_files():
+    m = metadata.read((CORPUS / "jpeg" / "medium" / "mongolels.jpg").read_bytes())
+    assert m["model"] == "Canon EOS 500D" and m["rating"] == 3
+    assert m["capture_time"] == "2009-08-29T13:18:08.17"
+    lr = metadata.read((CORPUS / "sidecars" / "lightroom_pair" / "IMG_5910.xmp").read_bytes())
+    assert lr["kind"] == "sidecar" and lr["rating"] == 3 and "Berkley" in lr["keywords"]
+    assert lr["capture_time"] == "2015-06-11T10:29:26"
+    dt = metadata.read((CORPUS / "sidecars" / "darktable" / "exposure.xmp").read_bytes())
+    assert dt["rating"] == 1 and dt["develop"] == ["darktable"]
+    cr3 = metadata.read((CORPUS / "raw_metadata_only" / "Canon-R6-pruned.CR3").read_bytes())
+    assert cr3["model"] == "Canon EOS R6"
+    pp3 = metadata.read(b"[Version]\nAppVersion=5.9\n\n[General]\nRank=4\nColorLabel=1\n")
+    assert pp3 == {"kind": "sidecar", "develop": ["rawtherapee"], "rating": 4, "label": "red"}
+    latin1 = metadata.read((CORPUS / "jpeg" / "icc" / "Canon EOS 7D.jpg").read_bytes())
+    assert latin1["model"] == "Canon EOS 7D"
+    for bad in (b"", b"\xff\xd8\xff" + b"\x00" * 100, (CORPUS / "raw_metadata_only" /
+                                                        "Sigma.x3f").read_bytes()):
+        with pytest.raises(metadata.MetadataError):
+            metadata.read(bad)
+
+
+def test_sidecars_link_by_each_applications_convention():
+    names = ["IMG_0001.NEF", "IMG_0001.JPG", "IMG_0001.xmp", "IMG_0002.NEF",
+             "img_0002.nef.xmp", "IMG_0002_01.NEF.xmp", "IMG_0003.CR2", "IMG_0003.CR2.pp3",
+             "IMG_0003.CR2.dop", "IMG_0004.CR2", "IMG_0004.vrd", "IMG_0005.HEIC",
+             "IMG_0005.AAE", "lonely.xmp"]
+    assert sidecars.link(names) == {
+        "IMG_0001.NEF": ["IMG_0001.xmp"], "IMG_0001.JPG": ["IMG_0001.xmp"],
+        "IMG_0002.NEF": ["img_0002.nef.xmp", "IMG_0002_01.NEF.xmp"],
+        "IMG_0003.CR2": ["IMG_0003.CR2.pp3", "IMG_0003.CR2.dop"],
+        "IMG_0004.CR2": ["IMG_0004.vrd"], "IMG_0005.HEIC": ["IMG_0005.AAE"]}
+
+
+def test_tier_rules_are_data_not_code():
+    t = tiers.Tiers([("select", "rating >= 4 or pick or label == 'red'"),
+                     ("birds", "'eagle' in keywords"), ("reject", "reject")])
+    v = lambda **m: tiers.variables(m, "a/b.nef", False)  # noqa: E731
+    assert t.tier_of(v(rating=5), None) == "select"
+    assert t.tier_of(v(keywords=["eagle"]), None) == "birds"
+    assert t.tier_of(v(rating=-1, reject=True), None) == "reject"
+    assert t.tier_of(v(), None) == "general"
+    assert t.tier_of(v(rating=5), "reject") == "reject"  # a tag wins over rules
+    for bad in ("__import__('os').system('x')", "rating >=", "open('f')", "rating.real"):
+        with pytest.raises(tiers.RuleError):
+            tiers.compile_rule(bad)
+    # The newer of file and sidecar decides; keywords are all of them.
+    assert tiers.effective({"rating": 2, "keywords": ["a"]}, 10,
+                           [({"rating": 5, "keywords": ["b"]}, 20)]) == \
+        {"rating": 5, "keywords": ["a", "b"]}
+    assert tiers.effective({"rating": 2}, 30, [({"rating": 5}, 20)])["rating"] == 2
+
+
+# ---- through a mount ---------------------------------------------------------------------------
+def _wait(cond, what: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def _find(store, *args) -> list[str]:
+    return [f["path"] for f in json.loads(vaultfs("find", store, *args, "--json").stdout)]
+
+
+@needs_fuse
+@needs_exiftool
+def test_ratings_and_sidecars_sort_files_into_tiers_and_views(make_mount, store_path):
+    m = make_mount()
+    shoot = m.path / "shoot"
+    shoot.mkdir()
+    for p in ("jpeg/medium/mongolels.jpg", "jpeg/medium/canon_hdr_NO.jpg",
+              "jpeg/medium/jolla.jpg", "sidecars/lightroom_pair/IMG_5910.jpg",
+              "sidecars/lightroom_pair/IMG_5910.xmp"):
+        shutil.copy2(CORPUS / p, shoot)
+    (shoot / "notes.txt").write_text("not an image")
+    (shoot / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)  # stored anyway
+
+    _wait(lambda: _find(store_path, "--rating", "3") == ["shoot/IMG_5910.jpg",
+                                                         "shoot/mongolels.jpg"],
+          "the index has the files' ratings")
+    views = m.path / ".vault"
+    assert sorted(os.listdir(views / "rating" / "3" / "shoot")) == \
+        ["IMG_5910.jpg", "IMG_5910.xmp", "mongolels.jpg"]  # the sidecar beside its image
+    assert os.listdir(views / "tiers" / "select") == []
+    assert "broken.jpg" in os.listdir(views / "tiers" / "general" / "shoot")
+    assert (views / "rating" / "3" / "shoot" / "mongolels.jpg").read_bytes() == \
+        (CORPUS / "jpeg" / "medium" / "mongolels.jpg").read_bytes()
+    with pytest.raises(OSError):
+        (views / "rating" / "3" / "shoot" / "mongolels.jpg").write_bytes(b"no")
+
+    # A rating written into the file, the way Lightroom and Photo Mechanic do, re-tiers it.
+    subprocess.run(["exiftool", "-q", "-q", "-Rating=5", "-overwrite_original",
+                    str(shoot / "canon_hdr_NO.jpg")], check=True)
+    _wait(lambda: os.listdir(views / "tiers" / "select" / "shoot") == ["canon_hdr_NO.jpg"],
+          "the edited file shows in tiers/select")
+    assert os.listdir(views / "rating" / "5" / "shoot") == ["canon_hdr_NO.jpg"]
+    # A sidecar saved later wins over the rating inside the image: a red label selects it.
+    subprocess.run(["exiftool", "-q", "-q", "-XMP:Label=Red", "-overwrite_original",
+                    str(shoot / "IMG_5910.xmp")], check=True)
+    _wait(lambda: "IMG_5910.jpg" in os.listdir(views / "labels" / "red" / "shoot"),
+          "the sidecar's label shows")
+    assert sorted(os.listdir(views / "tiers" / "select" / "shoot")) == \
+        ["IMG_5910.jpg", "IMG_5910.xmp", "canon_hdr_NO.jpg"]
+
+    # Tags override rules: by xattr through the mount, or from the command line.
+    subprocess.run(["setfattr", "-n", "user.vaultfs.tier", "-v", "reject",
+                    str(shoot / "canon_hdr_NO.jpg")], check=True)
+    assert "canon_hdr_NO.jpg" in os.listdir(views / "tiers" / "reject" / "shoot")
+    vaultfs("tag", store_path, "shoot/jolla.jpg", "--tier", "select")
+    assert "jolla.jpg" in os.listdir(views / "tiers" / "select" / "shoot")
+    vaultfs("tag", store_path, "shoot/*.jpg", "--clear")
+    assert "jolla.jpg" not in os.listdir(views / "tiers" / "select" / "shoot")
+    r = vaultfs("tag", store_path, "shoot/jolla.jpg", "--tier", "nope", check=False)
+    assert r.returncode == 2 and "there is no tier 'nope'" in r.stderr
+
+    assert _find(store_path, "--camera", "Canon EOS 500D") == ["shoot/mongolels.jpg"]
+    assert _find(store_path, "--keyword", "Berkley") == ["shoot/IMG_5910.jpg",
+                                                         "shoot/IMG_5910.xmp"]
+    assert _find(store_path, "--since", "2015-01-01", "--until", "2015-12-31",
+                 "--rating", ">=4") == ["shoot/canon_hdr_NO.jpg"]
+    figures = json.loads((views / "status.json").read_text())["tiers"]
+    assert figures["select"]["files"] == 3 and sum(t["files"] for t in figures.values()) == 7
+    log = (store_path / "vaultfs.log").read_text()
+    assert log.count("cannot read the metadata of /shoot/broken.jpg") == 1
+
+
+@needs_fuse
+def test_a_bad_tier_rule_stops_the_mount_with_a_clear_error(store_path, tmp_path):
+    toml = store_path / "vault.toml"
+    toml.write_text(toml.read_text().replace('rule = "reject"', 'rule = "reject("'))
+    (tmp_path / "mp").mkdir()
+    r = vaultfs("mount", store_path, tmp_path / "mp", check=False)
+    assert r.returncode == 2 and "[[tiers]]: rule 'reject('" in r.stderr
+    toml.write_text(toml.read_text().replace("reject(", "reject"))
+
+
+@needs_fuse
+@needs_exiftool
+def test_exiftool_reads_the_same_metadata_everywhere(make_mount, store_path, tmp_path):
+    """Nothing about the bytes changes: exiftool's dump of every corpus file is the same before
+    it was written through the mount and read back from the live tree, a snapshot and a
+    restore (sidecars included)."""
+    def dump(root) -> dict[str, bytes]:  # one exiftool run per tree: relative path -> dump
+        out = subprocess.run(["exiftool", "-a", "-G1", "-s", "-n", "-r", "--System:all",
+                              "--ExifTool:all", "--ext", "md", "--ext", "json", str(root)],
+                             capture_output=True).stdout
+        files = {}
+        for part in out.split(b"======== ")[1:]:
+            name, _, body = part.partition(b"\n")
+            rel = os.path.relpath(os.fsdecode(name), root)
+            files[rel] = body.split(b"\n    ")[0]  # (the summary lines at the very end)
+        return files
+
+    before = dump(CORPUS)
+    assert len(before) > 100
+    m = make_mount()
+    shutil.copytree(CORPUS, m.path / "corpus", copy_function=shutil.copy2)
+    vaultfs("snapshot", store_path, "s")
+    assert dump(m.path / "corpus") == before
+    assert dump(m.path / ".vault" / "snapshots" / "s" / "corpus") == before
+    m.stop()
+    vaultfs("restore", store_path, "s:corpus", tmp_path / "restored")
+    assert dump(tmp_path / "restored") == before

@@ -1,0 +1,69 @@
+"""Reading the metadata of every committed image and sidecar into the store's media index,
+after commit and off the FUSE path: a trio task hands files to a worker thread one at a time,
+so capture never waits for it. A file that cannot be read is still stored and listed; its
+record says why, and the reason is logged once."""
+
+from __future__ import annotations
+
+import logging
+import math
+import stat
+
+import trio
+
+from ..media import metadata
+from ..store import Store
+from ..store.reader import ChunkCache, read_range
+
+log = logging.getLogger(__name__)
+
+MAX_BYTES = 2 << 30  # larger files are not read whole for their metadata
+
+
+class Analyzer:
+    def __init__(self, store: Store, cache: ChunkCache):
+        self.store, self.cache = store, cache
+        self._send, self._recv = trio.open_memory_channel(math.inf)
+        self._queued: set[int] = set()
+        self.analysed = 0  # records written: the catalog is stale when this moves
+
+    def enqueue(self, ino: int) -> None:
+        if ino not in self._queued:
+            self._queued.add(ino)
+            self._send.send_nowait(ino)
+
+    async def run(self) -> None:
+        """Files committed before this mount that lack a record first, then each commit."""
+        for ino in await trio.to_thread.run_sync(self._backlog):
+            self.enqueue(ino)
+        async for ino in self._recv:
+            self._queued.discard(ino)
+            try:
+                await trio.to_thread.run_sync(self._analyse, ino)
+            except Exception:  # the next commit of the file tries again
+                log.exception("reading the metadata of inode %d failed", ino)
+
+    def _backlog(self) -> list[int]:
+        with self.store.reader() as tx:
+            return [n.ino for n in tx.inodes()
+                    if stat.S_ISREG(n.mode) and n.content and tx.media(n.content) is None]
+
+    def _analyse(self, ino: int) -> None:
+        with self.store.reader() as tx:
+            node = tx.inode(ino)
+            if node is None or not node.content or tx.media(node.content) is not None:
+                return
+            head = read_range(tx, self.cache, node, 0, 512)
+            if metadata.sniff(head) is None:
+                record: dict = {"kind": None}  # not a format with metadata to read
+            elif node.size > MAX_BYTES:
+                record = {"error": f"larger than {MAX_BYTES >> 30} GiB: not read"}
+            else:
+                try:
+                    record = metadata.read(read_range(tx, self.cache, node, 0, node.size))
+                except metadata.MetadataError as e:
+                    record = {"error": str(e)}
+                    log.warning("cannot read the metadata of %s: %s",
+                                tx.path_of(ino) or f"inode {ino}", e)
+        self.store.write(lambda tx: tx.put_media(node.content, record))
+        self.analysed += 1

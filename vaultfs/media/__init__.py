@@ -1,0 +1,2 @@
+"""Image understanding: metadata, sidecars, tiers. Pure functions over bytes, names and
+records; no FUSE, no LMDB."""

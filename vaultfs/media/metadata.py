@@ -1,0 +1,187 @@
+"""What an image or a sidecar says about itself: capture time, camera, lens, serial, exposure,
+GPS, rating, colour label, pick/reject, keywords, title, caption, and which editors left
+develop settings. Bytes in, a plain dict out (stored as JSON in the index).
+
+In-file metadata (EXIF with makernotes, IPTC, XMP) and XMP sidecars are read with pyexiv2
+(Exiv2); RawTherapee's .pp3 is an INI file read here. Other sidecars (DxO .dop, Capture One .cos,
+Canon DPP .vrd/.dr4, Apple .aae) hold no rating a library can read; they are still linked to
+their image (sidecars.py) and kept like any file.
+"""
+
+from __future__ import annotations
+
+import configparser
+from fractions import Fraction
+
+import pyexiv2
+
+pyexiv2.set_log_level(4)  # Exiv2's warnings about odd makernotes go nowhere; errors raise
+
+LABELS = ("red", "yellow", "green", "blue", "purple")
+# Colour labels as numbers: darktable's colorlabels (0-4), RawTherapee's ColorLabel (1-5).
+DEVELOP_MARKS = {
+    "Xmp.crs.": "camera raw",          # Lightroom, Camera Raw
+    "Xmp.darktable.": "darktable",
+    "Xmp.digiKam.": "digikam",
+    "Xmp.photomechanic.": "photo mechanic",
+    "Xmp.xmpDM.": None,
+}
+
+
+class MetadataError(Exception):
+    """The bytes are not something whose metadata can be read; the message says why."""
+
+
+def sniff(head: bytes) -> str | None:
+    """'image', 'xmp' or 'pp3' from a file's first bytes, or None (not analysed)."""
+    if head.startswith((b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"IIRO", b"IIU\x00",
+                        b"FUJIFILM", b"\x00MRM", b"FOVb", b"II\x1a\x00\x00\x00HEAPCCDR",
+                        b"\x89PNG", b"\xff\x01Exiv2")):
+        return "image"
+    if head[4:8] == b"ftyp":  # ISO-BMFF: HEIC/HEIF/AVIF, CR3
+        return "image"
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if stripped.startswith((b"<?xpacket", b"<x:xmpmeta", b"<?xml")) and b"xmp" in head[:512]:
+        return "xmp"
+    if stripped.startswith(b"[Version]") and b"AppVersion" in head[:200]:
+        return "pp3"
+    return None
+
+
+def read(data: bytes) -> dict:
+    """The metadata of an image, an XMP sidecar or a .pp3, as a dict of the fields above
+    (absent fields left out). Raises MetadataError."""
+    what = sniff(data[:512])
+    if what is None:
+        raise MetadataError("not an image or sidecar format vaultfs reads")
+    if what == "pp3":
+        return _pp3(data)
+    for encoding in ("utf-8", "iso-8859-1"):  # old cameras write Latin-1 text into EXIF
+        try:
+            with pyexiv2.ImageData(data) as img:
+                exif = img.read_exif(encoding) if what == "image" else {}
+                iptc = img.read_iptc(encoding) if what == "image" else {}
+                xmp = img.read_xmp(encoding)
+            return _fields(exif, iptc, xmp, sidecar=what == "xmp")
+        except UnicodeDecodeError:
+            continue
+        except Exception as e:  # pyexiv2 raises plain Exceptions with Exiv2's text
+            raise MetadataError(str(e).strip() or type(e).__name__) from None
+    raise MetadataError("text in the metadata is in no encoding vaultfs knows")
+
+
+def _fields(exif: dict, iptc: dict, xmp: dict, sidecar: bool) -> dict:
+    out: dict = {"kind": "sidecar" if sidecar else "image"}
+    when = exif.get("Exif.Photo.DateTimeOriginal") or xmp.get("Xmp.exif.DateTimeOriginal") \
+        or xmp.get("Xmp.photoshop.DateCreated")
+    if when:
+        t = when.strip()
+        if t[4:5] == ":":  # EXIF's "2026:11:24 09:15:12"; XMP has ISO 8601 already
+            t = t.replace(":", "-", 2).replace(" ", "T")
+        t = t[:19]
+        sub = exif.get("Exif.Photo.SubSecTimeOriginal")
+        out["capture_time"] = f"{t}.{sub.strip()}" if sub and sub.strip().isdigit() else t
+    _put(out, "make", exif.get("Exif.Image.Make") or xmp.get("Xmp.tiff.Make"))
+    _put(out, "model", exif.get("Exif.Image.Model") or xmp.get("Xmp.tiff.Model"))
+    _put(out, "lens", exif.get("Exif.Photo.LensModel") or xmp.get("Xmp.aux.Lens")
+         or xmp.get("Xmp.exifEX.LensModel"))
+    _put(out, "serial", exif.get("Exif.Photo.BodySerialNumber")
+         or exif.get("Exif.Canon.SerialNumber") or exif.get("Exif.Nikon3.SerialNumber")
+         or xmp.get("Xmp.aux.SerialNumber") or xmp.get("Xmp.exifEX.BodySerialNumber"))
+    _put(out, "exposure_time", exif.get("Exif.Photo.ExposureTime"))
+    _put(out, "fnumber", _number(exif.get("Exif.Photo.FNumber")))
+    _put(out, "iso", _number(exif.get("Exif.Photo.ISOSpeedRatings")))
+    _put(out, "exposure_bias", _number(exif.get("Exif.Photo.ExposureBiasValue")))
+    lat, lon = _gps(exif, "Latitude"), _gps(exif, "Longitude")
+    if lat is not None and lon is not None:
+        out["gps"] = [round(lat, 7), round(lon, 7)]
+    rating = _number(xmp.get("Xmp.xmp.Rating"))
+    if rating is None:
+        rating = _number(exif.get("Exif.Image.Rating"))
+    if rating is not None:
+        out["rating"] = max(-1, min(5, int(rating)))
+    label = xmp.get("Xmp.xmp.Label") or xmp.get("Xmp.photomechanic.ColorClass")
+    if isinstance(label, str) and label.strip():
+        out["label"] = label.strip().lower()
+    dt_labels = xmp.get("Xmp.darktable.colorlabels")
+    if "label" not in out and isinstance(dt_labels, list) and dt_labels:
+        idx = _number(dt_labels[0])
+        if idx is not None and 0 <= idx < len(LABELS):
+            out["label"] = LABELS[int(idx)]
+    if str(xmp.get("Xmp.xmpDM.pick", "")) == "1" or \
+            str(xmp.get("Xmp.photomechanic.Tagged", "")).lower() == "true":
+        out["pick"] = True
+    if out.get("rating") == -1:
+        out["reject"] = True
+    keywords = list(xmp.get("Xmp.dc.subject") or []) + list(iptc.get("Iptc.Application2.Keywords")
+                                                            or [])
+    if keywords:
+        out["keywords"] = sorted(set(k.strip() for k in keywords if k.strip()))
+    _put(out, "title", _lang(xmp.get("Xmp.dc.title")) or iptc.get("Iptc.Application2.ObjectName"))
+    _put(out, "caption", _lang(xmp.get("Xmp.dc.description"))
+         or iptc.get("Iptc.Application2.Caption") or exif.get("Exif.Image.ImageDescription"))
+    develop = sorted({name for prefix, name in DEVELOP_MARKS.items() if name
+                      and any(k.startswith(prefix) for k in xmp)})
+    if develop:
+        out["develop"] = develop
+    _put(out, "document_id", xmp.get("Xmp.xmpMM.DocumentID"))
+    _put(out, "original_document_id", xmp.get("Xmp.xmpMM.OriginalDocumentID"))
+    return out
+
+
+def _pp3(data: bytes) -> dict:
+    """RawTherapee's processing profile: [General] Rank, ColorLabel, InTrash."""
+    cp = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        cp.read_string(data.decode("utf-8", errors="replace"))
+    except configparser.Error as e:
+        raise MetadataError(f"not a readable .pp3: {e}") from None
+    out: dict = {"kind": "sidecar", "develop": ["rawtherapee"]}
+    general = cp["General"] if cp.has_section("General") else {}
+    rank = _number(general.get("Rank"))
+    if rank is not None:
+        out["rating"] = max(0, min(5, int(rank)))
+    colour = _number(general.get("ColorLabel"))
+    if colour is not None and 1 <= colour <= len(LABELS):
+        out["label"] = LABELS[int(colour) - 1]
+    if str(general.get("InTrash", "")).lower() == "true":
+        out["reject"] = True
+    return out
+
+
+def _put(out: dict, key: str, value) -> None:
+    if isinstance(value, str):
+        value = value.strip().strip("\x00").strip()
+    if value not in (None, "", []):
+        out[key] = value
+
+
+def _number(value) -> float | None:
+    """'8/1', '100', '-1/3', ['100'] -> a number; None if it is none."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None:
+        return None
+    try:
+        n = float(Fraction(str(value).strip().split()[0]))
+    except (ValueError, ZeroDivisionError, IndexError):
+        return None
+    return int(n) if n == int(n) else round(n, 4)
+
+
+def _gps(exif: dict, axis: str) -> float | None:
+    value, ref = exif.get(f"Exif.GPSInfo.GPS{axis}"), exif.get(f"Exif.GPSInfo.GPS{axis}Ref")
+    if not value:
+        return None
+    try:
+        d, m, s = (float(Fraction(p)) for p in value.split())
+    except (ValueError, ZeroDivisionError):
+        return None
+    deg = d + m / 60 + s / 3600
+    return -deg if ref in ("S", "W") else deg
+
+
+def _lang(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get('lang="x-default"') or next(iter(value.values()), None)
+    return value

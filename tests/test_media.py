@@ -118,6 +118,8 @@ def test_ratings_and_sidecars_sort_files_into_tiers_and_views(make_mount, store_
     _wait(lambda: os.listdir(views / "tiers" / "select" / "shoot") == ["canon_hdr_NO.jpg"],
           "the edited file shows in tiers/select")
     assert os.listdir(views / "rating" / "5" / "shoot") == ["canon_hdr_NO.jpg"]
+    log = json.loads(vaultfs("log", store_path, "shoot/canon_hdr_NO.jpg", "--json").stdout)
+    assert log[-1]["metadata_changes"] == {"rating": [0, 5]}  # exiftool saved by rename
     # A sidecar saved later wins over the rating inside the image: a red label selects it.
     subprocess.run(["exiftool", "-q", "-q", "-XMP:Label=Red", "-overwrite_original",
                     str(shoot / "IMG_5910.xmp")], check=True)

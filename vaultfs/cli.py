@@ -187,10 +187,12 @@ def cmd_log(args) -> int:
         entries = history.file_log(store, args.path)
     if _json(args, entries):
         return 0
-    rows = [("VERSION", "COMMITTED", "SIZE", "CHANGED")]
+    rows = [("VERSION", "COMMITTED", "SIZE", "CHANGED", "METADATA")]
     for e in entries:
+        changes = ", ".join(f"{k} {a if a is not None else '-'} -> {b if b is not None else '-'}"
+                            for k, (a, b) in e["metadata_changes"].items())
         rows.append((e["name"], _when(e["committed_ns"]), _size(e["size"]),
-                     _size(e["changed_bytes"])))
+                     _size(e["changed_bytes"]), changes))
     _table(rows)
     return 0
 

@@ -116,24 +116,31 @@ def version_name(v: F.Version, file_name: bytes) -> bytes:
     return t.strftime("%Y-%m-%dT%H%M%S.%fZ").encode() + suffix.encode(errors="surrogateescape")
 
 
+# What `vaultfs log` says changed in a version's metadata (from the media index).
+LOGGED = ("rating", "label", "pick", "reject", "keywords", "title", "caption")
+
+
 def file_log(store: Store, path: str) -> list[dict]:
-    """A live file's timeline, oldest first: each version with its size and the bytes it did
-    not share with the version before it."""
+    """A live file's timeline, oldest first: each version with its size, the bytes it did not
+    share with the version before it, and what changed in its metadata (a rating...)."""
     with store.reader() as tx:
         ino = tx.resolve(path)
         node = tx.inode(ino) if ino is not None else None
         if node is None or not stat.S_ISREG(node.mode):
             raise StoreError(f"{path} is not a file in the vault")
         name = path.rstrip("/").rsplit("/", 1)[-1].encode(errors="surrogateescape")
-        out, before = [], set()
+        out, before, meta_before = [], set(), {}
         for v in tx.versions(ino):
             chunks = {(off, c) for off, c, _ in tx.extents(v.version)}
             changed = sum(n for off, c, n in tx.extents(v.version) if (off, c) not in before)
+            meta = {k: m for k, m in (tx.media(v.version) or {}).items() if k in LOGGED}
             out.append({"version": v.version, "name": version_name(v, name).decode(
                 errors="surrogateescape"), "committed_ns": v.committed_ns, "size": v.size,
                 "mtime_ns": v.mtime_ns, "changed_bytes": changed,
-                "current": v.version == node.content})
-            before = chunks
+                "current": v.version == node.content, "metadata": meta,
+                "metadata_changes": {k: [meta_before.get(k), meta.get(k)] for k in LOGGED
+                                     if out and meta_before.get(k) != meta.get(k)}})
+            before, meta_before = chunks, meta
     return out
 
 

@@ -431,6 +431,13 @@ class Txn:
         v = self.txn.get(u64(number), db=db) if db is not None and number else None
         return json.loads(bytes(v)) if v is not None else None
 
+    def media_versions(self) -> Iterator[int]:
+        """The versions the media index has a record of (for checks)."""
+        if F.DB_MEDIA in self.dbs:
+            with self.txn.cursor(db=self.dbs[F.DB_MEDIA]) as c:
+                for k in c.iternext(values=False):
+                    yield from_u64(k)
+
     def put_media(self, number: int, record: dict) -> None:
         if self.version(number) is not None:  # (dropped while it was being analysed)
             self.txn.put(u64(number), json.dumps(record, sort_keys=True).encode(),

@@ -93,6 +93,10 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
         for number, ino in held.items():
             if number and number not in versions:
                 report.problems.append(f"inode {ino} holds missing version {number}")
+        for number in tx.media_versions():
+            if number not in versions:
+                report.problems.append(f"media record of version {number}, which does not "
+                                       f"exist")
         for number, off, chunk_id, length in tx.all_extents():
             refs[chunk_id] += 1
             logical += length

@@ -187,3 +187,37 @@ def test_exiftool_reads_the_same_metadata_everywhere(make_mount, store_path, tmp
     m.stop()
     vaultfs("restore", store_path, "s:corpus", tmp_path / "restored")
     assert dump(tmp_path / "restored") == before
+
+
+@needs_fuse
+def test_scrub_rereads_each_tier_and_reports_damage(make_mount, store_path):
+    import mmap
+    import random
+
+    from conftest import set_policy
+    set_policy(store_path, "tiers", verify_days="0.00002")  # every tier, every ~2 s
+    m = make_mount()
+    rng = random.Random(4)
+    good, bad = rng.randbytes(2_000_000), rng.randbytes(2_000_000)  # random: stored raw
+    (m.path / "good.raw").write_bytes(good)
+    (m.path / "bad.raw").write_bytes(bad)
+
+    def scrubbed(since: int = 0):
+        tier = json.loads((m.path / ".vault" / "status.json").read_text())["tiers"]["general"]
+        last = tier.get("last_scrub")
+        return last if last and last["finished_ns"] > since and last["chunks"] else None
+
+    first = _wait(lambda: scrubbed(), "a scrub of tier general")
+    assert first["damaged"] == [] and first["bytes"] >= 4_000_000
+    m.stop()
+    data_mdb = store_path / "lmdb" / "data.mdb"
+    with open(data_mdb, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        at = mm.find(bad[1_000_000:1_000_064])
+        mm[at + 10] ^= 0xFF
+    m = make_mount()
+    found = _wait(lambda: scrubbed(first["finished_ns"]), "a scrub after the damage")
+    assert found["damaged"] == ["bad.raw"]
+    assert "DAMAGED" in vaultfs("status", store_path).stdout
+    m.stop(expect_errors=True)
+    with open(data_mdb, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:  # mend it for teardown
+        mm[at + 10] ^= 0xFF

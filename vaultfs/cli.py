@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .store import Store, StoreError, policy
+from .store import Store, StoreError, policy, scrub
 
 log = logging.getLogger("vaultfs")
 
@@ -110,7 +110,7 @@ def cmd_umount(args) -> int:
 def cmd_status(args) -> int:
     with Store.open(args.store) as store:
         figures = store.figures()
-        figures["tiers"] = _catalog(store).tier_figures()
+        figures["tiers"] = _catalog(store).tier_figures(scrub.results(store))
     if _json(args, figures):
         return 0
     rows = [
@@ -123,8 +123,12 @@ def cmd_status(args) -> int:
         ("compression ratio", f"{figures['compression_ratio']:.2f}x"),
         ("free on disk", _size(figures["free_bytes"])),
     ]
-    rows += [(f"tier {name}", f"{t['files']:,} files, {_size(t['bytes'])}")
-             for name, t in sorted(figures["tiers"].items())]
+    for name, t in sorted(figures["tiers"].items()):
+        last = t.get("last_scrub")
+        checked = "never scrubbed" if last is None else (
+            f"scrubbed {_when(last['finished_ns'])}"
+            + (f", {len(last['damaged'])} DAMAGED" if last["damaged"] else ", clean"))
+        rows.append((f"tier {name}", f"{t['files']:,} files, {_size(t['bytes'])}, {checked}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

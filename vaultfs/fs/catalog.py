@@ -34,13 +34,15 @@ class Catalog:
     # that hold them somewhere below
     folders: dict[tuple, set[int]] = field(default_factory=lambda: defaultdict(set))
 
-    def tier_figures(self) -> dict[str, dict[str, int]]:
-        """Per tier: its files and their bytes (what `vaultfs status` shows)."""
-        out: dict[str, dict[str, int]] = {}
+    def tier_figures(self, scrubs: dict[str, dict]) -> dict[str, dict]:
+        """Per tier: its files and their bytes, and its last scrub (`vaultfs status`)."""
+        out: dict[str, dict] = {}
         for e in self.files.values():
             t = out.setdefault(e.tier, {"files": 0, "bytes": 0})
             t["files"] += 1
             t["bytes"] += e.node.size
+        for tier, result in scrubs.items():
+            out.setdefault(tier, {"files": 0, "bytes": 0})["last_scrub"] = result
         return out
 
     def add(self, key: tuple, ino: int, parents: list[int]) -> None:

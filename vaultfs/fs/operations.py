@@ -31,7 +31,7 @@ from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
 from ..media.tiers import Tiers
-from ..store import policy
+from ..store import policy, scrub
 from .analysis import Analyzer
 from .catalog import Catalog
 from .catalog import build as build_catalog
@@ -189,7 +189,7 @@ class VaultOperations(pyfuse3.Operations):
         figures = self.store.figures()
         figures["open_files"] = len(self._open)
         figures["uncommitted_files"] = sum(1 for of in self._open.values() if of.dirty)
-        figures["tiers"] = self.catalog().tier_figures()
+        figures["tiers"] = self.catalog().tier_figures(scrub.results(self.store))
         return figures
 
     # ---- lookups and attributes ---------------------------------------------------------------

@@ -18,6 +18,8 @@
     [[tiers]]            # priority tiers, in order: the first rule that holds names the tier
     name = "select"      # (rules: media/tiers.py)
     rule = "rating >= 4 or pick or label == 'red'"
+    verify_days = 7      # a mount re-reads and re-hashes the tier's chunks this often (0: never)
+    sync_priority = 1    # the order in which tiers leave the vault when it syncs
     [[tiers]]
     name = "reject"
     rule = "reject"
@@ -48,6 +50,15 @@ DEFAULT_TIERS = (("select", "rating >= 4 or pick or label == 'red'"),
                  ("general", "true"))
 
 
+DEFAULT_VERIFY_DAYS = {"select": 7, "reject": 0}
+
+
+@dataclass
+class TierPolicy:
+    verify_days: float   # re-read and re-hash the tier's chunks this often; 0: never
+    sync_priority: int   # lower leaves first when the vault syncs (issue 6)
+
+
 @dataclass
 class Policy:
     tiers: list[tuple[str, str]] = field(default_factory=lambda: list(DEFAULT_TIERS))
@@ -56,6 +67,7 @@ class Policy:
     snapshot_on_select: bool = True
     snapshot_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SNAPSHOT_KEEP))
     version_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_VERSION_KEEP))
+    tier_policies: dict[str, TierPolicy] = field(default_factory=dict)
 
 
 def default_toml() -> str:
@@ -63,8 +75,9 @@ def default_toml() -> str:
     lines = ["", "[snapshots]", "every_minutes = 15", "at_unmount = true", "on_select = true"]
     lines += [f"keep_{k} = {v}" for k, v in DEFAULT_SNAPSHOT_KEEP.items()]
     lines += ["", "[versions]"] + [f"keep_{k} = {v}" for k, v in DEFAULT_VERSION_KEEP.items()]
-    for name, rule in DEFAULT_TIERS:
-        lines += ["", "[[tiers]]", f'name = "{name}"', f'rule = "{rule}"']
+    for i, (name, rule) in enumerate(DEFAULT_TIERS, 1):
+        lines += ["", "[[tiers]]", f'name = "{name}"', f'rule = "{rule}"',
+                  f"verify_days = {DEFAULT_VERIFY_DAYS.get(name, 30)}", f"sync_priority = {i}"]
     return "\n".join(lines) + "\n"
 
 
@@ -98,6 +111,19 @@ def load(store_path: Path) -> Policy:
         raise StoreError(f'{path}: each [[tiers]] needs a name = "..." (no "/") and a '
                          f'rule = "..."')
     p.tiers = [(t["name"], t.get("rule", "true")) for t in tiers]
+    for i, t in enumerate(tiers):
+        unknown = set(t) - {"name", "rule", "verify_days", "sync_priority"}
+        if unknown:
+            raise StoreError(f"{path}: tier {t['name']}: {', '.join(sorted(unknown))} "
+                             f"is not something this vaultfs does (yet)")
+        days = t.get("verify_days", DEFAULT_VERIFY_DAYS.get(t["name"], 30))
+        prio = t.get("sync_priority", i + 1)
+        if isinstance(days, bool) or not isinstance(days, (int, float)) or days < 0:
+            raise StoreError(f"{path}: tier {t['name']}: verify_days must be a number >= 0")
+        if isinstance(prio, bool) or not isinstance(prio, int):
+            raise StoreError(f"{path}: tier {t['name']}: sync_priority must be a whole number")
+        p.tier_policies[t["name"]] = TierPolicy(float(days), prio)
+    p.tier_policies.setdefault("general", TierPolicy(30.0, len(tiers) + 1))
     return p
 
 

@@ -50,7 +50,7 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
             report.chunks += 1
             unique += rec.raw_len
             stored += rec.stored_len
-            why = _check_chunk(tx.chunk_data(chunk_id), chunk_id, rec)
+            why = check_chunk(tx.chunk_data(chunk_id), chunk_id, rec)
             if why:
                 bad.add(chunk_id)
                 report.bad_chunks[chunk_id.hex()] = why
@@ -180,7 +180,9 @@ def _check_tree(tx: Txn, label: str, report: Report) -> None:
             problems.append(f"{label} inode {ino} is not a file but has content")
 
 
-def _check_chunk(value: bytes | None, chunk_id: bytes, rec: F.ChunkRecord) -> str | None:
+def check_chunk(value: bytes | None, chunk_id: bytes, rec: F.ChunkRecord) -> str | None:
+    """What is wrong with a chunk's stored value, or None: it decodes to bytes with both
+    digests and the recorded lengths."""
     if value is None:
         return "data missing"
     if len(value) - 1 != rec.stored_len:

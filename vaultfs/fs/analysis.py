@@ -17,7 +17,7 @@ from ..store.reader import ChunkCache, read_range
 
 log = logging.getLogger(__name__)
 
-MAX_BYTES = 2 << 30  # larger files are not read whole for their metadata
+MAX_BYTES = 256 << 20  # larger files are not read whole for their metadata
 
 
 class Analyzer:
@@ -25,18 +25,34 @@ class Analyzer:
         self.store, self.cache = store, cache
         self._send, self._recv = trio.open_memory_channel(math.inf)
         self._queued: set[int] = set()
-        self.analysed = 0  # records written: the catalog is stale when this moves
+        self._working = True  # (until the backlog is queued)
+        self.analysed = 0  # records written
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queued) or self._working
 
     def enqueue(self, ino: int) -> None:
         if ino not in self._queued:
             self._queued.add(ino)
             self._send.send_nowait(ino)
 
+    async def caught_up(self) -> None:
+        """Wait until every file queued so far (the backlog first) is analysed."""
+        while self.busy:
+            await trio.sleep(0.2)
+
     async def run(self) -> None:
         """Files committed before this mount that lack a record first, then each commit."""
-        for ino in await trio.to_thread.run_sync(self._backlog):
-            self.enqueue(ino)
-        async for ino in self._recv:
+        try:
+            for ino in await trio.to_thread.run_sync(self._backlog):
+                self.enqueue(ino)
+        except Exception:
+            log.exception("listing the files to analyse failed; only new commits will be")
+        while True:
+            self._working = False
+            ino = await self._recv.receive()
+            self._working = True
             self._queued.discard(ino)
             try:
                 await trio.to_thread.run_sync(self._analyse, ino)
@@ -57,13 +73,13 @@ class Analyzer:
             if metadata.sniff(head) is None:
                 record: dict = {"kind": None}  # not a format with metadata to read
             elif node.size > MAX_BYTES:
-                record = {"error": f"larger than {MAX_BYTES >> 30} GiB: not read"}
+                record = {"error": f"larger than {MAX_BYTES >> 20} MiB: not read"}
             else:
                 try:
                     record = metadata.read(read_range(tx, self.cache, node, 0, node.size))
-                except metadata.MetadataError as e:
-                    record = {"error": str(e)}
+                except (metadata.MetadataError, MemoryError, OverflowError) as e:
+                    record = {"error": str(e) or type(e).__name__}
                     log.warning("cannot read the metadata of %s: %s",
-                                tx.path_of(ino) or f"inode {ino}", e)
+                                tx.path_of(ino) or f"inode {ino}", record["error"])
         self.store.write(lambda tx: tx.put_media(node.content, record))
         self.analysed += 1

@@ -93,7 +93,7 @@ def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
                 for k, inos in list(cat.members.items()):
                     if k[0] == key and image.node.ino in inos:
                         cat.add(k, node.ino, parents)
-        elif meta.get("kind") == "image":
+        elif not sidecars.is_sidecar(name) and (own.get("kind") == "image" or side):
             rating = meta.get("rating", 0)
             if 0 <= rating <= 5:
                 cat.add(("rating", rating), node.ino, parents)

@@ -30,9 +30,10 @@ from .operations import VaultOperations
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024  # measured: ~1.5x faster cold reads than the 128 KiB default
-VERSION_THINNING_S = 3600.0
+VERSION_THINNING_S = 3600.0  # how often the timelines are thinned by the versions policy
 SELECT_CHECK_S = 2.0  # how often the catalogue is looked at for new selects
-SCRUB_CHECK_S = 60.0  # how often the tiers' scrub schedules are looked at  # how often the timelines are thinned by the versions policy
+SELECT_SNAPSHOT_GAP_S = 60.0  # new selects in a culling session: one snapshot a minute at most
+SCRUB_CHECK_S = 60.0  # how often the tiers' scrub schedules are looked at
 
 
 class MountError(Exception):
@@ -98,6 +99,7 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                 await nursery.start(control.serve, store, admin.OPERATIONS)
                 nursery.start_soon(_policies, store, ops, rules)
                 nursery.start_soon(ops.analyzer.run)
+                nursery.start_soon(ops.keep_catalog)
                 nursery.start_soon(_scrubs, store, ops, rules)
                 if rules.snapshot_on_select:
                     nursery.start_soon(_on_select, store, ops, rules)
@@ -143,19 +145,21 @@ async def _policies(store: Store, ops: VaultOperations, rules: policy.Policy) ->
 
 
 async def _on_select(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:
-    """A snapshot whenever a file newly counts as a select (a rating, label or tag changed),
-    once the index has caught up with it (policy snapshots.on_select)."""
-    seen: set[int] | None = None
-    analysed = -1
+    """A snapshot when files newly count as selects (a rating, label or tag changed), once the
+    index has caught up with them (policy snapshots.on_select): after the analyser's queue is
+    empty, and at most one a minute however fast a culling session goes."""
+    await ops.analyzer.caught_up()  # the backlog of an earlier mount is not "new"
+    seen = set((await ops.fresh_catalog()).members.get(("tier", "select"), ()))
+    last = 0.0
     while True:
         await trio.sleep(SELECT_CHECK_S)
-        if ops.analyzer.analysed == analysed and seen is not None and not ops.changed:
+        if ops.analyzer.busy or time.monotonic() - last < SELECT_SNAPSHOT_GAP_S:
             continue
-        analysed = ops.analyzer.analysed
         try:
-            selects = set(ops.catalog().members.get(("tier", "select"), ()))
-            if seen is not None and selects - seen:
+            selects = set((await ops.fresh_catalog()).members.get(("tier", "select"), ()))
+            if selects - seen:
                 await _auto_snapshot(store, ops, rules)
+                last = time.monotonic()
             seen = selects
         except Exception:
             log.exception("snapshot on a new select failed; trying again later")
@@ -182,7 +186,7 @@ async def _scrubs(store: Store, ops: VaultOperations, rules: policy.Policy) -> N
 
 
 def _scrub_tier(store: Store, ops: VaultOperations, tier: str) -> None:
-    cat = ops.catalog()
+    cat = ops.refresh_catalog()
     owners: dict[bytes, list[str]] = {}
     with store.reader() as tx:
         for ino in cat.members.get(("tier", tier), ()):

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import stat
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -47,6 +48,7 @@ CACHE_TIMEOUT = 300.0
 # Ingest a file being written front to back once this much is new, so that close() has only
 # the tail left to store.
 STREAM_STEP = 8 * 1024 * 1024
+CATALOG_REFRESH_S = 0.5
 
 
 def handler(fn):
@@ -111,7 +113,8 @@ class VaultOperations(pyfuse3.Operations):
         self.vault_visible = vault_visible
         self.cache = ChunkCache()
         self.rules = rules or Tiers(list(policy.DEFAULT_TIERS))
-        self._catalog: tuple[int, Catalog] | None = None  # (the store's last txn id, it)
+        self._catalog: tuple[int, Catalog] | None = None  # (the txn id it was built at, it)
+        self._catalog_lock = threading.Lock()
         self.analyzer: Analyzer | None = None  # set by mount.run
         self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
                            self.catalog, self.rules.names)
@@ -177,13 +180,35 @@ class VaultOperations(pyfuse3.Operations):
             return tx.path_of(ino) or f"<inode {ino}>"
 
     def catalog(self) -> Catalog:
-        """The live tree's catalogue (catalog.py), rebuilt when the store committed something
-        since it was built."""
-        with self.store.reader() as tx:
-            txn_id = self.store.env.info()["last_txnid"]
-            if self._catalog is None or self._catalog[0] != txn_id:
-                self._catalog = (txn_id, build_catalog(tx, self.rules))
+        """The latest catalogue of the live tree (catalog.py). Views read it on the trio loop,
+        so it is rebuilt in the background (`keep_catalog`), never here but the first time."""
+        if self._catalog is None:
+            self.refresh_catalog()
         return self._catalog[1]
+
+    def refresh_catalog(self) -> Catalog:
+        """Rebuild the catalogue if the store committed anything since (blocking)."""
+        with self._catalog_lock:
+            with self.store.reader() as tx:
+                txn_id = tx.txn.id()
+                if self._catalog is None or self._catalog[0] != txn_id:
+                    self._catalog = (txn_id, build_catalog(tx, self.rules))
+            return self._catalog[1]
+
+    async def fresh_catalog(self) -> Catalog:
+        return await self._thread(self.refresh_catalog)
+
+    async def keep_catalog(self) -> None:
+        """Rebuild the catalogue in a worker thread whenever the store has moved on, at most
+        CATALOG_REFRESH_S apart, so that views follow changes within about a second."""
+        while True:
+            await trio.sleep(CATALOG_REFRESH_S)
+            if self._catalog is None or \
+                    self.store.env.info()["last_txnid"] != self._catalog[0]:
+                try:
+                    await self.fresh_catalog()
+                except Exception:
+                    log.exception("rebuilding the catalogue failed; trying again")
 
     def status(self) -> dict:
         figures = self.store.figures()

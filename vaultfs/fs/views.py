@@ -264,7 +264,8 @@ class Views:
             elif group == "rating":
                 values = list(range(6))
             else:  # the usual five, then any other label the catalogue has
-                seen = {k[1] for k in self._catalog().members if k[0] == "label"}
+                seen = {k[1] for k in self._catalog().members if k[0] == "label"
+                        and k[1] not in (".", "..") and "/" not in k[1] and "\0" not in k[1]}
                 values = list(LABELS) + sorted(seen - set(LABELS))
             fixed = [(str(v).encode(errors="surrogateescape"),
                       encode(FILTER_DIR, ROOT_INO, self._filter_number((group, v))))

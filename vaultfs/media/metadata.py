@@ -11,6 +11,7 @@ their image (sidecars.py) and kept like any file.
 from __future__ import annotations
 
 import configparser
+import re
 from fractions import Fraction
 
 import pyexiv2
@@ -18,6 +19,9 @@ import pyexiv2
 pyexiv2.set_log_level(4)  # Exiv2's warnings about odd makernotes go nowhere; errors raise
 
 LABELS = ("red", "yellow", "green", "blue", "purple")
+# ISO-BMFF major brands of still images: HEIF/HEIC, AVIF, Canon CR3.
+IMAGE_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
+                b"mif1", b"msf1", b"avif", b"avis", b"crx "}
 # Colour labels as numbers: darktable's colorlabels (0-4), RawTherapee's ColorLabel (1-5).
 DEVELOP_MARKS = {
     "Xmp.crs.": "camera raw",          # Lightroom, Camera Raw
@@ -38,7 +42,7 @@ def sniff(head: bytes) -> str | None:
                         b"FUJIFILM", b"\x00MRM", b"FOVb", b"II\x1a\x00\x00\x00HEAPCCDR",
                         b"\x89PNG", b"\xff\x01Exiv2")):
         return "image"
-    if head[4:8] == b"ftyp":  # ISO-BMFF: HEIC/HEIF/AVIF, CR3
+    if head[4:8] == b"ftyp" and head[8:12] in IMAGE_BRANDS:  # not MP4/MOV video
         return "image"
     stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if stripped.startswith((b"<?xpacket", b"<x:xmpmeta", b"<?xml")) and b"xmp" in head[:512]:
@@ -98,8 +102,11 @@ def _fields(exif: dict, iptc: dict, xmp: dict, sidecar: bool) -> dict:
     rating = _number(xmp.get("Xmp.xmp.Rating"))
     if rating is None:
         rating = _number(exif.get("Exif.Image.Rating"))
-    if rating is not None:
+    # Cameras write 0 into every frame: in an image, 0 means "not rated", not a decision that
+    # would outvote a sidecar's stars. In a sidecar, 0 is a decision (un-rated by hand).
+    if rating is not None and (rating != 0 or sidecar):
         out["rating"] = max(-1, min(5, int(rating)))
+        out["reject"] = out["rating"] == -1
     label = xmp.get("Xmp.xmp.Label") or xmp.get("Xmp.photomechanic.ColorClass")
     if isinstance(label, str) and label.strip():
         out["label"] = label.strip().lower()
@@ -111,8 +118,6 @@ def _fields(exif: dict, iptc: dict, xmp: dict, sidecar: bool) -> dict:
     if str(xmp.get("Xmp.xmpDM.pick", "")) == "1" or \
             str(xmp.get("Xmp.photomechanic.Tagged", "")).lower() == "true":
         out["pick"] = True
-    if out.get("rating") == -1:
-        out["reject"] = True
     keywords = list(xmp.get("Xmp.dc.subject") or []) + list(iptc.get("Iptc.Application2.Keywords")
                                                             or [])
     if keywords:
@@ -144,8 +149,8 @@ def _pp3(data: bytes) -> dict:
     colour = _number(general.get("ColorLabel"))
     if colour is not None and 1 <= colour <= len(LABELS):
         out["label"] = LABELS[int(colour) - 1]
-    if str(general.get("InTrash", "")).lower() == "true":
-        out["reject"] = True
+    if "InTrash" in general or "rating" in out:
+        out["reject"] = str(general.get("InTrash", "")).lower() == "true"
     return out
 
 
@@ -156,15 +161,22 @@ def _put(out: dict, key: str, value) -> None:
         out[key] = value
 
 
+_NUMBER = re.compile(r"[+-]?\d{1,9}(\.\d{1,9})?(/\d{1,9})?")
+
+
 def _number(value) -> float | None:
-    """'8/1', '100', '-1/3', ['100'] -> a number; None if it is none."""
+    """'8/1', '100', '-1/3', '2.8', ['100'] -> a number; None if it is none. Only plain short
+    numbers: '1e20000000' would make Fraction build a huge integer, holding the GIL."""
     if isinstance(value, list):
         value = value[0] if value else None
     if value is None:
         return None
+    text = str(value).strip().split(" ")[0]
+    if not _NUMBER.fullmatch(text):
+        return None
     try:
-        n = float(Fraction(str(value).strip().split()[0]))
-    except (ValueError, ZeroDivisionError, IndexError):
+        n = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
         return None
     return int(n) if n == int(n) else round(n, 4)
 

@@ -23,8 +23,10 @@ import operator
 from collections.abc import Callable
 
 FALLBACK = "general"  # when no rule holds
-# The fields where the newest source wins (in the file, or a sidecar saved later).
-DECISIONS = ("rating", "label", "pick", "reject")
+MAX_RULE = 500  # characters: keeps evaluation shallow (no deep recursion in a tree walk)
+# The decisions where the newest source wins (in the file, or a sidecar saved later): a
+# rating and a reject are one decision (a reject is a rating of -1 in most editors).
+DECISIONS = (("rating", "reject"), ("label",), ("pick",))
 
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
             ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
@@ -39,11 +41,15 @@ class RuleError(ValueError):
 
 def compile_rule(text: str) -> Callable[[dict], bool]:
     """A rule's expression as a function of a file's variables (see the module's doc)."""
+    if len(text) > MAX_RULE:
+        raise RuleError(f"rule of {len(text)} characters: at most {MAX_RULE}")
     try:
         tree = ast.parse(text.strip(), mode="eval").body
+        _check(tree, text)
     except SyntaxError as e:
         raise RuleError(f"rule {text!r}: {e.msg}") from None
-    _check(tree, text)
+    except RecursionError:
+        raise RuleError(f"rule {text[:40]!r}...: nested too deeply") from None
     return lambda variables: bool(_eval(tree, variables))
 
 
@@ -61,6 +67,9 @@ def _check(node: ast.AST, text: str) -> None:
                             f"(known: {', '.join(NAMES)})")
     elif isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool)):
         pass
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and \
+            isinstance(node.operand, ast.Constant) and type(node.operand.value) in (int, float):
+        pass  # a negative number: rating == -1
     elif isinstance(node, (ast.List, ast.Tuple)):
         for child in node.elts:
             _check(child, text)
@@ -74,6 +83,8 @@ def _eval(node: ast.AST, v: dict):
         values = (_eval(n, v) for n in node.values)
         return all(values) if isinstance(node.op, ast.And) else any(values)
     if isinstance(node, ast.UnaryOp):
+        if isinstance(node.op, ast.USub):
+            return -node.operand.value
         return not _eval(node.operand, v)
     if isinstance(node, ast.Compare):
         left = _eval(node.left, v)
@@ -94,20 +105,25 @@ def _eval(node: ast.AST, v: dict):
 
 
 def effective(own: dict | None, own_time: int, sidecars: list[tuple[dict, int]]) -> dict:
-    """A file's metadata with its sidecars': for rating, label, pick and reject the newest
-    source that says something wins; keywords are all of them; the rest is the file's own,
-    else a sidecar's."""
+    """A file's metadata with its sidecars': for each decision (rating with reject, label,
+    pick) the newest source that makes it wins, whole; keywords are all of them; the rest is
+    the file's own, else a sidecar's."""
     sources = sorted([(own_time, own or {})] + [(t, m) for m, t in sidecars],
                      key=lambda s: s[0], reverse=True)
     out = dict(own or {})
-    for key in DECISIONS:
+    for group in DECISIONS:
         for _, meta in sources:
-            if key in meta:
-                out[key] = meta[key]
+            if any(key in meta for key in group):
+                for key in group:
+                    if key in meta:
+                        out[key] = meta[key]
+                    else:
+                        out.pop(key, None)
                 break
     for _, meta in sources:
         for key, value in meta.items():
-            out.setdefault(key, value)
+            if key != "kind":  # an image stays an image, whatever its sidecar is
+                out.setdefault(key, value)
     keywords = sorted({k for _, m in sources for k in m.get("keywords", ())})
     if keywords:
         out["keywords"] = keywords
@@ -135,7 +151,7 @@ class Tiers:
         self._rules = [(name, compile_rule(text)) for name, text in rules]
 
     def tier_of(self, variables: dict, tag: str | None) -> str:
-        if tag:
+        if tag in self.names:  # a tag naming no tier (any more) leaves it to the rules
             return tag
         for name, rule in self._rules:
             if rule(variables):

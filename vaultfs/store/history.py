@@ -133,7 +133,8 @@ def file_log(store: Store, path: str) -> list[dict]:
         for v in tx.versions(ino):
             chunks = {(off, c) for off, c, _ in tx.extents(v.version)}
             changed = sum(n for off, c, n in tx.extents(v.version) if (off, c) not in before)
-            meta = {k: m for k, m in (tx.media(v.version) or {}).items() if k in LOGGED}
+            meta = {k: m for k, m in (tx.media(v.version) or {}).items()
+                    if k in LOGGED and m is not False}  # (no reject is no news)
             out.append({"version": v.version, "name": version_name(v, name).decode(
                 errors="surrogateescape"), "committed_ns": v.committed_ns, "size": v.size,
                 "mtime_ns": v.mtime_ns, "changed_bytes": changed,

@@ -107,9 +107,11 @@ def load(store_path: Path) -> Policy:
     tiers = doc.get("tiers", [dict(name=n, rule=r) for n, r in DEFAULT_TIERS])
     if not isinstance(tiers, list) or not all(
             isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"]
-            and "/" not in t["name"] and isinstance(t.get("rule", "true"), str) for t in tiers):
-        raise StoreError(f'{path}: each [[tiers]] needs a name = "..." (no "/") and a '
-                         f'rule = "..."')
+            and "/" not in t["name"] and t["name"] not in (".", "..")
+            and isinstance(t.get("rule", "true"), str) for t in tiers) or \
+            len({t["name"] for t in tiers}) != len(tiers):
+        raise StoreError(f'{path}: each [[tiers]] needs a name = "..." of its own (not "." or '
+                         f'"..", no "/") and a rule = "..."')
     p.tiers = [(t["name"], t.get("rule", "true")) for t in tiers]
     for i, t in enumerate(tiers):
         unknown = set(t) - {"name", "rule", "verify_days", "sync_priority"}

@@ -44,8 +44,8 @@ def tag(store: Store, paths: list[str], tier: str | None) -> dict:
 
 
 def _match(tx: Txn, pattern: str) -> list[tuple[str, int]]:
-    if not any(c in pattern for c in "*?["):
-        ino = tx.resolve(pattern)
+    ino = tx.resolve(pattern)  # a name that holds * ? [ literally comes first
+    if ino is not None or not any(c in pattern for c in "*?["):
         return [(pattern, ino)] if ino is not None else []
     depth = pattern.count("/")
     return [(p, node.ino) for p, node in

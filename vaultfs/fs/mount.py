@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024  # measured: ~1.5x faster cold reads than the 128 KiB default
 VERSION_THINNING_S = 3600.0  # how often the timelines are thinned by the versions policy
-SELECT_CHECK_S = 2.0  # how often the catalogue is looked at for new selects
+SELECT_CHECK_S = 10.0  # how often the catalogue is rebuilt to look for new selects
 SELECT_SNAPSHOT_GAP_S = 60.0  # new selects in a culling session: one snapshot a minute at most
 SCRUB_CHECK_S = 60.0  # how often the tiers' scrub schedules are looked at
 

@@ -115,6 +115,7 @@ class VaultOperations(pyfuse3.Operations):
         self.rules = rules or Tiers(list(policy.DEFAULT_TIERS))
         self._catalog: tuple[int, Catalog] | None = None  # (the txn id it was built at, it)
         self._catalog_lock = threading.Lock()
+        self._catalog_wanted = False  # catalog() was called since the last rebuild
         self.analyzer: Analyzer | None = None  # set by mount.run
         self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
                            self.catalog, self.rules.names)
@@ -182,6 +183,7 @@ class VaultOperations(pyfuse3.Operations):
     def catalog(self) -> Catalog:
         """The latest catalogue of the live tree (catalog.py). Views read it on the trio loop,
         so it is rebuilt in the background (`keep_catalog`), never here but the first time."""
+        self._catalog_wanted = True
         if self._catalog is None:
             self.refresh_catalog()
         return self._catalog[1]
@@ -199,12 +201,15 @@ class VaultOperations(pyfuse3.Operations):
         return await self._thread(self.refresh_catalog)
 
     async def keep_catalog(self) -> None:
-        """Rebuild the catalogue in a worker thread whenever the store has moved on, at most
-        CATALOG_REFRESH_S apart, so that views follow changes within about a second."""
+        """Rebuild the catalogue in a worker thread when the store has moved on and views or
+        status have asked for it since, at most CATALOG_REFRESH_S apart: views follow changes
+        within about a second (a view a second time after a change shows it)."""
         while True:
             await trio.sleep(CATALOG_REFRESH_S)
-            if self._catalog is None or \
-                    self.store.env.info()["last_txnid"] != self._catalog[0]:
+            # Only while someone looks (a walk of the tree is not free: ~2 s per 100,000 files).
+            if self._catalog_wanted and (self._catalog is None or
+                                         self.store.env.info()["last_txnid"] != self._catalog[0]):
+                self._catalog_wanted = False
                 try:
                     await self.fresh_catalog()
                 except Exception:

@@ -27,6 +27,7 @@ import errno
 import json
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import pyfuse3
@@ -55,6 +56,7 @@ LABELS_INO = VIRTUAL + 6
 LATEST = b"latest"
 GROUPS = {TIERS_INO: "tier", RATING_INO: "rating", LABELS_INO: "label"}
 
+NAMES_KEPT = 100_000  # timeline names remembered (each costs ~100 bytes)
 FROZEN_TIMEOUT = 300.0  # snapshots and versions never change
 LIVE_TIMEOUT = 1.0      # views of the live tree follow it within a second
 BLKSIZE = 128 * 1024
@@ -97,7 +99,7 @@ class Views:
         self._filters: list[tuple] = []  # filter number - 1 -> ("tier", name), ("rating", 3)...
         # The name each timeline was last seen under, for its versions' extensions (the store
         # keeps no parent links; a walk to find one is the fallback).
-        self._names: dict[int, bytes] = {}
+        self._names: OrderedDict[int, bytes] = OrderedDict()
 
     @staticmethod
     def owns(ino: int) -> bool:
@@ -193,7 +195,7 @@ class Views:
             if node is not None and stat.S_ISDIR(node.mode):
                 return encode(VERSIONS_DIR, child)
             if node is not None and stat.S_ISREG(node.mode):
-                self._names[child] = name
+                self._name(child, name)
                 return encode(TIMELINE, child)
             raise FUSEError(errno.ENOENT)
         if kind == FILTER_DIR:
@@ -210,6 +212,12 @@ class Views:
             if child_name == name:
                 return ino
         raise FUSEError(errno.ENOENT)
+
+    def _name(self, ino: int, name: bytes) -> None:
+        self._names[ino] = name
+        self._names.move_to_end(ino)
+        if len(self._names) > NAMES_KEPT:
+            self._names.popitem(last=False)
 
     def _filter_number(self, key: tuple) -> int:
         if key not in self._filters:
@@ -250,7 +258,7 @@ class Views:
                     if stat.S_ISDIR(mode):
                         yield entry_id + 3, name, encode(VERSIONS_DIR, child)
                     elif stat.S_ISREG(mode):
-                        self._names[child] = name
+                        self._name(child, name)
                         yield entry_id + 3, name, encode(TIMELINE, child)
             return
         if parent == VAULT_INO:
@@ -319,27 +327,16 @@ class Views:
         return ino == STATUS_INO
 
     def read(self, ino: int, off: int, size: int) -> bytes:
-        """Bytes of a snapshot's file or of a version (blocking: runs in a worker thread)."""
+        """Bytes of a snapshot's file, a version, or a live file seen through a filter
+        (blocking: runs in a worker thread)."""
         kind, epoch, ident = decode(ino)
-        if kind == SNAPSHOT_NODE:
-            with self._tree(epoch, buffers=True) as tx:
-                node = tx.inode(ident)
-                if node is None:
-                    raise FUSEError(errno.ENOENT)
-                return read_range(tx, self.cache, node, off, size)
-        if kind == VERSION_FILE:
-            with self.store.reader(buffers=True) as tx:
-                v = tx.version(ident)
-                if v is None:
-                    raise FUSEError(errno.ENOENT)
-                return read_range(tx, self.cache, v, off, size)
-        if kind == FILTER_FILE:
-            with self.store.reader(buffers=True) as tx:
-                node = tx.inode(ident)
-                if node is None:
-                    raise FUSEError(errno.ENOENT)
-                return read_range(tx, self.cache, node, off, size)
-        raise FUSEError(errno.EISDIR)
+        if kind not in (SNAPSHOT_NODE, VERSION_FILE, FILTER_FILE):
+            raise FUSEError(errno.EISDIR)
+        with self._tree(epoch if kind == SNAPSHOT_NODE else None, buffers=True) as tx:
+            node = tx.version(ident) if kind == VERSION_FILE else tx.inode(ident)
+            if node is None:
+                raise FUSEError(errno.ENOENT)
+            return read_range(tx, self.cache, node, off, size)
 
     def readlink(self, ino: int) -> bytes:
         if ino == LATEST_INO:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from collections import defaultdict
 from pathlib import Path
 
 import lmdb

@@ -17,7 +17,6 @@ from pathlib import PurePosixPath
 from . import format as F
 from . import gc
 from .policy import RULES
-from .format import from_u64, u64
 from .store import Store
 from .txn import StoreError, Txn
 

@@ -1,5 +1,7 @@
-"""Splitting byte streams into chunks (content-defined now; format-aware splitters later)."""
+"""Splitting byte streams into chunks: content-defined (cdc.py) between the hard cut points
+that an image format's structure gives (formats.py)."""
 
 from .cdc import AVG_SIZE, MAX_SIZE, MIN_SIZE, is_zero, split, split_file
+from .formats import boundaries
 
-__all__ = ["AVG_SIZE", "MAX_SIZE", "MIN_SIZE", "is_zero", "split", "split_file"]
+__all__ = ["AVG_SIZE", "MAX_SIZE", "MIN_SIZE", "boundaries", "is_zero", "split", "split_file"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pyfastcdc
 
@@ -49,15 +49,23 @@ def is_zero(chunk: bytes) -> bool:
     return _ZEROS.startswith(chunk)
 
 
-def split_file(fd: int, start: int, end: int, final: bool = True
-               ) -> Iterator[tuple[int, bytes]]:
+def split_file(fd: int, start: int, end: int, final: bool = True,
+               bounds: Sequence[int] = ()) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes) of each chunk of bytes [start, end) of an open file, where `start` is
     a chunk boundary, read in windows so that memory stays bounded whatever the file's size.
+    Chunks never cross one of the hard cut points `bounds` (formats.py): content-defined
+    chunking starts afresh at each.
 
     The last chunk of a window may have been cut only because the window ended, so it is cut
     again with the next window: the result is the same as splitting the whole file at once.
     With `final` false, more bytes will follow `end`, so the last chunk is held back too.
     """
+    inner = [b for b in bounds if start < b < end]
+    for lo, hi in zip([start] + inner, inner + [end]):
+        yield from _split_range(fd, lo, hi, final or hi != end)
+
+
+def _split_range(fd: int, start: int, end: int, final: bool) -> Iterator[tuple[int, bytes]]:
     buf, buf_off = b"", start
     while True:
         # Step over holes a chunk at a time without reading them: a chunk that starts in a run

@@ -20,11 +20,12 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..chunking import is_zero, split_file
+from ..chunking import boundaries, is_zero, split_file
 from ..store import Store, StoreError, Txn
 from ..store.codec import Digests, digests, encode
 
 BATCH_BYTES = 4 * 1024 * 1024
+FORMAT_HEAD = 8 * 1024 * 1024  # enough of a file to find its format's structure
 PIPELINE = 2
 
 # Compression is the costliest step; it runs on every core, bounded, for all commits together.
@@ -54,6 +55,9 @@ class FileIngest:
         # its place, so a file written with fsyncs, or closed through a dup'ed descriptor
         # first (a shell's `>`), leaves one version per session, not one per flush.
         self.session_version = 0
+        # Hard cut points of the file's format (chunking/formats.py), found once enough of it
+        # is there: a metadata edit then re-stores the metadata, not the image data.
+        self.bounds: list[int] | None = None
 
     @classmethod
     def resume(cls, store: Store, tx: Txn, ino: int) -> "FileIngest":
@@ -122,7 +126,7 @@ class FileIngest:
         finally:
             # Even if the release failed (it is retried by the next commit's or abandon's
             # transaction, or by recovery), nothing of this view of the file is kept.
-            self.base, self.extents, self.done_to = [], [], 0
+            self.base, self.extents, self.done_to, self.bounds = [], [], 0, None
 
     def _chunk(self, fd: int, end: int, final: bool
                ) -> tuple[list[Chunk], EncodeJobs, int]:
@@ -146,8 +150,10 @@ class FileIngest:
             while len(storing) > keep:
                 self.extents.extend(storing.popleft().result())
 
+        if self.bounds is None and (final or end >= FORMAT_HEAD):
+            self.bounds = boundaries(lambda off, n: os.pread(fd, n, off), end)
         try:
-            for off, data in split_file(fd, self.done_to, end, final):
+            for off, data in split_file(fd, self.done_to, end, final, self.bounds or ()):
                 last_cut, last = off, off + len(data)
                 if is_zero(data):
                     continue  # a hole: stored as no extent at all

@@ -1,0 +1,61 @@
+"""Format-aware chunking: a metadata-only edit through the mount, the way photo editors make
+it, re-stores the metadata and not the image data, for each format in the corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import CORPUS, needs_fuse
+from vaultfs.chunking import boundaries
+
+EDITED = ["jpeg/large/Nikon D90.jpg", "jpeg/large/Canon EOS 5D.jpg", "jpeg/medium/mongolels.jpg",
+          "jpeg/mpo/frozenpond.mpo", "heic/IMG_3578.heic", "heic/samsung-one-ui-6.heic",
+          "dng/colorchart.dng", "raw/GOPR0024.GPR", "tiff/issue-metadata-extractor-152.tif",
+          "raw_metadata_only/CanonRaw.cr2", "raw_metadata_only/FujiFilm.raf"]
+
+
+def _metadata_bytes(path) -> int:
+    """The bytes of a file outside its largest piece between its format's cut points (the
+    image data): its metadata, previews and thumbnails, as far as chunking can tell."""
+    data = path.read_bytes()
+    cuts = [0] + [c for c in boundaries(lambda o, n: data[o:o + n], len(data))
+                  if c < len(data)] + [len(data)]
+    return len(data) - max(b - a for a, b in zip(cuts, cuts[1:]))
+
+
+def test_malformed_structures_fall_back_to_content_chunking():
+    rng = random.Random(2)
+    for rel in EDITED:
+        data = bytearray((CORPUS / rel).read_bytes())
+        for _ in range(30):  # garbage anywhere in the structure: never an exception
+            for _ in range(8):
+                data[rng.randrange(min(len(data), 65536))] = rng.randrange(256)
+            cuts = boundaries(lambda o, n: bytes(data[o:o + n]), len(data))
+            assert cuts == sorted(set(cuts)) and all(c > 0 for c in cuts)
+    assert boundaries(lambda o, n: b"\xff\xd8\xff" + bytes(n), 10) == []
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed")
+@pytest.mark.parametrize("rel", EDITED)
+def test_a_metadata_edit_restores_only_the_metadata(mnt, rel):
+    def stored() -> int:
+        return json.loads((mnt / ".vault" / "status.json").read_text())["stored_bytes"]
+
+    f = mnt / os.path.basename(rel)
+    shutil.copyfile(CORPUS / rel, f)
+    before = stored()
+    subprocess.run(["exiftool", "-q", "-q", "-Rating=5", "-XMP:Subject+=eagle",
+                    "-overwrite_original", str(f)], check=True)
+    grew = stored() - before
+    size = f.stat().st_size
+    allowed = size // 100 + _metadata_bytes(f)
+    print(f"{rel}: {size} bytes, the edit stored {grew} ({grew / size:.1%}), allowed {allowed}")
+    assert grew <= allowed
+    assert (mnt / ".vault" / "versions" / f.name).is_dir()  # the old one is still there

@@ -1,0 +1,273 @@
+"""Where an image file's metadata ends and its image data begins: hard cut points for the
+chunker, so that an edit of the metadata (a rating, a keyword, a rewritten XMP packet) re-stores
+the metadata and leaves the image data's chunks, and their dedup, as they were.
+
+    JPEG (and MPO)   each marker segment before the scan (APPn: EXIF, XMP, ICC, MPF...),
+                     the entropy-coded scan, and the further images MPF points at
+    TIFF and TIFF-based RAW (DNG, NEF, CR2, ARW, ORF, RW2, PEF, 3FR, IIQ, GPR...)
+                     the IFDs and maker notes vs the strips, tiles and embedded JPEGs
+    ISO-BMFF (CR3, HEIC/HEIF, AVIF)   each top-level box (ftyp, moov, uuid, mdat...)
+    RAF              the header, the embedded JPEG, the CFA header and the CFA data
+
+Between cut points, content-defined chunking goes on as for any file. A parser that meets
+something malformed stops and returns what it has found (possibly nothing): the file is then cut
+by content alone, and stored bit-exact either way. Each parser reads only the structure, a few
+kilobytes, through `read(offset, length)`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+Read = Callable[[int, int], bytes]
+MIN_REGION = 4096       # image data regions smaller than this are not worth a cut of their own
+MAX_IFDS = 64
+MAX_ENTRIES = 4096
+MAX_SEGMENTS = 256
+
+
+def boundaries(read: Read, size: int) -> list[int]:
+    """Sorted hard cut points for the file's format, or []. `size` is how much of the file
+    can be read now (all of it, or the start of a file still being written); points beyond it
+    (a region's end the header announces) are kept, for when the rest arrives."""
+    head = read(0, 16)
+    try:
+        if head.startswith(b"\xff\xd8\xff"):
+            cuts = _jpeg(read, size, 0)
+        elif head[:4] in (b"II*\x00", b"MM\x00*", b"IIRO", b"IIU\x00"):
+            cuts = _tiff(read, size, 0)
+        elif head[4:8] == b"ftyp":
+            cuts = _bmff(read, size)
+        elif head.startswith(b"FUJIFILMCCD-RAW"):
+            cuts = _raf(read, size)
+        else:
+            return []
+    except (struct.error, ValueError, IndexError, OverflowError):
+        return []
+    return sorted({c for c in cuts if c > 0})
+
+
+def _jpeg(read: Read, size: int, start: int) -> list[int]:
+    """Segment starts up to the scan, then the scan; MPF's further images likewise."""
+    cuts, pos, mpf_at = [start], start + 2, None
+    for _ in range(MAX_SEGMENTS):
+        if pos + 4 > size:
+            break
+        marker, length = struct.unpack(">HH", read(pos, 4))
+        if marker >> 8 != 0xFF:
+            break
+        cuts.append(pos)
+        if marker in (0xFFD8, 0xFF01) or 0xFFD0 <= marker <= 0xFFD7:
+            pos += 2
+            continue
+        end = pos + 2 + length
+        if marker == 0xFFE2 and read(pos + 4, 4) == b"MPF\x00":
+            mpf_at = pos + 8  # the MP header's TIFF structure; offsets are relative to it
+            for off in _mpf_images(read, mpf_at):
+                if mpf_at + off < size:
+                    cuts += _jpeg(read, size, mpf_at + off)
+        if marker == 0xFFDA:  # start of scan: the entropy-coded data follows, to EOI
+            cuts.append(end)
+            break
+        pos = end
+    return cuts
+
+
+def _mpf_images(read: Read, base: int) -> list[int]:
+    """Offsets (from the MP header) of the images after the first, from the MP entries."""
+    order = read(base, 2)
+    e = "<" if order == b"II" else ">"
+    ifd = struct.unpack(e + "I", read(base + 4, 4))[0]
+    n = struct.unpack(e + "H", read(base + ifd, 2))[0]
+    out = []
+    for i in range(min(n, 64)):
+        tag, _, count, value = struct.unpack(e + "HHII", read(base + ifd + 2 + 12 * i, 12))
+        if tag == 0xB002:  # MP Entry: 16 bytes per image, offset at +8 (0 for the first)
+            for k in range(1, min(count // 16, 16)):
+                offset = struct.unpack(e + "I", read(base + value + 16 * k + 8, 4))[0]
+                if offset:
+                    out.append(offset)
+    return out
+
+
+# TIFF tags that point at data regions (offsets tag -> byte counts tag) or at more IFDs.
+_REGIONS = {273: 279, 324: 325, 513: 514}  # strips, tiles, JPEG preview (thumbnail)
+_SUB_IFDS = {330, 34665, 34853, 40965}     # SubIFDs, EXIF, GPS, Interoperability
+_MAKERNOTE = 37500
+_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+
+
+def _tiff(read: Read, size: int, base: int) -> list[int]:
+    """Cuts around every image data region the IFDs describe (merged where contiguous), and
+    around the maker notes."""
+    order = read(base, 2)
+    e = "<" if order == b"II" else ">"
+    todo = [struct.unpack(e + "I", read(base + 4, 4))[0]]
+    seen: set[int] = set()
+    regions: list[tuple[int, int]] = []
+    while todo and len(seen) < MAX_IFDS:
+        ifd = todo.pop()
+        if ifd in seen or not 0 < ifd < size:
+            continue
+        seen.add(ifd)
+        n = struct.unpack(e + "H", read(base + ifd, 2))[0]
+        if n > MAX_ENTRIES:
+            continue
+        raw = read(base + ifd + 2, 12 * n + 4)
+        entries = {}
+        for i in range(n):
+            tag, typ, count = struct.unpack_from(e + "HHI", raw, 12 * i)
+            entries[tag] = (typ, count, raw[12 * i + 8:12 * i + 12])
+        values = lambda tag: _values(read, e, base, *entries[tag])  # noqa: E731
+        for off_tag, len_tag in _REGIONS.items():
+            if off_tag in entries and len_tag in entries:
+                regions += [(base + o, n_) for o, n_ in zip(values(off_tag), values(len_tag))]
+        for tag in _SUB_IFDS & entries.keys():
+            todo += values(tag)
+        if _MAKERNOTE in entries:
+            typ, count, field = entries[_MAKERNOTE]
+            if count > 4:
+                regions.append((base + struct.unpack(e + "I", field)[0], count))
+        nxt = struct.unpack_from(e + "I", raw, 12 * n)[0]
+        todo.append(nxt)
+    return _region_cuts(regions)
+
+
+def _values(read: Read, e: str, base: int, typ: int, count: int, field: bytes) -> list[int]:
+    """The integer values of a SHORT or LONG entry (inline or at its offset)."""
+    if typ not in (3, 4, 13) or count > 1 << 20:
+        return []
+    fmt = e + ("H" if typ == 3 else "I") * count
+    nbytes = _SIZES[typ] * count
+    data = field[:nbytes] if nbytes <= 4 else read(base + struct.unpack(e + "I", field)[0],
+                                                   nbytes)
+    return list(struct.unpack(fmt, data))
+
+
+def _region_cuts(regions: list[tuple[int, int]]) -> list[int]:
+    merged: list[list[int]] = []
+    for off, n in sorted(r for r in regions if r[1] > 0):
+        if merged and off <= merged[-1][1] + 64:
+            merged[-1][1] = max(merged[-1][1], off + n)
+        else:
+            merged.append([off, off + n])
+    return [c for lo, hi in merged if hi - lo >= MIN_REGION for c in (lo, hi)]
+
+
+def _bmff(read: Read, size: int) -> list[int]:
+    """Each top-level box; in HEIF, also each metadata item (EXIF, XMP) inside mdat, which
+    `meta/iloc` locates (the image's tiles around them are cut as one region)."""
+    cuts, pos = [], 0
+    for _ in range(MAX_SEGMENTS):
+        if pos + 8 > size:
+            break
+        n, kind = struct.unpack(">I4s", read(pos, 8))
+        header = 8
+        if n == 1:
+            n, header = struct.unpack(">Q", read(pos + 8, 8))[0], 16
+        elif n == 0:
+            n = size - pos
+        if n < header:
+            break
+        cuts.append(pos)
+        if kind == b"meta":
+            cuts += _heif_items(read, pos + header + 4, pos + n)
+        pos += n
+    return cuts
+
+
+def _children(read: Read, start: int, end: int) -> dict[bytes, tuple[int, int]]:
+    """kind -> (payload start, box end) of the boxes in [start, end) (the first of a kind)."""
+    out: dict[bytes, tuple[int, int]] = {}
+    pos = start
+    for _ in range(MAX_SEGMENTS):
+        if pos + 8 > end:
+            break
+        n, kind = struct.unpack(">I4s", read(pos, 8))
+        if n < 8:
+            break
+        out.setdefault(kind, (pos + 8, pos + n))
+        pos += n
+    return out
+
+
+def _heif_items(read: Read, start: int, end: int) -> list[int]:
+    boxes = _children(read, start, end)
+    if b"iloc" not in boxes:
+        return []
+    types = _item_types(read, *boxes[b"iinf"]) if b"iinf" in boxes else {}
+    cuts, regions = [], []
+    for item, method, extents in _iloc(read, *boxes[b"iloc"]):
+        if method != 0:  # data in the file itself, at absolute offsets
+            continue
+        for off, n in extents:
+            if types.get(item) in (b"Exif", b"mime"):
+                cuts += [off, off + n]  # metadata: a chunk of its own
+            else:
+                regions.append((off, n))
+    return cuts + _region_cuts(regions)
+
+
+def _item_types(read: Read, start: int, end: int) -> dict[int, bytes]:
+    version = read(start, 1)[0]
+    count_size = 2 if version == 0 else 4
+    pos = start + 4 + count_size
+    out = {}
+    for _ in range(MAX_ENTRIES):
+        if pos + 8 > end:
+            break
+        n, kind = struct.unpack(">I4s", read(pos, 8))
+        if n < 8:
+            break
+        if kind == b"infe":
+            v = read(pos + 8, 1)[0]
+            if v >= 2:
+                id_size = 2 if v == 2 else 4
+                body = read(pos + 12, id_size + 2 + 4)
+                item = int.from_bytes(body[:id_size], "big")
+                out[item] = body[id_size + 2:id_size + 6]
+        pos += n
+    return out
+
+
+def _iloc(read: Read, start: int, end: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """(item id, construction method, [(offset, length)]) of every item in an iloc box."""
+    data = read(start, min(end - start, 1 << 20))
+    version = data[0]
+    sizes = data[4] >> 4, data[4] & 15, data[5] >> 4, data[5] & 15
+    off_size, len_size, base_size, idx_size = sizes
+    pos = 6
+
+    def take(nbytes: int) -> int:
+        nonlocal pos
+        value = int.from_bytes(data[pos:pos + nbytes], "big") if nbytes else 0
+        if pos + nbytes > len(data):
+            raise ValueError("iloc runs past its box")
+        pos += nbytes
+        return value
+
+    count = take(2 if version < 2 else 4)
+    items = []
+    for _ in range(min(count, MAX_ENTRIES)):
+        item = take(2 if version < 2 else 4)
+        method = take(2) & 15 if version in (1, 2) else 0
+        take(2)  # data reference index
+        base = take(base_size)
+        extents = []
+        for _ in range(take(2)):
+            if version in (1, 2):
+                take(idx_size)
+            extents.append((base + take(off_size), take(len_size)))
+        items.append((item, method, extents))
+    return items
+
+
+def _raf(read: Read, size: int) -> list[int]:
+    """RAF: big-endian (offset, length) pairs at 84 (JPEG), 92 (CFA header), 100 (CFA)."""
+    cuts = []
+    for at in (84, 92, 100):
+        off, n = struct.unpack(">II", read(at, 8))
+        if 0 < off < size:
+            cuts += [off, off + n]
+    return cuts

@@ -222,6 +222,30 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_events(args) -> int:
+    from .client import Vault
+
+    try:
+        for event in Vault(args.mountpoint).events():
+            print(json.dumps(event), flush=True)
+    except BrokenPipeError:  # `vaultfs events M | head`
+        pass
+    return 0
+
+
+def cmd_safe(args) -> int:
+    from .client import Vault
+
+    vault = Vault(args.mountpoint)
+    answers = [vault.safe(os.path.relpath(os.path.abspath(p), vault.mountpoint))
+               for p in args.paths]
+    if not _json(args, answers):
+        for a in answers:
+            print(f"{a['path']}: {'safe' if a['safe'] else 'NOT YET SAFE'} "
+                  f"({a['copies']} cop{'y' if a['copies'] == 1 else 'ies'})")
+    return 0 if all(a["safe"] for a in answers) else 1
+
+
 def cmd_find(args) -> int:
     with Store.open(args.store) as store:
         entries = _catalog(store).files.values()
@@ -461,6 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow_other, vault_visible")
     s.add_argument("--debug", action="store_true", help="log every detail")
     s.set_defaults(fn=cmd_mount)
+
+    s = sub.add_parser("events", help="what happens to files, as JSON lines, as it happens")
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_events)
+
+    s = sub.add_parser("safe", help="whether files are committed and verified yet")
+    s.add_argument("paths", nargs="+", metavar="FILE", help="files under a vaultfs mount")
+    s.add_argument("--mountpoint", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_safe)
 
     s = sub.add_parser("umount", help="commit and unmount")
     s.add_argument("mountpoint")

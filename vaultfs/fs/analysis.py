@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import stat
+from collections.abc import Callable
 
 import trio
 
@@ -18,6 +19,7 @@ from ..store.reader import ChunkCache, read_range
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 256 << 20  # larger files are not read whole for their metadata
+HEAD_BYTES = 4 << 20   # what is read of a larger file first
 
 
 class Analyzer:
@@ -27,6 +29,7 @@ class Analyzer:
         self._queued: set[int] = set()
         self._working = True  # (until the backlog is queued)
         self.analysed = 0  # records written
+        self.on_analysed: Callable[[int, dict], None] | None = None  # called on the loop
 
     @property
     def busy(self) -> bool:
@@ -55,20 +58,34 @@ class Analyzer:
             self._working = True
             self._queued.discard(ino)
             try:
-                await trio.to_thread.run_sync(self._analyse, ino)
+                record = await trio.to_thread.run_sync(self._analyse, ino)
             except Exception:  # the next commit of the file tries again
                 log.exception("reading the metadata of inode %d failed", ino)
+                continue
+            if record is not None and self.on_analysed is not None:
+                self.on_analysed(ino, record)
+
+    def _read(self, tx, node) -> dict:
+        """A large file's metadata from its head first (where cameras put it); the whole
+        file only when that is not enough."""
+        if node.size > HEAD_BYTES:
+            try:
+                return metadata.read(read_range(tx, self.cache, node, 0, HEAD_BYTES))
+            except metadata.MetadataError:
+                pass
+        return metadata.read(read_range(tx, self.cache, node, 0, node.size))
 
     def _backlog(self) -> list[int]:
         with self.store.reader() as tx:
             return [n.ino for n in tx.inodes()
                     if stat.S_ISREG(n.mode) and n.content and tx.media(n.content) is None]
 
-    def _analyse(self, ino: int) -> None:
+    def _analyse(self, ino: int) -> dict | None:
+        """Read one file's metadata into the index; the record written (None: nothing to do)."""
         with self.store.reader() as tx:
             node = tx.inode(ino)
             if node is None or not node.content or tx.media(node.content) is not None:
-                return
+                return None
             head = read_range(tx, self.cache, node, 0, 512)
             if metadata.sniff(head) is None:
                 record: dict = {"kind": None}  # not a format with metadata to read
@@ -76,10 +93,11 @@ class Analyzer:
                 record = {"error": f"larger than {MAX_BYTES >> 20} MiB: not read"}
             else:
                 try:
-                    record = metadata.read(read_range(tx, self.cache, node, 0, node.size))
+                    record = self._read(tx, node)
                 except (metadata.MetadataError, MemoryError, OverflowError) as e:
                     record = {"error": str(e) or type(e).__name__}
                     log.warning("cannot read the metadata of %s: %s",
                                 tx.path_of(ino) or f"inode {ino}", record["error"])
         self.store.write(lambda tx: tx.put_media(node.content, record))
         self.analysed += 1
+        return record

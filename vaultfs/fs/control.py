@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,14 @@ def _private_dir(path: Path) -> None:
 
 
 async def serve(store: Store, ops: dict[str, Callable[..., Any]],
+                mount_ops: dict[str, Callable[..., Any]] | None = None,
+                streams: dict[str, Callable[..., Any]] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Answer requests until cancelled. `ops` maps an op name to a blocking function called
-    as fn(store, **args) in a worker thread."""
+    as fn(store, **args) in a worker thread; `mount_ops` to quick functions of the mount's own
+    state, fn(**args), called on the loop; `streams` to async functions fn(send) that send
+    objects for as long as the client listens (its connection is theirs from then on)."""
+    handlers = Handlers(store, ops, mount_ops or {}, streams or {})
     path = socket_path(store)
     _private_dir(path.parent)
     if _answers(path):
@@ -65,13 +70,18 @@ async def serve(store: Store, ops: dict[str, Callable[..., Any]],
         async with trio.open_nursery() as nursery:
             task_status.started(path)
             listener = trio.SocketListener(sock)
-            await trio.serve_listeners(lambda s: _session(s, store, ops), [listener],
+            await trio.serve_listeners(lambda s: _session(s, handlers), [listener],
                                        handler_nursery=nursery)
     finally:
         path.unlink(missing_ok=True)
 
 
-async def _session(stream: trio.SocketStream, store: Store, ops: dict) -> None:
+class Handlers:
+    def __init__(self, store: Store, ops: dict, mount_ops: dict, streams: dict):
+        self.store, self.ops, self.mount_ops, self.streams = store, ops, mount_ops, streams
+
+
+async def _session(stream: trio.SocketStream, h: Handlers) -> None:
     """One client: requests answered in turn. A client that sends garbage gets an error
     answer; one that goes away mid-request changes nothing the request had not committed."""
     buf = b""
@@ -87,21 +97,36 @@ async def _session(stream: trio.SocketStream, store: Store, ops: dict) -> None:
                         await stream.send_all(_answer(False, "request too long"))
                         return
                 line, buf = buf.split(b"\n", 1)
-                await stream.send_all(await _run(line, store, ops))
+                req = _parse(line, h)
+                if req is None:
+                    await stream.send_all(_answer(False, "not a request this mount understands"))
+                elif req[0] in h.streams:
+                    await stream.send_all(_answer(True, "listening"))
+                    await h.streams[req[0]](
+                        lambda obj: stream.send_all((json.dumps(obj) + "\n").encode()))
+                    return
+                else:
+                    await stream.send_all(await _run(*req, h))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
 
-async def _run(line: bytes, store: Store, ops: dict) -> bytes:
+def _parse(line: bytes, h: Handlers) -> tuple[str, dict] | None:
     try:
         req = json.loads(line)
         op, args = req["op"], req.get("args", {})
-        if op not in ops or not isinstance(args, dict):
-            raise ValueError
     except (ValueError, KeyError, TypeError):
-        return _answer(False, "not a request this mount understands")
+        return None
+    known = op in h.ops or op in h.mount_ops or op in h.streams
+    return (op, args) if isinstance(op, str) and known and isinstance(args, dict) else None
+
+
+async def _run(op: str, args: dict, h: Handlers) -> bytes:
     try:
-        result = await trio.to_thread.run_sync(lambda: ops[op](store, **args))
+        if op in h.mount_ops:
+            result = h.mount_ops[op](**args)
+        else:
+            result = await trio.to_thread.run_sync(lambda: h.ops[op](h.store, **args))
     except (StoreError, TypeError, ValueError) as e:
         return _answer(False, str(e))
     except Exception as e:  # noqa: BLE001 - reported to the client, logged here
@@ -127,22 +152,39 @@ def _answers(path: Path) -> bool:
 def request(store: Store, op: str, **args: Any) -> Any:
     """Send one request to the mount that holds `store` (opened read-only by the caller), and
     return its result."""
+    with _connect(store) as s:
+        return _call(s.makefile("rwb"), op, args)
+
+
+def listen(store: Store, op: str = "events") -> Iterator[dict]:
+    """The objects a stream op sends, one by one, until the mount ends or the caller stops."""
+    with _connect(store) as s:
+        s.settimeout(None)
+        f = s.makefile("rwb")
+        _call(f, op, {})
+        for line in f:
+            yield json.loads(line)
+
+
+def _connect(store: Store) -> socket.socket:
     path = socket_path(store)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(CLIENT_TIMEOUT)
-        try:
-            s.connect(str(path))
-        except OSError as e:
-            raise StoreError(f"the store is in use, but its mount does not answer at {path} "
-                             f"({e.strerror})") from None
-        s.sendall((json.dumps({"op": op, "args": args}) + "\n").encode())
-        buf = b""
-        while not buf.endswith(b"\n"):
-            data = s.recv(65536)
-            if not data:
-                raise StoreError("the mount closed the control connection without answering")
-            buf += data
-    reply = json.loads(buf)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(CLIENT_TIMEOUT)
+    try:
+        s.connect(str(path))
+    except OSError as e:
+        s.close()
+        raise StoreError(f"the store's mount does not answer at {path} ({e.strerror})") from None
+    return s
+
+
+def _call(f, op: str, args: dict) -> Any:
+    f.write((json.dumps({"op": op, "args": args}) + "\n").encode())
+    f.flush()
+    line = f.readline()
+    if not line:
+        raise StoreError("the mount closed the control connection without answering")
+    reply = json.loads(line)
     if not reply.get("ok"):
         raise StoreError(reply.get("error", "the mount refused the request"))
     return reply["result"]

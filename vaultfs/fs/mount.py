@@ -71,6 +71,9 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
     rules = policy.load(store.path)  # a bad vault.toml stops the mount before it starts
     ops = VaultOperations(store, vault_visible=vault_visible, rules=tier_rules(rules))
     ops.analyzer = Analyzer(store, ops.cache)
+    ops.analyzer.on_analysed = lambda ino, record: ops.events.publish(
+        "analysed", ops.event_path(ino), **{k: record[k] for k in ("kind", "rating", "label",
+                                                                     "error") if k in record})
     store.mounted = True
     logging.getLogger("pyfuse3").addFilter(_dropped_replies)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -96,7 +99,8 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                 nursery.start_soon(on_signal)
                 ops.nursery = nursery
                 nursery.start_soon(_raise_read_ahead, mountpoint)
-                await nursery.start(control.serve, store, admin.OPERATIONS)
+                await nursery.start(control.serve, store, admin.OPERATIONS,
+                                    {"safe": ops.safety}, {"events": ops.events.listen})
                 nursery.start_soon(_policies, store, ops, rules)
                 nursery.start_soon(ops.analyzer.run)
                 nursery.start_soon(ops.keep_catalog)

@@ -36,6 +36,8 @@ from ..store import policy, scrub
 from .analysis import Analyzer
 from .catalog import Catalog
 from .catalog import build as build_catalog
+from ..store.verify import check_chunk
+from .events import Events
 from .views import VAULT_INO, VAULT_NAME, Views, inode_attrs
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,9 @@ class VaultOperations(pyfuse3.Operations):
         self._open: dict[int, OpenInode] = {}
         self._handles: dict[int, int] = {}        # fh -> ino
         self._parents: dict[int, int] = {VAULT_INO: ROOT_INO}  # directory ino -> parent ino
+        self._names: dict[int, tuple[int, bytes]] = {}  # ino -> (parent, name) it was seen by
+        self.events = Events()
+        self._verified: dict[int, int] = {}  # ino -> its version last read back and matched
         self._view_data: dict[int, bytes] = {}    # fh -> content of an open view file
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None  # for background ingest; set by mount.run
@@ -163,12 +168,26 @@ class VaultOperations(pyfuse3.Operations):
         self._handles[fh] = ino
         return fh
 
-    def _remember(self, ino: int, mode: int, parent: int) -> None:
+    def _remember(self, ino: int, mode: int, parent: int, name: bytes | None = None) -> None:
         """The kernel took a reference on `ino` (a lookup); note a directory's parent for
-        its ".." entry (directories have one parent, and the store keeps no parent links)."""
+        its ".." entry (directories have one parent, and the store keeps no parent links),
+        and the name it was reached by, for the paths of events."""
         self._lookups[ino] += 1
         if stat.S_ISDIR(mode):
             self._parents[ino] = parent
+        if name is not None and not self.views.owns(ino):
+            self._names[ino] = (parent, name)
+
+    def event_path(self, ino: int) -> str:
+        """The path (relative to the mount's root) an inode was last reached by."""
+        parts: list[bytes] = []
+        while ino != ROOT_INO and len(parts) < 4096:
+            known = self._names.get(ino)
+            if known is None:
+                return f"<inode {ino}>"
+            ino, name = known
+            parts.append(name)
+        return b"/".join(reversed(parts)).decode(errors="surrogateescape")
 
     @staticmethod
     def _no_views(*inos: int) -> None:
@@ -218,7 +237,9 @@ class VaultOperations(pyfuse3.Operations):
     def status(self) -> dict:
         figures = self.store.figures()
         figures["open_files"] = len(self._open)
-        figures["uncommitted_files"] = sum(1 for of in self._open.values() if of.dirty)
+        dirty = [of.dirty_since for of in self._open.values() if of.dirty]
+        figures["uncommitted_files"] = len(dirty)
+        figures["oldest_uncommitted_s"] = round(time.monotonic() - min(dirty), 3) if dirty else 0
         figures["tiers"] = self.catalog().tier_figures(scrub.results(self.store))
         return figures
 
@@ -242,7 +263,7 @@ class VaultOperations(pyfuse3.Operations):
                 missing.entry_timeout = CACHE_TIMEOUT
                 return missing
             attrs = self._attrs(self._inode(tx, ino))
-        self._remember(ino, attrs.st_mode, parent_inode)
+        self._remember(ino, attrs.st_mode, parent_inode, name)
         return attrs
 
     async def forget(self, inode_list):
@@ -252,6 +273,8 @@ class VaultOperations(pyfuse3.Operations):
                 if self._lookups[ino] <= 0:
                     del self._lookups[ino]
                     self._parents.pop(ino, None)
+                    self._names.pop(ino, None)
+                    self._verified.pop(ino, None)
                     await self._delete_if_unused(ino)
             except Exception:  # forget must never raise
                 log.exception("forget of inode %d failed", ino)
@@ -356,7 +379,7 @@ class VaultOperations(pyfuse3.Operations):
             return node
 
         node = await self._write(make)
-        self._remember(node.ino, node.mode, parent)
+        self._remember(node.ino, node.mode, parent, name)
         return node
 
     @handler
@@ -451,12 +474,14 @@ class VaultOperations(pyfuse3.Operations):
         now = time.time_ns()
 
         moved: dict[int, int] = {}  # directory ino -> its new parent
+        renamed: list[int] = []     # the inode now at the new name
 
         def rename(tx: Txn) -> Inode | None:
             ino = tx.lookup(parent_inode_old, name_old)
             if ino is None:
                 raise FUSEError(errno.ENOENT)
             node = self._inode(tx, ino)
+            renamed[:] = [ino]
             if stat.S_ISDIR(node.mode):
                 moved[ino] = parent_inode_new
             parents = {p: self._inode(tx, p) for p in (parent_inode_old, parent_inode_new)}
@@ -513,6 +538,11 @@ class VaultOperations(pyfuse3.Operations):
         replaced = await self._write(rename)
         for ino, parent in moved.items():
             self._parents[ino] = parent
+        if renamed:
+            before = self.event_path(renamed[0])
+            self._names[renamed[0]] = (parent_inode_new, name_new)
+            if self._verified.get(renamed[0]):  # a file saved under a temporary name first
+                self.events.publish("renamed", self.event_path(renamed[0]), **{"from": before})
         if replaced is not None and replaced.nlink == 0:
             await self._delete_if_unused(replaced.ino)
 
@@ -611,6 +641,8 @@ class VaultOperations(pyfuse3.Operations):
             of.stream_ok = False
         elif size == 0 and of.stream_end == 0:
             of.stream_ok = True  # emptied (O_TRUNC) before any background ingest began
+        if not of.dirty:
+            of.dirty_since = time.monotonic()
         of.size, of.dirty, of.mtime_ns, of.ctime_ns = size, True, now, now
 
     def _maybe_stream(self, of: OpenInode) -> None:
@@ -649,11 +681,55 @@ class VaultOperations(pyfuse3.Operations):
             of.stream_ok = False  # the next commit starts over from the first byte
             raise
         self.changed = True
+        self.events.publish("committed", self.event_path(of.ino), size=of.size)
+        if self.nursery is not None:
+            self.nursery.start_soon(self._verify, of.ino)
         if self.analyzer is not None:
             self.analyzer.enqueue(of.ino)
         # From here on, a write below done_to invalidates the ingest; appends go on from it.
         of.stream_ok, of.stream_end = True, ingest.done_to
         of.dirty = False
+
+    async def _verify(self, ino: int) -> None:
+        """Read a committed file back from the store and match every chunk against its
+        digests: only then is it `verified` (safe)."""
+        try:
+            version, problem = await self._thread(self._read_back, ino)
+        except Exception as e:  # (it is in the store; `vaultfs verify` can say more)
+            log.exception("reading back inode %d failed", ino)
+            version, problem = 0, str(e)
+        if problem:
+            log.error("%s did not read back as written: %s", self.event_path(ino), problem)
+            self.events.publish("error", self.event_path(ino), error=problem)
+        elif version:
+            self._verified[ino] = version
+            self.events.publish("verified", self.event_path(ino), version=version)
+
+    def _read_back(self, ino: int) -> tuple[int, str | None]:
+        with self.store.reader() as tx:
+            node = tx.inode(ino)
+            if node is None:
+                return 0, None  # deleted meanwhile
+            for off, chunk_id, _ in tx.extents(node.content):
+                rec = tx.chunk_record(chunk_id)
+                why = check_chunk(tx.chunk_data(chunk_id), chunk_id, rec) if rec else "missing"
+                if why:
+                    return node.content, f"bytes from {off}: {why}"
+            return node.content, None
+
+    def safety(self, path: str) -> dict:
+        """Is the file at `path` safe yet: committed, read back and verified (and how many
+        copies the vault holds of it: one, until mirrors come)."""
+        with self.store.reader() as tx:
+            ino = tx.resolve(path)
+            node = tx.inode(ino) if ino is not None else None
+        if node is None or not stat.S_ISREG(node.mode):
+            raise ValueError(f"{path} is not a file in the vault")
+        of = self._open.get(ino)
+        pending = of is not None and of.dirty
+        verified = not pending and (self._verified.get(ino) == node.content or not node.content)
+        return {"path": path, "committed": not pending, "verified": verified,
+                "safe": verified, "copies": 1 if verified else 0, "version": node.content}
 
     def _drop_open(self, of: OpenInode) -> None:
         of.close_spool()
@@ -687,6 +763,8 @@ class VaultOperations(pyfuse3.Operations):
             await self._ensure_spool(of)
             n = os.pwrite(of.fd, buf, off)
             now = time.time_ns()
+            if not of.dirty:
+                of.dirty_since = time.monotonic()
             of.size, of.dirty, of.mtime_ns, of.ctime_ns = max(of.size, off + n), True, now, now
             if off < of.stream_end:
                 of.stream_ok = False
@@ -763,7 +841,7 @@ class VaultOperations(pyfuse3.Operations):
                 attrs = self._attrs(self._inode(tx, ino))
                 if not pyfuse3.readdir_reply(token, name, attrs, entry_id + 3):
                     return
-                self._remember(ino, attrs.st_mode, fh)
+                self._remember(ino, attrs.st_mode, fh, name)
 
     @handler
     async def releasedir(self, fh):

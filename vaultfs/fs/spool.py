@@ -27,6 +27,7 @@ class OpenInode:
     fd: int | None = None      # spool file, once the file has been changed
     size: int = 0              # size of the spooled content (valid while fd is set)
     dirty: bool = False        # spool differs from the committed content
+    dirty_since: float = 0.0   # monotonic time of the first change not yet committed
     mtime_ns: int = 0
     ctime_ns: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)

@@ -1,0 +1,104 @@
+"""Events and the client API over the mount's control socket, as tethering software uses
+them: every file written in the three tethering patterns is announced committed, then verified
+(read back and matched); `safe` answers per file; garbage from a client harms nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import needs_fuse, vaultfs
+from vaultfs.client import Vault
+from vaultfs.fs import control
+from vaultfs.store import Store
+
+pytestmark = needs_fuse
+
+
+def _listen(mountpoint):
+    """`vaultfs events` in a subprocess, its JSON lines collected by a thread."""
+    proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "events", str(mountpoint)],
+                            stdout=subprocess.PIPE, text=True)
+    got: list[dict] = []
+    threading.Thread(target=lambda: [got.append(json.loads(line)) for line in proc.stdout],
+                     daemon=True).start()
+    return proc, got
+
+
+def _until(cond, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.05)
+
+
+def test_each_capture_is_announced_committed_then_verified(mnt):
+    proc, got = _listen(mnt)
+    time.sleep(1.0)  # (the subscription is made when the command has started)
+    data = os.urandom(3_000_000)
+    (mnt / "close.NEF").write_bytes(data)                 # write, close
+    with open(mnt / "fsync.NEF", "wb") as f:              # write, fsync (still open)
+        f.write(data)
+        os.fsync(f.fileno())
+        _until(lambda: ("verified", "fsync.NEF") in {(e["event"], e["path"]) for e in got})
+        assert Vault(mnt).safe("fsync.NEF")["safe"]
+    (mnt / ".DSC_0003.NEF.tmp").write_bytes(data)         # temp name, rename into place
+    os.rename(mnt / ".DSC_0003.NEF.tmp", mnt / "DSC_0003.NEF")
+    _until(lambda: ("renamed", "DSC_0003.NEF") in {(e["event"], e["path"]) for e in got})
+    proc.terminate()
+    seen = [(e["event"], e["path"]) for e in got]
+    for name in ("close.NEF", "fsync.NEF"):
+        assert seen.index(("committed", name)) < seen.index(("verified", name))
+    renamed = next(e for e in got if e["event"] == "renamed")
+    assert renamed["from"] == ".DSC_0003.NEF.tmp"
+    assert all(isinstance(e["time"], float) for e in got)
+    out = vaultfs("safe", "--mountpoint", mnt, mnt / "close.NEF", mnt / "DSC_0003.NEF").stdout
+    assert out.count(": safe (1 copy)") == 2
+
+
+def test_a_file_still_being_written_is_not_safe_yet(mnt):
+    # The writer is a process of its own: a fork of this one would close (flush, so commit)
+    # the file when it starts another program, as POSIX has it.
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, os\n"
+                               "f = open(sys.argv[1], 'wb'); f.write(b'x' * 1000); f.flush()\n"
+                               "print('written', flush=True); sys.stdin.readline(); f.close()",
+                               str(mnt / "open.NEF")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "written"
+    answer = Vault(mnt).safe("open.NEF")
+    assert answer["committed"] is False and answer["safe"] is False
+    r = vaultfs("safe", "--mountpoint", mnt, mnt / "open.NEF", check=False)
+    assert r.returncode == 1 and "NOT YET SAFE" in r.stdout
+    status = json.loads((mnt / ".vault" / "status.json").read_text())
+    assert status["uncommitted_files"] == 1 and status["oldest_uncommitted_s"] > 0
+    writer.communicate("close\n")
+    _until(lambda: Vault(mnt).safe("open.NEF")["safe"])
+
+
+def test_garbage_from_a_client_harms_nothing(mnt, store_path):
+    with Store.open(store_path) as store:
+        path = control.socket_path(store)
+    for payload in (b"not json\n", b'{"op": "rm -rf"}\n', b'{"op": "tag", "args": 5}\n',
+                    b'{"op": "tag", "args": {"paths": 7, "tier": []}}\n',
+                    b"x" * (2 << 20), b'{"op": "events"}\n', b""):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            try:
+                s.sendall(payload)
+            except (BrokenPipeError, ConnectionResetError):  # cut off: "request too long"
+                continue
+            s.settimeout(5)
+            try:
+                reply = s.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                reply = b""
+            if payload.startswith((b"not", b'{"op": "rm')):
+                assert json.loads(reply)["ok"] is False
+    (mnt / "after.txt").write_text("still fine")
+    assert (mnt / "after.txt").read_text() == "still fine"
+    assert "Traceback" not in (store_path / "vaultfs.log").read_text()

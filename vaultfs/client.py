@@ -1,0 +1,49 @@
+"""A small client for programs that work with a mounted vault (tethering software, scripts):
+its events as they happen, whether a file is safe yet, and tagging, over the mount's control
+socket.
+
+    from vaultfs.client import Vault
+
+    vault = Vault("/home/me/Capture")
+    print(vault.safe("day1/DSC_0001.NEF"))   # {'committed': True, 'verified': True, 'safe': ...}
+    vault.tag(["day1/DSC_0001.NEF"], tier="select")
+    for event in vault.events():              # blocks; one dict per event
+        if event["event"] == "verified":
+            print("safe:", event["path"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from .fs import control
+from .fs.mount import find_mount
+from .store import Store, StoreError
+
+
+class Vault:
+    def __init__(self, mountpoint: str | Path):
+        self.mountpoint = Path(mountpoint).expanduser().absolute()
+        entry = find_mount(self.mountpoint)
+        if entry is None or entry.fstype != "fuse.vaultfs":
+            raise StoreError(f"{self.mountpoint} is not a vaultfs mount")
+        self.store_path = Path(entry.source)
+
+    def _store(self) -> Store:
+        return Store.open(self.store_path)
+
+    def events(self) -> Iterator[dict]:
+        """Every event of the mount from now on: {'event', 'path', 'time', ...}."""
+        with self._store() as store:
+            yield from control.listen(store, "events")
+
+    def safe(self, path: str) -> dict:
+        """Whether the file at `path` (relative to the mount) is committed and verified."""
+        with self._store() as store:
+            return control.request(store, "safe", path=path)
+
+    def tag(self, paths: list[str], tier: str | None) -> dict:
+        """Put files, folders or globs in a tier (None: back to the rules)."""
+        with self._store() as store:
+            return control.request(store, "tag", paths=paths, tier=tier)

@@ -1,0 +1,48 @@
+"""What happens to files, as it happens, for whoever listens on the mount's control socket
+(`vaultfs events`, vaultfs.client): one JSON object per event with at least `event`, `path`
+(relative to the mount root) and `time` (Unix seconds).
+
+    committed   the file's new content is in the store (close, fsync, rename into place)
+    verified    ...and has been read back from the store and matched its digests
+    analysed    its metadata is in the index (with its rating and label when it has them)
+    error       something failed for this file (`error` says what)
+
+A listener that does not keep up loses its subscription (an `overflow` event says so) rather
+than slowing the mount down. Everything here runs on the trio loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+QUEUE = 4096  # events a listener may lag behind before it is cut off
+
+
+class Events:
+    def __init__(self) -> None:
+        self._listeners: set[trio.MemorySendChannel] = set()
+
+    def publish(self, event: str, path: str, **details) -> None:
+        message = {"event": event, "path": path, "time": time.time(), **details}
+        for listener in list(self._listeners):
+            try:
+                listener.send_nowait(message)
+            except trio.WouldBlock:
+                self._listeners.discard(listener)
+                listener.close()  # the listener's loop ends: it is told below
+
+    async def listen(self, send: Callable[[dict], Awaitable[None]]) -> None:
+        """Hand every event to `send` until it fails (the client went away)."""
+        tx, rx = trio.open_memory_channel(QUEUE)
+        self._listeners.add(tx)
+        try:
+            async with rx:
+                async for message in rx:
+                    await send(message)
+            await send({"event": "overflow", "path": "", "time": time.time(),
+                        "error": "events came faster than this listener read them"})
+        finally:
+            self._listeners.discard(tx)

@@ -18,7 +18,7 @@ kilobytes, through `read(offset, length)`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 Read = Callable[[int, int], bytes]
 MIN_REGION = 4096       # image data regions smaller than this are not worth a cut of their own
@@ -177,18 +177,24 @@ def _bmff(read: Read, size: int) -> list[int]:
     return cuts
 
 
+def _boxes(read: Read, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(kind, payload start, box end) of the boxes in [start, end)."""
+    pos = start
+    for _ in range(MAX_ENTRIES):
+        if pos + 8 > end:
+            return
+        n, kind = struct.unpack(">I4s", read(pos, 8))
+        if n < 8:
+            return
+        yield kind, pos + 8, pos + n
+        pos += n
+
+
 def _children(read: Read, start: int, end: int) -> dict[bytes, tuple[int, int]]:
     """kind -> (payload start, box end) of the boxes in [start, end) (the first of a kind)."""
     out: dict[bytes, tuple[int, int]] = {}
-    pos = start
-    for _ in range(MAX_SEGMENTS):
-        if pos + 8 > end:
-            break
-        n, kind = struct.unpack(">I4s", read(pos, 8))
-        if n < 8:
-            break
-        out.setdefault(kind, (pos + 8, pos + n))
-        pos += n
+    for kind, payload, box_end in _boxes(read, start, end):
+        out.setdefault(kind, (payload, box_end))
     return out
 
 
@@ -211,23 +217,12 @@ def _heif_items(read: Read, start: int, end: int) -> list[int]:
 
 def _item_types(read: Read, start: int, end: int) -> dict[int, bytes]:
     version = read(start, 1)[0]
-    count_size = 2 if version == 0 else 4
-    pos = start + 4 + count_size
     out = {}
-    for _ in range(MAX_ENTRIES):
-        if pos + 8 > end:
-            break
-        n, kind = struct.unpack(">I4s", read(pos, 8))
-        if n < 8:
-            break
-        if kind == b"infe":
-            v = read(pos + 8, 1)[0]
-            if v >= 2:
-                id_size = 2 if v == 2 else 4
-                body = read(pos + 12, id_size + 2 + 4)
-                item = int.from_bytes(body[:id_size], "big")
-                out[item] = body[id_size + 2:id_size + 6]
-        pos += n
+    for kind, payload, _ in _boxes(read, start + 4 + (2 if version == 0 else 4), end):
+        if kind == b"infe" and read(payload, 1)[0] >= 2:  # version 2: 16-bit ids, 3: 32-bit
+            id_size = 2 if read(payload, 1)[0] == 2 else 4
+            body = read(payload + 4, id_size + 2 + 4)
+            out[int.from_bytes(body[:id_size], "big")] = body[id_size + 2:id_size + 6]
     return out
 
 

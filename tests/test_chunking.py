@@ -41,6 +41,32 @@ def test_malformed_structures_fall_back_to_content_chunking():
     assert boundaries(lambda o, n: b"\xff\xd8\xff" + bytes(n), 10) == []
 
 
+def test_hostile_structures_cost_nothing():
+    """Structures built to make a parser recurse, loop or allocate: answered at once."""
+    import struct
+    import time
+
+    def box(kind, payload):
+        return struct.pack(">I4s", 8 + len(payload), kind) + payload
+
+    # HEIF: 4096 items of 65535 zero-sized extents each.
+    iloc = b"\0\0\0\0\0\0" + struct.pack(">H", 4096) + b"".join(
+        struct.pack(">HHH", i + 1, 0, 0xFFFF) for i in range(4096))
+    heif = box(b"ftyp", b"heic\0\0\0\0") + box(b"meta", b"\0\0\0\0" + box(b"iloc", iloc))
+    # MPO: a chain of images whose MPF entries all point at the next one.
+    chain, size = b"", 2 + 4 + 4 + 8 + 2 + 12 + 4 + 16 * 16
+    for i in range(12):
+        ents = b"".join(struct.pack(">IIII", 0, 0, (i + 1) * size - (i * size + 10) if k else 0, 0)
+                        for k in range(16))
+        body = b"MPF\x00MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1) + \
+            struct.pack(">HHII", 0xB002, 7, 256, 26) + b"\0\0\0\0" + ents
+        chain += b"\xff\xd8" + struct.pack(">HH", 0xFFE2, len(body) + 2) + body
+    for data in (heif, chain + b"\xff\xd8\xff\xd9"):
+        t0 = time.monotonic()
+        boundaries(lambda o, n: data[o:o + n], len(data))
+        assert time.monotonic() - t0 < 1.0
+
+
 @needs_fuse
 @pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed")
 @pytest.mark.parametrize("rel", EDITED)

@@ -85,6 +85,7 @@ def test_garbage_from_a_client_harms_nothing(mnt, store_path):
         path = control.socket_path(store)
     for payload in (b"not json\n", b'{"op": "rm -rf"}\n', b'{"op": "tag", "args": 5}\n',
                     b'{"op": "tag", "args": {"paths": 7, "tier": []}}\n',
+                    b'{"op": ["x"]}\n', b"[" * 100_000 + b"\n",
                     b"x" * (2 << 20), b'{"op": "events"}\n', b""):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(str(path))
@@ -97,7 +98,7 @@ def test_garbage_from_a_client_harms_nothing(mnt, store_path):
                 reply = s.recv(65536)
             except (socket.timeout, ConnectionResetError):
                 reply = b""
-            if payload.startswith((b"not", b'{"op": "rm')):
+            if payload.startswith((b"not", b'{"op": "rm', b'{"op": [', b"[[")):
                 assert json.loads(reply)["ok"] is False
     (mnt / "after.txt").write_text("still fine")
     assert (mnt / "after.txt").read_text() == "still fine"

@@ -25,14 +25,15 @@ MIN_REGION = 4096       # image data regions smaller than this are not worth a c
 MAX_IFDS = 64
 MAX_ENTRIES = 4096
 MAX_SEGMENTS = 256
+MAX_VALUES = 1 << 16    # strip/tile offsets or extents one file may list, all together
 
 
 def boundaries(read: Read, size: int) -> list[int]:
     """Sorted hard cut points for the file's format, or []. `size` is how much of the file
     can be read now (all of it, or the start of a file still being written); points beyond it
     (a region's end the header announces) are kept, for when the rest arrives."""
-    head = read(0, 16)
     try:
+        head = read(0, 16)
         if head.startswith(b"\xff\xd8\xff"):
             cuts = _jpeg(read, size, 0)
         elif head[:4] in (b"II*\x00", b"MM\x00*", b"IIRO", b"IIU\x00"):
@@ -43,14 +44,15 @@ def boundaries(read: Read, size: int) -> list[int]:
             cuts = _raf(read, size)
         else:
             return []
-    except (struct.error, ValueError, IndexError, OverflowError):
+    except Exception:  # noqa: BLE001 - malformed: RecursionError, MemoryError, struct.error...
         return []
     return sorted({c for c in cuts if c > 0})
 
 
-def _jpeg(read: Read, size: int, start: int) -> list[int]:
-    """Segment starts up to the scan, then the scan; MPF's further images likewise."""
-    cuts, pos, mpf_at = [start], start + 2, None
+def _jpeg(read: Read, size: int, start: int, first: bool = True) -> list[int]:
+    """Segment starts up to the scan, then the scan; MPF's further images likewise (MPF is
+    read in the first image only: the others' would only repeat it, or loop)."""
+    cuts, pos = [start], start + 2
     for _ in range(MAX_SEGMENTS):
         if pos + 4 > size:
             break
@@ -62,11 +64,11 @@ def _jpeg(read: Read, size: int, start: int) -> list[int]:
             pos += 2
             continue
         end = pos + 2 + length
-        if marker == 0xFFE2 and read(pos + 4, 4) == b"MPF\x00":
+        if first and marker == 0xFFE2 and read(pos + 4, 4) == b"MPF\x00":
             mpf_at = pos + 8  # the MP header's TIFF structure; offsets are relative to it
             for off in _mpf_images(read, mpf_at):
                 if mpf_at + off < size:
-                    cuts += _jpeg(read, size, mpf_at + off)
+                    cuts += _jpeg(read, size, mpf_at + off, first=False)
         if marker == 0xFFDA:  # start of scan: the entropy-coded data follows, to EOI
             cuts.append(end)
             break
@@ -106,7 +108,7 @@ def _tiff(read: Read, size: int, base: int) -> list[int]:
     todo = [struct.unpack(e + "I", read(base + 4, 4))[0]]
     seen: set[int] = set()
     regions: list[tuple[int, int]] = []
-    while todo and len(seen) < MAX_IFDS:
+    while todo and len(seen) < MAX_IFDS and len(todo) < MAX_IFDS * 4:
         ifd = todo.pop()
         if ifd in seen or not 0 < ifd < size:
             continue
@@ -123,6 +125,8 @@ def _tiff(read: Read, size: int, base: int) -> list[int]:
         for off_tag, len_tag in _REGIONS.items():
             if off_tag in entries and len_tag in entries:
                 regions += [(base + o, n_) for o, n_ in zip(values(off_tag), values(len_tag))]
+                if len(regions) > MAX_VALUES:
+                    raise ValueError("more data regions than any camera writes")
         for tag in _SUB_IFDS & entries.keys():
             todo += values(tag)
         if _MAKERNOTE in entries:
@@ -136,7 +140,7 @@ def _tiff(read: Read, size: int, base: int) -> list[int]:
 
 def _values(read: Read, e: str, base: int, typ: int, count: int, field: bytes) -> list[int]:
     """The integer values of a SHORT or LONG entry (inline or at its offset)."""
-    if typ not in (3, 4, 13) or count > 1 << 20:
+    if typ not in (3, 4, 13) or count > MAX_VALUES:
         return []
     fmt = e + ("H" if typ == 3 else "I") * count
     nbytes = _SIZES[typ] * count
@@ -243,7 +247,7 @@ def _iloc(read: Read, start: int, end: int) -> list[tuple[int, int, list[tuple[i
         return value
 
     count = take(2 if version < 2 else 4)
-    items = []
+    items, total = [], 0
     for _ in range(min(count, MAX_ENTRIES)):
         item = take(2 if version < 2 else 4)
         method = take(2) & 15 if version in (1, 2) else 0
@@ -254,6 +258,9 @@ def _iloc(read: Read, start: int, end: int) -> list[tuple[int, int, list[tuple[i
             if version in (1, 2):
                 take(idx_size)
             extents.append((base + take(off_size), take(len_size)))
+            total += 1
+            if total > MAX_VALUES:
+                raise ValueError("more item extents than any camera writes")
         items.append((item, method, extents))
     return items
 

@@ -66,13 +66,17 @@ class Analyzer:
                 self.on_analysed(ino, record)
 
     def _read(self, tx, node) -> dict:
-        """A large file's metadata from its head first (where cameras put it); the whole
-        file only when that is not enough."""
+        """A file's metadata: of a large JPEG, from its head; of anything else, from all of
+        it."""
         if node.size > HEAD_BYTES:
-            try:
-                return metadata.read(read_range(tx, self.cache, node, 0, HEAD_BYTES))
-            except metadata.MetadataError:
-                pass
+            head = read_range(tx, self.cache, node, 0, HEAD_BYTES)
+            # A JPEG's metadata is all before its scan; in other formats it can be anywhere
+            # (a TIFF's IFD at the end, XMP appended by an editor), so they are read whole.
+            if head.startswith(b"\xff\xd8\xff"):
+                try:
+                    return metadata.read(head)
+                except metadata.MetadataError:
+                    pass
         return metadata.read(read_range(tx, self.cache, node, 0, node.size))
 
     def _backlog(self) -> list[int]:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 QUEUE = 4096  # events a listener may lag behind before it is cut off
+SEND_TIMEOUT = 30.0  # seconds a listener may take to accept one event
 
 
 class Events:
@@ -33,6 +34,8 @@ class Events:
             except trio.WouldBlock:
                 self._listeners.discard(listener)
                 listener.close()  # the listener's loop ends: it is told below
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._listeners.discard(listener)  # it went away a moment ago
 
     async def listen(self, send: Callable[[dict], Awaitable[None]]) -> None:
         """Hand every event to `send` until it fails (the client went away)."""
@@ -41,8 +44,12 @@ class Events:
         try:
             async with rx:
                 async for message in rx:
-                    await send(message)
-            await send({"event": "overflow", "path": "", "time": time.time(),
-                        "error": "events came faster than this listener read them"})
+                    with trio.move_on_after(SEND_TIMEOUT) as late:
+                        await send(message)
+                    if late.cancelled_caught:
+                        return  # a client that stopped reading
+            with trio.move_on_after(SEND_TIMEOUT):
+                await send({"event": "overflow", "path": "", "time": time.time(),
+                            "error": "events came faster than this listener read them"})
         finally:
             self._listeners.discard(tx)

@@ -153,20 +153,22 @@ async def _on_select(store: Store, ops: VaultOperations, rules: policy.Policy) -
     index has caught up with them (policy snapshots.on_select): after the analyser's queue is
     empty, and at most one a minute however fast a culling session goes."""
     await ops.analyzer.caught_up()  # the backlog of an earlier mount is not "new"
-    seen = set((await ops.fresh_catalog()).members.get(("tier", "select"), ()))
+    seen: set[int] | None = None
     last = 0.0
     while True:
-        await trio.sleep(SELECT_CHECK_S)
-        if ops.analyzer.busy or time.monotonic() - last < SELECT_SNAPSHOT_GAP_S:
-            continue
         try:
+            if seen is not None and (ops.analyzer.busy
+                                     or time.monotonic() - last < SELECT_SNAPSHOT_GAP_S):
+                continue
             selects = set((await ops.fresh_catalog()).members.get(("tier", "select"), ()))
-            if selects - seen:
+            if seen is not None and selects - seen:
                 await _auto_snapshot(store, ops, rules)
                 last = time.monotonic()
             seen = selects
         except Exception:
             log.exception("snapshot on a new select failed; trying again later")
+        finally:
+            await trio.sleep(SELECT_CHECK_S)
 
 
 async def _scrubs(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:

@@ -129,6 +129,7 @@ class VaultOperations(pyfuse3.Operations):
         self._names: dict[int, tuple[int, bytes]] = {}  # ino -> (parent, name) it was seen by
         self.events = Events()
         self._verified: dict[int, int] = {}  # ino -> its version last read back and matched
+        self._failed: set[int] = set()       # inodes whose last commit failed
         self._view_data: dict[int, bytes] = {}    # fh -> content of an open view file
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None  # for background ingest; set by mount.run
@@ -275,6 +276,7 @@ class VaultOperations(pyfuse3.Operations):
                     self._parents.pop(ino, None)
                     self._names.pop(ino, None)
                     self._verified.pop(ino, None)
+                    self._failed.discard(ino)
                     await self._delete_if_unused(ino)
             except Exception:  # forget must never raise
                 log.exception("forget of inode %d failed", ino)
@@ -453,6 +455,8 @@ class VaultOperations(pyfuse3.Operations):
             return node
 
         node = await self._write(remove)
+        if self._names.get(node.ino) == (parent, name):
+            self._names.pop(node.ino)  # (its events say <inode N> from now on)
         if node.nlink == 0:
             await self._delete_if_unused(node.ino)
 
@@ -543,6 +547,8 @@ class VaultOperations(pyfuse3.Operations):
             self._names[renamed[0]] = (parent_inode_new, name_new)
             if self._verified.get(renamed[0]):  # a file saved under a temporary name first
                 self.events.publish("renamed", self.event_path(renamed[0]), **{"from": before})
+        if replaced is not None and self._names.get(replaced.ino) == (parent_inode_new, name_new):
+            self._names.pop(replaced.ino)
         if replaced is not None and replaced.nlink == 0:
             await self._delete_if_unused(replaced.ino)
 
@@ -677,9 +683,14 @@ class VaultOperations(pyfuse3.Operations):
         try:
             await self._thread(commit_spool, self.store, of.ino, of.fd, of.size, of.mtime_ns,
                                of.ctime_ns, ingest)
-        except BaseException:
+        except BaseException as e:
             of.stream_ok = False  # the next commit starts over from the first byte
+            self._failed.add(of.ino)
+            if isinstance(e, Exception):
+                self.events.publish("error", self.event_path(of.ino),
+                                    error=f"commit failed: {getattr(e, 'strerror', None) or e}")
             raise
+        self._failed.discard(of.ino)
         self.changed = True
         self.events.publish("committed", self.event_path(of.ino), size=of.size)
         if self.nursery is not None:
@@ -726,9 +737,10 @@ class VaultOperations(pyfuse3.Operations):
         if node is None or not stat.S_ISREG(node.mode):
             raise ValueError(f"{path} is not a file in the vault")
         of = self._open.get(ino)
-        pending = of is not None and of.dirty
-        verified = not pending and (self._verified.get(ino) == node.content or not node.content)
-        return {"path": path, "committed": not pending, "verified": verified,
+        committed = not (of is not None and of.dirty) and ino not in self._failed
+        verified = committed and (self._verified.get(ino) == node.content if node.content
+                                  else node.size == 0)
+        return {"path": path, "committed": committed, "verified": verified,
                 "safe": verified, "copies": 1 if verified else 0, "version": node.content}
 
     def _drop_open(self, of: OpenInode) -> None:

@@ -109,8 +109,12 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                     nursery.start_soon(_on_select, store, ops, rules)
                 await pyfuse3.main()
                 await ops.shutdown()
+                ops.stopping.set()  # long background work (a scrub) ends early
                 if rules.snapshot_at_unmount and ops.changed:
-                    await _auto_snapshot(store, ops, rules)
+                    try:
+                        await _auto_snapshot(store, ops, rules)
+                    except Exception:  # everything is committed: only the snapshot is lost
+                        log.exception("the snapshot at unmount failed")
                 nursery.cancel_scope.cancel()
 
         trio.run(main)
@@ -199,7 +203,9 @@ def _scrub_tier(store: Store, ops: VaultOperations, tier: str) -> None:
             entry = cat.files[ino]
             for _, chunk_id, _ in tx.extents(entry.node.content):
                 owners.setdefault(chunk_id, []).append(entry.path)
-    chunks, nbytes, bad = scrub.check(store, owners)
+    chunks, nbytes, bad = scrub.check(store, owners, stop=ops.stopping)
+    if ops.stopping.is_set():
+        return  # unmounting: the scrub is done again at the next mount
     damaged = sorted({p for c in bad for p in owners[c]})
     for chunk_id, why in bad.items():
         log.error("scrub of tier %s: chunk %s of %s: %s", tier, chunk_id.hex(),

@@ -8,6 +8,7 @@ Results live in `meta` under `scrub.<tier>`: a JSON object {"finished_ns", "chun
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable
 
@@ -18,13 +19,15 @@ from .verify import check_chunk
 DUTY = 0.25  # the share of one core a scrub may use: it sleeps three times what it worked
 
 
-def check(store: Store, chunk_ids: Iterable[bytes], duty: float = DUTY
-          ) -> tuple[int, int, dict[bytes, str]]:
-    """Re-read and re-hash chunks (blocking, paced). Returns (chunks, raw bytes, bad chunks
-    with the reason). A chunk freed meanwhile is skipped."""
+def check(store: Store, chunk_ids: Iterable[bytes], duty: float = DUTY,
+          stop: threading.Event | None = None) -> tuple[int, int, dict[bytes, str]]:
+    """Re-read and re-hash chunks (blocking, paced), until done or `stop` is set. Returns
+    (chunks, raw bytes, bad chunks with the reason). A chunk freed meanwhile is skipped."""
     chunks = nbytes = 0
     bad: dict[bytes, str] = {}
     for chunk_id in chunk_ids:
+        if stop is not None and stop.is_set():
+            break
         t0 = time.perf_counter()
         with store.reader() as tx:
             rec = tx.chunk_record(chunk_id)
@@ -36,7 +39,11 @@ def check(store: Store, chunk_ids: Iterable[bytes], duty: float = DUTY
         if why:
             bad[chunk_id] = why
         if duty < 1:
-            time.sleep((time.perf_counter() - t0) * (1 - duty) / duty)
+            pause = (time.perf_counter() - t0) * (1 - duty) / duty
+            if stop is not None:
+                stop.wait(pause)
+            else:
+                time.sleep(pause)
     return chunks, nbytes, bad
 
 

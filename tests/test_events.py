@@ -103,3 +103,11 @@ def test_garbage_from_a_client_harms_nothing(mnt, store_path):
     (mnt / "after.txt").write_text("still fine")
     assert (mnt / "after.txt").read_text() == "still fine"
     assert "Traceback" not in (store_path / "vaultfs.log").read_text()
+
+
+def test_files_committed_before_a_remount_are_safe_after_it(make_mount):
+    m = make_mount()
+    (m.path / "earlier.NEF").write_bytes(os.urandom(2_000_000))
+    m.stop()
+    m = make_mount()
+    assert Vault(m.path).safe("earlier.NEF")["safe"]  # read back when asked

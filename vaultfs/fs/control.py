@@ -54,8 +54,8 @@ async def serve(store: Store, ops: dict[str, Callable[..., Any]],
                 streams: dict[str, Callable[..., Any]] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Answer requests until cancelled. `ops` maps an op name to a blocking function called
-    as fn(store, **args) in a worker thread; `mount_ops` to quick functions of the mount's own
-    state, fn(**args), called on the loop; `streams` to async functions fn(send) that send
+    as fn(store, **args) in a worker thread; `mount_ops` to functions of the mount's own
+    state, fn(**args), also called in a worker thread; `streams` to async functions fn(send) that send
     objects for as long as the client listens (its connection is theirs from then on)."""
     handlers = Handlers(store, ops, mount_ops or {}, streams or {})
     path = socket_path(store)
@@ -127,7 +127,7 @@ def _parse(line: bytes, h: Handlers) -> tuple[str, dict] | None:
 async def _run(op: str, args: dict, h: Handlers) -> bytes:
     try:
         if op in h.mount_ops:
-            result = h.mount_ops[op](**args)
+            result = await trio.to_thread.run_sync(lambda: h.mount_ops[op](**args))
         else:
             result = await trio.to_thread.run_sync(lambda: h.ops[op](h.store, **args))
     except (StoreError, TypeError, ValueError) as e:

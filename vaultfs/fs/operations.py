@@ -741,7 +741,8 @@ class VaultOperations(pyfuse3.Operations):
 
     def safety(self, path: str) -> dict:
         """Is the file at `path` safe yet: committed, read back and verified (and how many
-        copies the vault holds of it: one, until mirrors come)."""
+        copies the vault holds of it: one, until mirrors come). A file committed before this
+        mount is read back now (blocking: runs in a worker thread)."""
         with self.store.reader() as tx:
             ino = tx.resolve(path)
             node = tx.inode(ino) if ino is not None else None
@@ -749,6 +750,11 @@ class VaultOperations(pyfuse3.Operations):
             raise ValueError(f"{path} is not a file in the vault")
         of = self._open.get(ino)
         committed = not (of is not None and of.dirty) and ino not in self._failed
+        if committed and node.content and self._verified.get(ino) != node.content and \
+                (of is None or of.streaming is None):
+            version, problem = self._read_back(ino)
+            if version and not problem:
+                self._verified[ino] = version
         verified = committed and (self._verified.get(ino) == node.content if node.content
                                   else node.size == 0)
         return {"path": path, "committed": committed, "verified": verified,

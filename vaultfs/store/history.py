@@ -57,15 +57,13 @@ def create_snapshot(store: Store, name: str | None = None, branch: str | None = 
             "created_ns": now, "branch": on.decode(errors="surrogateescape")}
 
 
-def list_snapshots(store: Store, sizes: bool = True) -> list[dict]:
-    """Every snapshot, oldest first, with what it holds and (with `sizes`) the stored bytes
-    only it holds: what deleting it would give back."""
+def list_snapshots(store: Store) -> list[dict]:
+    """Every snapshot, oldest first, with what it holds and the stored bytes only it holds:
+    what deleting it would give back."""
     with store.reader() as tx:
         snaps = sorted(tx.snapshots(), key=lambda s: (s[2], s[0]))
         out = [{"name": n.decode(errors="surrogateescape"), "epoch": e, "created_ns": c,
                 "branch": b.decode(errors="surrogateescape")} for n, e, c, b in snaps]
-        if not sizes:
-            return out
         # Who holds each chunk: the snapshots, the branches' live trees, and the timelines of
         # live files (a timeline of a file only snapshots have goes with the last of them).
         holders: dict[bytes, set] = defaultdict(set)

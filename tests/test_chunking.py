@@ -68,7 +68,6 @@ def test_hostile_structures_cost_nothing():
 
 
 @needs_fuse
-@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed")
 @pytest.mark.parametrize("rel", EDITED)
 def test_a_metadata_edit_restores_only_the_metadata(mnt, rel):
     def stored() -> int:

@@ -14,8 +14,6 @@ import pytest
 from conftest import CORPUS, needs_fuse, vaultfs
 from vaultfs.media import metadata, sidecars, tiers
 
-EXIFTOOL = shutil.which("exiftool")
-needs_exiftool = pytest.mark.skipif(EXIFTOOL is None, reason="exiftool is not installed")
 
 
 # ---- the pure parts ----------------------------------------------------------------------------
@@ -112,7 +110,6 @@ def _find(store, *args) -> list[str]:
 
 
 @needs_fuse
-@needs_exiftool
 def test_ratings_and_sidecars_sort_files_into_tiers_and_views(make_mount, store_path):
     m = make_mount()
     shoot = m.path / "shoot"
@@ -194,7 +191,6 @@ def test_a_bad_tier_rule_stops_the_mount_with_a_clear_error(store_path, tmp_path
 
 
 @needs_fuse
-@needs_exiftool
 def test_exiftool_reads_the_same_metadata_everywhere(make_mount, store_path, tmp_path):
     """Nothing about the bytes changes: exiftool's dump of every corpus file is the same before
     it was written through the mount and read back from the live tree, a snapshot and a

@@ -160,9 +160,7 @@ def cmd_snapshot(args) -> int:
     if args.delete:
         if not args.name:
             raise CliError("name the snapshot to delete")
-        result = _admin(args.store, "delete-snapshot", name=args.name)
-        print(f"deleted snapshot {result['name']}, freed {_size(result['freed_bytes'])}")
-        return 0
+        return _delete(args, "snapshot")
     result = _admin(args.store, "snapshot", name=args.name, branch=args.branch)
     if not _json(args, result):
         print(f"snapshot {result['name']} of branch {result['branch']}")
@@ -282,9 +280,7 @@ def cmd_tag(args) -> int:
 
 def cmd_branch(args) -> int:
     if args.delete:
-        result = _admin(args.store, "delete-branch", name=args.name)
-        print(f"deleted branch {result['name']}, freed {_size(result['freed_bytes'])}")
-        return 0
+        return _delete(args, "branch")
     result = _admin(args.store, "branch", name=args.name, source=args.source)
     print(f"branch {result['name']} from {result['from']}")
     return 0
@@ -409,6 +405,13 @@ def _progress(args, total: int, desc: str):
 
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc,
                 disable=getattr(args, "json", False) or not sys.stderr.isatty())
+
+
+def _delete(args, what: str) -> int:
+    """Forget the snapshot or branch args.name; say what space came back."""
+    result = _admin(args.store, f"delete-{what}", name=args.name)
+    print(f"deleted {what} {result['name']}, freed {_size(result['freed_bytes'])}")
+    return 0
 
 
 def _when(ns: int) -> str:

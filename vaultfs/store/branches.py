@@ -19,7 +19,7 @@ from datetime import datetime
 
 from . import format as F
 from . import gc
-from .history import check_name, tree_files
+from .history import check_name, tree_epoch, tree_files
 from .store import Store
 from .txn import StoreError, Txn
 
@@ -80,14 +80,12 @@ def delete_branch(store: Store, name: str) -> dict:
 def merge(store: Store, source: str, into: str) -> dict:
     """Apply to branch `into` what changed on `source` (a branch or snapshot) since they
     diverged. Returns the paths applied and the conflicts with the names they were kept under."""
-    if into.encode() == store.branch and getattr(store, "mounted", False):
+    if into.encode() == store.branch and store.mounted:
         raise StoreError(f"branch {into} is mounted: merge into it after unmounting, or merge "
                          f"into another branch")
     with store.reader() as tx:
-        src = tx.snapshot_epoch(source.encode()) or dict(tx.branches()).get(source.encode())
+        src = tree_epoch(tx, source)
         dst = dict(tx.branches()).get(into.encode())
-        if src is None:
-            raise StoreError(f"there is no snapshot or branch named {source}")
         if dst is None:
             raise StoreError(f"there is no branch named {into}")
         theirs = set(tx.ancestors(dst))

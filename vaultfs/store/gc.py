@@ -90,11 +90,8 @@ def collapse(tx: Txn) -> dict:
     freed_files = 0
     for ino, is_file in gone.items():
         if not tx.inode_epochs(ino):  # no epoch holds it any more: nor does its timeline
-            for v in list(tx.versions(ino)):
-                tx.drop_version(v, ino)
-            if is_file:
-                tx.bump(F.STAT_FILES, -1)
-                freed_files += 1
+            tx.forget_inode(ino, is_file)
+            freed_files += is_file
     return {"epochs_merged": len(removable), "epochs_dropped": len(dead),
             "records_moved": merged,
             "tombstones_dropped": dropped, "files_freed": freed_files}

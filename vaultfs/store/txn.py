@@ -229,9 +229,14 @@ class Txn:
                 return  # a snapshot or another branch still has it
             for e in records:  # left only in epochs nobody sees (gc would drop them)
                 self.txn.delete(F.vkey(u64(inode.ino), e), db=self.dbs[F.DB_INODES])
-        for version in list(self.versions(inode.ino)):
-            self.drop_version(version, inode.ino)
-        if stat.S_ISREG(inode.mode):
+        self.forget_inode(inode.ino, stat.S_ISREG(inode.mode))
+
+    def forget_inode(self, ino: int, is_file: bool) -> None:
+        """An inode no epoch holds any more: its timeline goes, and with it what only the
+        timeline held; it no longer counts as a file."""
+        for version in list(self.versions(ino)):
+            self.drop_version(version, ino)
+        if is_file:
             self.bump(F.STAT_FILES, -1)
 
     def records(self, db: bytes, base: bytes) -> dict[int, bytes]:

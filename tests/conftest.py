@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -49,6 +50,29 @@ def set_policy(store_path: Path, section: str, **values: str) -> None:
             line = f"{key} = {values[key]}"
         out.append(line)
     toml.write_text("\n".join(out) + "\n")
+
+
+def tree_of(root) -> dict:
+    """path -> (type and mode, content or link target, mtime, xattrs) of a folder."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    body = f.read()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(p)
+            else:
+                body = None
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else \
+                {n: os.getxattr(p, n) for n in os.listxattr(p) if n.startswith("user.")}
+            # (rsync leaves a symlink's own time alone; directories' change as files arrive)
+            mtime = None if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode) \
+                else st.st_mtime_ns
+            out[os.path.relpath(p, root)] = (st.st_mode, body, mtime, xattrs)
+    return out
 
 
 class Mount:

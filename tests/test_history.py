@@ -14,34 +14,11 @@ import time
 import lmdb
 import pytest
 
-from conftest import CORPUS, assert_clean, needs_fuse, set_policy, vaultfs
+from conftest import CORPUS, assert_clean, needs_fuse, set_policy, tree_of, vaultfs
 from vaultfs.store import Store
 from vaultfs.store import format as F
 
 pytestmark = needs_fuse
-
-
-def _tree(root) -> dict:
-    """path -> (type and mode, content or link target, mtime, xattrs) of a folder."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    body = f.read()
-            elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(p)
-            else:
-                body = None
-            xattrs = {} if stat.S_ISLNK(st.st_mode) else \
-                {n: os.getxattr(p, n) for n in os.listxattr(p) if n.startswith("user.")}
-            # (rsync leaves a symlink's own time alone; directories' change as files arrive)
-            mtime = None if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode) \
-                else st.st_mtime_ns
-            out[os.path.relpath(p, root)] = (st.st_mode, body, mtime, xattrs)
-    return out
 
 
 def _fill(root) -> None:
@@ -57,7 +34,7 @@ def _fill(root) -> None:
 def test_a_snapshot_freezes_the_tree_and_shows_it_read_only(make_mount, store_path, tmp_path):
     m = make_mount()
     _fill(m.path)
-    before = _tree(m.path)
+    before = tree_of(m.path)
     out = vaultfs("snapshot", store_path, "card1", "--json")  # through the running mount
     assert json.loads(out.stdout)["name"] == "card1"
 
@@ -69,7 +46,7 @@ def test_a_snapshot_freezes_the_tree_and_shows_it_read_only(make_mount, store_pa
     snaps = m.path / ".vault" / "snapshots"
     assert sorted(os.listdir(snaps)) == ["card1", "latest"]  # no remount needed
     assert os.readlink(snaps / "latest") == "card1"
-    assert _tree(snaps / "card1") == before
+    assert tree_of(snaps / "card1") == before
     assert (m.path / "day1" / "IMG_0001.xmp").read_text() == "<x:xmpmeta rating='5'/>"
     for attempt in (lambda: (snaps / "card1" / "x").write_text("no"),
                     lambda: (snaps / "card1" / "day1" / "IMG_0001.xmp").write_text("no"),
@@ -81,10 +58,10 @@ def test_a_snapshot_freezes_the_tree_and_shows_it_read_only(make_mount, store_pa
 
     # Real programs copy out of it: cp -a and rsync keep modes, times, links, xattrs.
     subprocess.run(["cp", "-a", str(snaps / "card1"), str(tmp_path / "cp")], check=True)
-    assert _tree(tmp_path / "cp") == before
+    assert tree_of(tmp_path / "cp") == before
     subprocess.run(["rsync", "-aHX", f"{snaps / 'card1'}/", str(tmp_path / "rsync")],
                    check=True)
-    assert _tree(tmp_path / "rsync") == before
+    assert tree_of(tmp_path / "rsync") == before
 
     vaultfs("snapshot", store_path)  # a second one, named by the time
     listed = json.loads(vaultfs("snapshots", store_path, "--json").stdout)
@@ -160,7 +137,7 @@ def test_every_version_is_on_the_files_timeline(make_mount, store_path):
     assert os.listdir(m.path / ".vault" / "versions" / "sub" / "x.txt")[0].endswith(".txt")
 
 
-def test_diff_between_snapshots_and_the_live_tree(make_mount, store_path):
+def test_diff_between_snapshots_and_the_livetree_of(make_mount, store_path):
     m = make_mount()
     _fill(m.path)
     (m.path / "notes.txt").write_text("keep")
@@ -191,13 +168,13 @@ def test_restore_writes_a_snapshot_out_and_keeps_newer_files(make_mount, store_p
     assert corpus
     for p in corpus:
         shutil.copy2(p, m.path / "day1" / p.name)
-    before = _tree(m.path)
+    before = tree_of(m.path)
     vaultfs("snapshot", store_path, "s1")
     shutil.rmtree(m.path / "day1")
 
     dest = tmp_path / "restored"
     vaultfs("restore", store_path, "s1", dest)
-    assert _tree(dest) == before
+    assert tree_of(dest) == before
     st = os.lstat(dest / "sidecar-link.xmp")
     assert st.st_nlink == 2 and st.st_ino == os.lstat(dest / "day1" / "IMG_0001.xmp").st_ino
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .store import Store, StoreError, policy, scrub
+from .store import Store, StoreBusy, StoreError, policy, scrub
 
 log = logging.getLogger("vaultfs")
 
@@ -129,6 +129,8 @@ def cmd_status(args) -> int:
             f"scrubbed {_when(last['finished_ns'])}"
             + (f", {len(last['damaged'])} DAMAGED" if last["damaged"] else ", clean"))
         rows.append((f"tier {name}", f"{t['files']:,} files, {_size(t['bytes'])}, {checked}"))
+    for c in figures["conflicts"]:
+        rows.append(("conflict", f"{c['path']}: {c['vault']}'s version is {c['kept_as']}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -330,9 +332,100 @@ def cmd_gc(args) -> int:
     report = _admin(args.store, "gc")
     print(f"merged {report['epochs_merged']} epochs, dropped {report['tombstones_dropped']} "
           f"tombstones, freed {report['files_freed']} files")
+    if report["inbox_chunks_released"]:
+        print(f"released {report['inbox_chunks_released']:,} chunks an interrupted sync left")
     if args.compact:
         before, after = Store.compact(args.store)
         print(f"compacted the database: {_size(before)} -> {_size(after)}")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from .sync import engine
+    from .sync.endpoint import Endpoint
+    from .sync.remote import open_peer, with_retries
+
+    push, pull = args.push or not args.pull, args.pull or not args.push
+    bars: dict[str, object] = {}
+
+    def show(p: engine.Progress) -> None:
+        bar = bars.get(p.direction)
+        if bar is None:
+            for old in bars.values():
+                old.close()
+            bar = bars[p.direction] = _progress(args, p.bytes_total, p.direction)
+        bar.set_description(f"{p.direction} {p.tier}".rstrip())
+        bar.set_postfix_str(f"{p.files_done:,}/{p.files_total:,} files")
+        bar.update(p.bytes_done - bar.n)
+
+    def attempt() -> engine.Report:
+        with open_peer(args.peer, store) as peer:
+            return engine.sync(local, peer, push=push, pull=pull, only_tier=args.only_tier,
+                               dry_run=args.dry_run, bwlimit=_rate(args.bwlimit), progress=show)
+
+    def retrying(e: Exception, delay: float) -> None:
+        print(f"vaultfs: connection lost ({e}); resuming in {delay:.0f} s", file=sys.stderr)
+
+    try:
+        store = Store.open(args.store, writable=True)
+    except StoreBusy:
+        raise CliError(f"{args.store} is mounted; unmount it (vaultfs umount) to sync") from None
+    with store:
+        local = Endpoint(store)
+        try:
+            report = with_retries(attempt, args.retries, retrying)
+        finally:
+            local.close()
+            for bar in bars.values():
+                bar.close()
+    if _json(args, report.as_dict()):
+        return 0
+    for direction, ops in report.plan.items():
+        if args.dry_run:
+            for op in ops:
+                size = f" ({_size(op['size'])}, {op['tier']})" if "size" in op else ""
+                to = f" -> {op['to']}" if "to" in op else ""
+                print(f"{direction}: {op['op']} {op['path']}{to}{size}")
+        elif direction in ("push", "pull") and (push if direction == "push" else pull):
+            sent = report.sent[direction]
+            print(f"{direction}ed {sent['files']:,} files, {len(ops):,} changes: "
+                  f"{sent['chunks']:,} chunks, {_size(sent['raw_bytes'])} "
+                  f"({_size(sent['wire_bytes'])} as stored)")
+    for c in report.conflicts:
+        print(f"conflict: {c['path']}: {c['vault']}'s version kept as {c['kept_as']}")
+    for vault, name in report.snapshots.items():
+        print(f"{vault}: the tree before this sync is snapshot {name}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .sync import remote
+
+    store = Path(args.store).expanduser()
+    Store.open(store).close()  # a clear error now if it is not a store
+    if args.stdio:
+        remote.serve_stdio(store)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    remote.serve(store, args.listen, ready=lambda a: print(
+        f"serving {store} on {a[0]}:{a[1]}", flush=True))
+    return 0
+
+
+def cmd_pair(args) -> int:
+    from .sync import remote
+
+    store = Path(args.store).expanduser()
+    if args.peer is None:
+        code = remote.new_code()
+        name = remote.pair_listen(store, args.listen, code, ready=lambda a: print(
+            f"pairing code: {code}\nwaiting on {a[0]}:{a[1]} for the other vault "
+            f"(vaultfs pair OTHER-STORE tcp://THIS-HOST:{a[1]} {code})", flush=True))
+    else:
+        if args.code is None:
+            raise CliError("give the code the other vault shows: vaultfs pair STORE PEER CODE")
+        name = remote.pair_connect(store, args.peer, args.code)
+    print(f"paired with {name}")
     return 0
 
 
@@ -358,7 +451,7 @@ def cmd_restore(args) -> int:
 def _admin(store_path: str, op: str, **args):
     """Run a command that changes the store: here, or by the mount that holds the store."""
     from .fs import control
-    from .store import StoreBusy, admin
+    from .store import admin
 
     try:
         store = Store.open(store_path, writable=True)
@@ -371,11 +464,10 @@ def _admin(store_path: str, op: str, **args):
 
 def _catalog(store: Store):
     """The live tree's catalogue (files, metadata, tiers), by the store's tier rules."""
-    from .fs import catalog
-    from .fs.mount import tier_rules
+    from .media import catalog
 
     with store.reader() as tx:
-        return catalog.build(tx, tier_rules(policy.load(store.path)))
+        return catalog.build(tx, catalog.tier_rules(policy.load(store.path)))
 
 
 def _comparison(text: str):
@@ -412,6 +504,18 @@ def _delete(args, what: str) -> int:
     result = _admin(args.store, f"delete-{what}", name=args.name)
     print(f"deleted {what} {result['name']}, freed {_size(result['freed_bytes'])}")
     return 0
+
+
+def _rate(text: str | None) -> int:
+    """'200k' -> 204800 bytes per second (k, m, g: powers of 1024, as rsync); None -> 0."""
+    import re
+
+    if text is None:
+        return 0
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)[bB]?(?:/s)?\s*", text)
+    if m is None or float(m.group(1)) <= 0:
+        raise CliError(f"{text!r} is not a rate like 200k or 5m (bytes per second)")
+    return int(float(m.group(1)) * 1024 ** " kmg".index(m.group(2).lower() or " "))
 
 
 def _when(ns: int) -> str:
@@ -566,6 +670,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compact", action="store_true",
                    help="give freed space back to the disk (only while not mounted)")
 
+    s = _command(sub, "sync", cmd_sync, "bring two vaults to the same tree, selects first",
+                 json=True)
+    s.add_argument("peer", metavar="PEER",
+                   help="another store's path, tcp://host:port (vaultfs serve) or ssh://host/path")
+    s.add_argument("--push", action="store_true", help="only send (default: both ways)")
+    s.add_argument("--pull", action="store_true", help="only receive")
+    s.add_argument("--only-tier", metavar="TIER", help="only the files of this tier")
+    s.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
+    s.add_argument("--bwlimit", metavar="RATE", help="bytes per second each way: 200k, 5m")
+    s.add_argument("--retries", type=int, default=8, metavar="N",
+                   help="reconnect and resume this often when the link drops (default 8)")
+
+    s = _command(sub, "serve", cmd_serve, "answer syncs from paired vaults over TCP")
+    s.add_argument("--listen", default=f"0.0.0.0:{7787}", metavar="HOST:PORT")
+    s.add_argument("--stdio", action="store_true", help="one session on stdin/stdout (ssh)")
+
+    s = _command(sub, "pair", cmd_pair, "show a code here, or type the other vault's code")
+    s.add_argument("peer", nargs="?", metavar="PEER", help="tcp://host:port of the other vault")
+    s.add_argument("code", nargs="?", metavar="CODE")
+    s.add_argument("--listen", default=f"0.0.0.0:{7787}", metavar="HOST:PORT",
+                   help="where to wait for the other vault (without PEER)")
+
     s = _command(sub, "restore", cmd_restore, "write files of a snapshot out to a folder",
                  json=True)
     s.add_argument("source", help="SNAPSHOT or SNAPSHOT:PATH (or a branch)")
@@ -582,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaultfs: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"vaultfs: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"vaultfs: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -22,8 +22,7 @@ import trio
 
 from ..store import Store, admin, history, policy, scrub
 from . import control
-from ..media.tiers import RuleError, Tiers
-from ..store import StoreError
+from ..media.catalog import tier_rules
 from .analysis import Analyzer
 from .operations import VaultOperations
 
@@ -122,14 +121,6 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
         # After fusermount -u the session is already gone; after a signal we unmount here.
         pyfuse3.close(unmount=stopped_by_signal)
         log.info("unmounted %s", mountpoint)
-
-
-def tier_rules(rules: policy.Policy) -> Tiers:
-    """The store's tiers, compiled; a rule that does not read is a clear error."""
-    try:
-        return Tiers(rules.tiers)
-    except RuleError as e:
-        raise StoreError(f"vault.toml, [[tiers]]: {e}") from None
 
 
 async def _policies(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:

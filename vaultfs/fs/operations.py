@@ -34,8 +34,8 @@ from .spool import OpenInode, open_spool
 from ..media.tiers import Tiers
 from ..store import policy, scrub
 from .analysis import Analyzer
-from .catalog import Catalog
-from .catalog import build as build_catalog
+from ..media.catalog import Catalog
+from ..media.catalog import build as build_catalog
 from ..store.verify import check_chunk
 from .events import Events
 from .views import VAULT_INO, VAULT_NAME, Views, inode_attrs

@@ -36,7 +36,7 @@ from pyfuse3 import FUSEError
 from ..store import ROOT_INO, Inode, Store, StoreError, Txn
 from ..media.metadata import LABELS
 from ..store.history import version_name
-from .catalog import Catalog
+from ..media.catalog import Catalog
 from ..store.reader import ChunkCache, read_range
 
 VAULT_NAME = b".vault"

@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 
 from . import format as F
-from . import gc
+from . import gc, treeops
 from .history import check_name, tree_epoch, tree_files
 from .store import Store
 from .txn import StoreError, Txn
@@ -118,17 +118,25 @@ def merge(store: Store, source: str, into: str) -> dict:
         # Deletions deepest first (a folder empties before it goes), then additions in order.
         for path, _ in sorted((t for t in todo if t[1] is None), key=lambda t: t[0],
                               reverse=True):
-            _remove(dtx, path, now)
+            treeops.remove(dtx, _bytes(path), now)  # (a folder INTO still uses stays)
         for path, from_path in todo:
             if from_path is not None:
                 src_node = stx.inode(stx.resolve(from_path) or 0)
                 if src_node is None:  # SOURCE is a mounted branch that changed meanwhile
                     raise StoreError(f"{from_path} changed on {source} during the merge; "
                                      f"nothing was changed, run it again")
-                _put(dtx, stx, path, src_node, now)
+                try:
+                    treeops.place(dtx, _bytes(path), _item(stx, src_node), now,
+                                  lambda p: _item(stx, stx.inode(stx.resolve(p))))
+                except StoreError as e:  # (the whole merge is one transaction: undone)
+                    raise StoreError(f"merge stopped, nothing changed: {e}") from None
 
     store.write(apply)
     return report
+
+
+def _bytes(path: str) -> bytes:
+    return path.encode(errors="surrogateescape")
 
 
 def _same(a: dict | None, b: dict | None) -> bool:
@@ -138,89 +146,9 @@ def _same(a: dict | None, b: dict | None) -> bool:
         (stat.S_ISDIR(a["mode"]) or a["mode"] == b["mode"])
 
 
-def _split(path: str) -> tuple[str, bytes]:
-    parent, name = posixpath.split(path)
-    return parent, name.encode(errors="surrogateescape")
-
-
-def _remove(tx: Txn, path: str, now: int) -> bool:
-    """Remove `path` from INTO; False if it is a folder that still holds something."""
-    parent_path, name = _split(path)
-    parent = tx.resolve(parent_path)
-    ino = tx.lookup(parent, name) if parent is not None else None
-    node = tx.inode(ino) if ino is not None else None
-    if node is None:
-        return True
-    if stat.S_ISDIR(node.mode) and tx.has_entries(ino):
-        return False  # a folder INTO still uses
-    tx.remove_entry(parent, name)
-    p = tx.inode(parent)
-    if stat.S_ISDIR(node.mode):
-        p.nlink -= 1
-        node.nlink = 0
-    else:
-        node.nlink -= 1
-    p.mtime_ns = p.ctime_ns = now
-    tx.put_inode(p)
-    tx.put_inode(node)
-    if node.nlink == 0:
-        tx.delete_inode(node)
-    return True
-
-
-def _put(tx: Txn, stx: Txn, path: str, src: F.Inode, now: int) -> None:
-    """Make `path` in INTO hold what `src` (an inode of SOURCE) holds."""
-    parent_path, name = _split(path)
-    parent = _make_dirs(tx, stx, parent_path, now)
-    ino = tx.lookup(parent, name)
-    node = tx.inode(ino) if ino is not None else None
-    if node is not None and stat.S_ISDIR(node.mode) and stat.S_ISDIR(src.mode):
-        return  # the folder is there already
-    if node is not None and not (stat.S_ISREG(node.mode) and stat.S_ISREG(src.mode)):
-        if not _remove(tx, path, now):  # (the whole merge is one transaction: undone)
-            raise StoreError(f"merge stopped, nothing changed: {path} is a folder with files "
-                             f"in it on one side and a file on the other; move one of them "
-                             f"and merge again")
-        node = None
-    if node is None:
-        node = _new_node(tx, stx, parent, name, src, now)
-    if stat.S_ISREG(src.mode):
-        extents = list(stx.extents(src.content))
-        for _, chunk_id, _ in extents:
-            tx.incref(chunk_id)  # the copy's own references: same chunks, no bytes copied
-        tx.new_version(node, extents, src.size, src.mtime_ns, now)
-        node.mode, node.mtime_ns, node.ctime_ns = src.mode, src.mtime_ns, now
-        tx.put_inode(node)
-
-
-def _make_dirs(tx: Txn, stx: Txn, path: str, now: int) -> int:
-    ino = F.ROOT_INO
-    walked = ""
-    for part in filter(None, path.split("/")):
-        walked = posixpath.join(walked, part)
-        name = part.encode(errors="surrogateescape")
-        child = tx.lookup(ino, name)
-        if child is None:
-            src = stx.inode(stx.resolve(walked))
-            child = _new_node(tx, stx, ino, name, src, now).ino
-        elif not stat.S_ISDIR(tx.inode(child).mode):
-            raise StoreError(f"merge stopped, nothing changed: {walked} is a file on one side "
-                             f"and a folder on the other; move one of them and merge again")
-        ino = child
-    return ino
-
-
-def _new_node(tx: Txn, stx: Txn, parent: int, name: bytes, src: F.Inode, now: int) -> F.Inode:
-    node = tx.new_inode(src.mode, src.uid, src.gid, now, src.rdev, src.target)
-    node.atime_ns, node.mtime_ns = src.atime_ns, src.mtime_ns
-    node.nlink = 2 if stat.S_ISDIR(src.mode) else 1
-    tx.put_inode(node)
-    for key, value in stx.xattrs(src.ino):
-        tx.set_xattr(node.ino, key, value)
-    tx.add_entry(parent, name, node.ino)
-    p = tx.inode(parent)
-    if stat.S_ISDIR(src.mode):
-        p.nlink += 1
-    p.mtime_ns = p.ctime_ns = now
-    tx.put_inode(p)
-    return node
+def _item(stx: Txn, src: F.Inode) -> treeops.Item:
+    """What merging copies of an inode of SOURCE: its attributes, extended attributes and
+    (for a file) extents."""
+    return treeops.Item(src.mode, src.mtime_ns, src.uid, src.gid, src.atime_ns, src.rdev,
+                        src.target, src.size, list(stx.extents(src.content)),
+                        list(stx.xattrs(src.ino)))

@@ -27,16 +27,20 @@ DB_EPOCHS = b"epochs"
 DB_BRANCHES = b"branches"
 DB_SNAPSHOTS = b"snapshots"
 DB_MEDIA = b"media"
+DB_SYNCBASE = b"syncbase"
 ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_EXTENTS, DB_XATTRS,
            DB_CHUNKS, DB_CHUNKDATA, DB_PENDING, DB_VERSIONS, DB_TIMELINES, DB_EPOCHS, DB_BRANCHES,
-           DB_SNAPSHOTS, DB_MEDIA)
-# Added to format 2 after its first stores were made: a writable open creates it, a reader
-# that finds none sees an empty index.
-LATER_DBS = (DB_MEDIA,)
+           DB_SNAPSHOTS, DB_MEDIA, DB_SYNCBASE)
+# Added to format 2 after its first stores were made: a writable open creates them, a reader
+# that finds one missing sees it empty.
+LATER_DBS = (DB_MEDIA, DB_SYNCBASE)
 # Records of these databases are versioned by epoch (see "Epochs" below).
 VERSIONED_DBS = (DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_XATTRS)
 
 ROOT_INO = 1
+# Pending references of this (never allocated) inode hold the chunks a sync received for files
+# it has not applied yet: kept across a crash so that a rerun need not send them again.
+INBOX_INO = 0
 
 # Keys of the meta database.
 META_FORMAT = b"format_version"
@@ -46,6 +50,7 @@ META_NEXT_ENTRY = b"next_entry"
 META_NEXT_PENDING = b"next_pending"
 META_NEXT_EPOCH = b"next_epoch"
 META_NEXT_VERSION = b"next_version"
+META_CONFLICTS = b"sync.conflicts"  # JSON: the conflicts syncs kept both sides of
 META_EPOCH_GEN = b"epoch_gen"  # bumped whenever an existing epoch's parent changes
 # Counters, kept exact inside the same transactions that change what they count.
 STAT_FILES = b"stat.files"                # regular-file inodes (unlinked but open ones too)

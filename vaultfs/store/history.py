@@ -291,5 +291,10 @@ def _check_rules(keep: dict) -> dict[str, int]:
 
 def collect(store: Store) -> dict:
     """Merge the epochs nothing names any more and drop tombstones that hide nothing (see
-    gc.py); chunks were freed already, when their last reference went."""
-    return store.write(gc.collapse)
+    gc.py; chunks were freed already, when their last reference went), and release the chunks
+    an interrupted sync left in the inbox (a sync run again would have used them)."""
+    def run(tx: Txn) -> dict:
+        report = gc.collapse(tx)
+        report["inbox_chunks_released"] = tx.release_inbox()
+        return report
+    return store.write(run)

@@ -247,6 +247,7 @@ class Store:
         """The figures of `vaultfs status` and `.vault/status.json`."""
         with self.reader() as tx:
             c = tx.counters()
+            conflicts = tx.conflicts(still_open=True)
         store_id = self.id
         st = os.statvfs(self.path)
         logical, unique, stored = c["logical_bytes"], c["unique_bytes"], c["stored_bytes"]
@@ -264,6 +265,7 @@ class Store:
             "store_file_bytes": (self.path / "lmdb" / "data.mdb").stat().st_size,
             "free_bytes": st.f_bavail * st.f_frsize,
             "disk_bytes": st.f_blocks * st.f_frsize,
+            "conflicts": conflicts,
         }
 
 

@@ -571,15 +571,58 @@ class Txn:
         return out
 
     def drop_all_pending(self) -> int:
-        """After a crash: release every reference held by a file commit that did not finish."""
+        """After a crash: release every reference held by a file commit that did not finish
+        (not the sync inbox's: a rerun of the sync uses them)."""
         refs = []
         with self.txn.cursor(db=self.dbs[F.DB_PENDING]) as c:
-            for _, v in c:
-                refs.append(bytes(v))
-        self.txn.drop(self.dbs[F.DB_PENDING], delete=False)
+            c.set_range(u64(F.INBOX_INO + 1))
+            while c.key():  # (a delete moves the cursor on; b"" past the end)
+                refs.append(bytes(c.value()))
+                c.delete()
         for chunk_id in refs:
             self.decref(chunk_id)
         return len(refs)
+
+    def release_inbox(self) -> int:
+        """Release the chunks a sync received and did not use (the files that use them hold
+        references of their own)."""
+        refs = self.take_pending(F.INBOX_INO)
+        for chunk_id in refs:
+            self.decref(chunk_id)
+        return len(refs)
+
+    # ---- sync bases ---------------------------------------------------------------------------
+    def sync_base(self, peer: bytes) -> dict[bytes, bytes]:
+        """path -> signature of every path on which this vault and `peer` (its 16-byte id)
+        agreed when they last met (sync/tree.py makes signatures)."""
+        db = self.dbs.get(F.DB_SYNCBASE)
+        out: dict[bytes, bytes] = {}
+        if db is None:
+            return out
+        with self.txn.cursor(db=db) as c:
+            if c.set_range(peer):
+                for k, v in c:
+                    if k[:len(peer)] != peer:
+                        break
+                    out[bytes(k[len(peer):])] = bytes(v)
+        return out
+
+    def conflicts(self, still_open: bool = False) -> list[dict]:
+        """The conflicts syncs kept both versions of ({path, kept_as, vault, at}); with
+        `still_open`, those whose second copy is still in the tree."""
+        raw = self.meta(F.META_CONFLICTS)
+        found = json.loads(bytes(raw)) if raw else []
+        return [c for c in found if not still_open or self.resolve(c["kept_as"]) is not None]
+
+    def note_conflicts(self, conflicts: list[dict]) -> None:
+        self.put_meta(F.META_CONFLICTS, json.dumps(self.conflicts(True) + conflicts).encode())
+
+    def set_sync_base(self, peer: bytes, path: bytes, signature: bytes | None) -> None:
+        key = peer + path
+        if signature is None:
+            self.txn.delete(key, db=self.dbs[F.DB_SYNCBASE])
+        else:
+            self.txn.put(key, signature, db=self.dbs[F.DB_SYNCBASE])
 
     # ---- paths (for reports, not for the hot path) ----------------------------------------------
     def walk(self, ino: int = F.ROOT_INO, prefix: bytes = b"") -> Iterator[tuple[bytes, Inode]]:

@@ -1,6 +1,7 @@
 """The live tree seen as a photographer's catalogue: every file with its metadata (its own and
-its sidecars', from the store's media index), its tier, rating and label. Views, `vaultfs find`
-and `vaultfs status` read it.
+its sidecars', from the store's media index), its tier, rating and label. Views, `vaultfs find`,
+`vaultfs status` and sync's ordering read it. (The one module of media/ that reads the store:
+through a read transaction it is given, never opening or writing one.)
 
 Built by one walk of the tree in one read transaction; a mount rebuilds it when the store has
 committed something since (at most twice a second).
@@ -12,8 +13,9 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ..media import sidecars, tiers
-from ..store import ROOT_INO, Inode, Txn
+from ..store import ROOT_INO, Inode, StoreError, Txn
+from ..store import policy
+from . import sidecars, tiers
 from ..store.tags import TIER_XATTR
 
 
@@ -48,6 +50,14 @@ class Catalog:
     def add(self, key: tuple, ino: int, parents: list[int]) -> None:
         self.members[key].add(ino)
         self.folders[key].update(parents)
+
+
+def tier_rules(rules: policy.Policy) -> tiers.Tiers:
+    """The store's tiers, compiled; a rule that does not read is a clear error."""
+    try:
+        return tiers.Tiers(rules.tiers)
+    except tiers.RuleError as e:
+        raise StoreError(f"vault.toml, [[tiers]]: {e}") from None
 
 
 def build(tx: Txn, rules: tiers.Tiers) -> Catalog:

@@ -1,0 +1,271 @@
+"""Sync between two real vaults: stores on disk, filled and read back through real mounts, the
+`vaultfs sync` command, and `vaultfs serve` in a second process over TCP on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import CORPUS, assert_clean, needs_fuse, set_policy, tree_of, vaultfs
+from vaultfs.store import Store, StoreError
+from vaultfs.sync import peers, remote, wire
+
+pytestmark = needs_fuse
+
+
+@pytest.fixture
+def peer_path(tmp_path):
+    path = tmp_path / "studio"
+    Store.init(path)
+    set_policy(path, "snapshots", every_minutes="0", at_unmount="false", on_select="false")
+    yield path
+    assert_clean(path)
+
+
+def _shoot(root, n: int = 3, size: int = 1_500_000) -> None:
+    """A day's folder of RAW-sized files with sidecars, a symlink, an xattr tag and corpus
+    images."""
+    day = root / "day1"
+    day.mkdir()
+    for i in range(n):
+        (day / f"DSC_{i:04d}.NEF").write_bytes(os.urandom(size))
+        (day / f"DSC_{i:04d}.xmp").write_text(f"<x:xmpmeta rating='{i % 6}'/>")
+    os.setxattr(day / "DSC_0000.NEF", "user.vaultfs.tier", b"select")
+    os.symlink("day1/DSC_0000.NEF", root / "best")
+    (root / "empty").mkdir()
+    for rel in ("jpeg/medium/mongolels.jpg", "raw/GOPR0024.GPR"):
+        shutil.copy2(CORPUS / rel, day)
+
+
+def _trees_equal(a, b) -> None:
+    ta, tb = tree_of(a), tree_of(b)
+    assert ta.keys() == tb.keys(), (ta.keys() ^ tb.keys())
+    for k in ta:
+        assert ta[k] == tb[k], k
+
+
+def test_sync_to_an_empty_vault_copies_the_tree_bit_exact(make_mount, store_path, peer_path):
+    field = make_mount()
+    _shoot(field.path)
+    field.stop()
+    r = vaultfs("sync", store_path, peer_path, "--json")
+    report = json.loads(r.stdout)
+    assert report["sent"]["push"]["files"] >= 8 and report["sent"]["pull"]["files"] == 0
+    assert report["conflicts"] == []
+    field, studio = make_mount(), make_mount(store=peer_path)
+    _trees_equal(field.path, studio.path)
+    field.stop(), studio.stop()
+    # Nothing changed: a second sync plans nothing and sends nothing.
+    again = json.loads(vaultfs("sync", store_path, peer_path, "--json").stdout)
+    assert again["plan"] == {"push": [], "pull": []}
+    assert again["sent"]["push"]["chunks"] == 0
+
+
+def test_changes_on_both_sides_meet_and_a_conflict_keeps_both(make_mount, store_path,
+                                                               peer_path):
+    field = make_mount()
+    _shoot(field.path)
+    field.stop()
+    vaultfs("sync", store_path, peer_path)
+    field, studio = make_mount(), make_mount(store=peer_path)
+    f, s = field.path / "day1", studio.path / "day1"
+    (f / "DSC_0001.xmp").write_text("<x:xmpmeta rating='5'/>")   # only the field
+    (s / "DSC_0002.xmp").write_text("<x:xmpmeta label='red'/>")  # only the studio
+    (f / "DSC_0000.xmp").write_text("field's edit")               # both: a conflict
+    time.sleep(0.01)
+    (s / "DSC_0000.xmp").write_text("studio's later edit")
+    (f / "DSC_0001.NEF").unlink()                                  # deleted in the field
+    (s / "new-in-studio").mkdir()
+    (s / "new-in-studio" / "note.txt").write_text("hello")
+    (f / "DSC_0002.NEF").unlink()                                  # deleted here, changed there
+    with open(s / "DSC_0002.NEF", "r+b") as out:
+        out.write(b"retouched")
+    field.stop(), studio.stop()
+
+    report = json.loads(vaultfs("sync", store_path, peer_path, "--json").stdout)
+    assert [c["path"] for c in report["conflicts"]] == ["day1/DSC_0000.xmp"]
+    kept_as = report["conflicts"][0]["kept_as"]
+    assert kept_as.startswith("day1/DSC_0000.conflict-store-") and kept_as.endswith(".xmp")
+
+    field, studio = make_mount(), make_mount(store=peer_path)
+    _trees_equal(field.path, studio.path)
+    for side in (field.path, studio.path):
+        d = side / "day1"
+        assert (d / "DSC_0001.xmp").read_text() == "<x:xmpmeta rating='5'/>"
+        assert (d / "DSC_0002.xmp").read_text() == "<x:xmpmeta label='red'/>"
+        assert (d / "DSC_0000.xmp").read_text() == "studio's later edit"  # the newer one
+        assert (side / kept_as).read_text() == "field's edit"
+        assert not (d / "DSC_0001.NEF").exists()
+        assert (d / "DSC_0002.NEF").read_bytes()[:9] == b"retouched"  # the change stays
+        assert (d / "new-in-studio" / "note.txt").read_text() == "hello"
+    # The deletion reached the studio as a change, not a loss: the studio's tree before the
+    # sync is a snapshot that still has the file.
+    snap = report["snapshots"]["studio"]
+    assert (studio.path / ".vault" / "snapshots" / snap / "day1" / "DSC_0001.NEF").stat().st_size
+    # The studio's timeline of the edited sidecar has both versions.
+    assert len(json.loads(vaultfs("log", peer_path, "day1/DSC_0001.xmp", "--json").stdout)) == 2
+    field.stop(), studio.stop()
+    status = json.loads(vaultfs("status", peer_path, "--json").stdout)
+    assert [c["kept_as"] for c in status["conflicts"]] == [kept_as]
+    # Agreed now: nothing more to do either way.
+    again = json.loads(vaultfs("sync", store_path, peer_path, "--json").stdout)
+    assert again["plan"] == {"push": [], "pull": []}
+
+
+def test_push_only_and_only_tier_send_the_keepers_first(make_mount, store_path, peer_path):
+    field = make_mount()
+    _shoot(field.path, n=4)
+    field.stop()
+    report = json.loads(vaultfs("sync", store_path, peer_path, "--push", "--only-tier", "select",
+                                "--json").stdout)
+    files = [op["path"] for op in report["plan"]["push"] if "tier" in op]
+    assert files == ["day1/DSC_0000.NEF", "day1/DSC_0000.xmp"]  # the select and its sidecar
+    studio = make_mount(store=peer_path)
+    assert sorted(p.name for p in (studio.path / "day1").iterdir()) == \
+        ["DSC_0000.NEF", "DSC_0000.xmp"]
+    studio.stop()
+    # The rest, in order: selects' priority first, then newest first within a tier.
+    report = json.loads(vaultfs("sync", store_path, peer_path, "--push", "--json").stdout)
+    sent = [op for op in report["plan"]["push"] if "tier" in op]
+    assert sent and all(op["tier"] != "select" for op in sent)
+    assert report["plan"]["pull"] == []
+
+
+def _serve(store, tmp_path, name):
+    """`vaultfs serve` in its own process on a free loopback port."""
+    log = open(tmp_path / f"{name}.serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "serve", str(store), "--listen",
+                             "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("serving"), line
+    return proc, f"tcp://127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
+
+
+def _pair(a, b):
+    """`vaultfs pair` on both sides, as two people would: one shows the code, one types it."""
+    shown = subprocess.Popen([sys.executable, "-m", "vaultfs", "pair", str(b), "--listen",
+                              "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+    code = shown.stdout.readline().split(":", 1)[1].strip()
+    port = shown.stdout.readline().split(" on ", 1)[1].split(" ")[0].rsplit(":", 1)[1]
+    vaultfs("pair", a, f"tcp://127.0.0.1:{port}", code)
+    assert "paired with" in shown.stdout.read()
+    assert shown.wait(10) == 0
+
+
+def test_tcp_sync_needs_pairing_and_refuses_bad_messages(make_mount, store_path, peer_path,
+                                                         tmp_path):
+    field = make_mount()
+    _shoot(field.path)
+    field.stop()
+    server, url = _serve(peer_path, tmp_path, "studio")
+    try:
+        # Not paired: refused, with a message that says what to do.
+        r = vaultfs("sync", store_path, url, check=False)
+        assert r.returncode == 2 and "not paired" in r.stderr and "vaultfs pair" in r.stderr
+        # A wrong code pairs nothing.
+        shown = subprocess.Popen([sys.executable, "-m", "vaultfs", "pair", str(peer_path),
+                                  "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        shown.stdout.readline()
+        port = shown.stdout.readline().split(" on ", 1)[1].split(" ")[0].rsplit(":", 1)[1]
+        r = vaultfs("pair", store_path, f"tcp://127.0.0.1:{port}", "0000-0000-0000",
+                    check=False)
+        assert r.returncode == 2 and "differ" in r.stderr
+        shown.wait(10)
+        assert peers.load(store_path) == {} and peers.load(peer_path) == {}
+
+        _pair(store_path, peer_path)
+        vaultfs("sync", store_path, url)
+        field, studio = make_mount(), make_mount(store=peer_path)
+        _trees_equal(field.path, studio.path)
+        field.stop(), studio.stop()
+
+        # Garbage on the wire, and a paired client that sends a path out of the tree: refused,
+        # and the server goes on serving.
+        host, port = url[6:].rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as junk:
+            junk.sendall(b"\xff\xff\xff\xffnot a vault")
+        with Store.open(store_path) as store:
+            peer = remote.connect(url, store)
+        with peer:
+            assert peer.hello()["name"] == "studio"
+            for path in (b"../escape", b"/etc/passwd", b"a/../../b", b"a\0b", b".vault/x"):
+                with pytest.raises(StoreError, match="refused path"):
+                    peer.apply([["delete", path, None, b"", None]])
+            with pytest.raises(StoreError, match="damaged"):
+                peer.put_chunks([[bytes(32), 5, b"\0hello"]])
+        # A stranger with a made-up id and no secret gets nothing.
+        with socket.create_connection((host, int(port))) as s:
+            ch = wire.Channel.over(s)
+            with pytest.raises(wire.ProtocolError, match="not paired"):
+                ch.handshake(uuid.uuid4().bytes, True, lambda pid: bytes(32))
+        # One that claims a paired vault's id but lacks its secret gets nothing either.
+        with Store.open(store_path) as store:
+            field_id = uuid.UUID(store.id).bytes
+        with socket.create_connection((host, int(port))) as s:
+            ch = wire.Channel.over(s)
+            with pytest.raises((wire.ProtocolError, ConnectionError)):
+                ch.handshake(field_id, True, lambda pid: bytes(32))
+        assert server.poll() is None
+        vaultfs("sync", store_path, url)  # still serving
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.parametrize("over", ["path", "tcp"])
+def test_a_sync_killed_at_random_moments_resumes_and_converges(make_mount, store_path,
+                                                               peer_path, tmp_path, over):
+    field = make_mount()
+    _shoot(field.path, n=12, size=3_000_000)
+    field.stop()
+    studio = make_mount(store=peer_path)
+    (studio.path / "studio-only").write_bytes(os.urandom(2_000_000))
+    studio.stop()
+    server = None
+    if over == "tcp":
+        _pair(store_path, peer_path)
+        server, url = _serve(peer_path, tmp_path, "studio")
+    peer = url if over == "tcp" else str(peer_path)
+    rng = random.Random(6)
+    kills = 0
+    try:
+        for _ in range(6):
+            proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "sync", str(store_path),
+                                     peer, "--bwlimit", "4m"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.4, 2.0))
+            if proc.poll() is None:
+                kills += 1
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            if server is not None and rng.random() < 0.5:  # the studio's side dies too
+                server.send_signal(signal.SIGKILL)
+                server.wait()
+                server, url = _serve(peer_path, tmp_path, "studio")
+                peer = url
+        assert kills >= 2
+        report = json.loads(vaultfs("sync", store_path, peer, "--json").stdout)
+        again = json.loads(vaultfs("sync", store_path, peer, "--json").stdout)
+        assert again["plan"] == {"push": [], "pull": []}
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+    # What was sent before a kill is not sent again: at most what was in flight.
+    assert report["sent"]["push"]["raw_bytes"] < 12 * 3_000_000
+    assert_clean(store_path), assert_clean(peer_path)
+    field, studio = make_mount(), make_mount(store=peer_path)
+    _trees_equal(field.path, studio.path)
+    assert (field.path / "studio-only").stat().st_size == 2_000_000
+    field.stop(), studio.stop()

@@ -1,0 +1,143 @@
+"""Changing a tree by path, for what copies files in from elsewhere: a merge from another
+branch (branches.py) and a sync from another vault (sync/). A file placed over a file becomes a
+new version of it (its timeline goes on); contents are chunks already in the store, so placing
+a file copies no bytes.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import format as F
+from .txn import StoreError, Txn
+
+
+@dataclass
+class Item:
+    """What to place at a path: an inode's attributes and, for a file, its extents
+    ((offset, chunk id, length): chunks in this store)."""
+    mode: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    atime_ns: int = 0
+    rdev: int = 0
+    target: bytes = b""
+    size: int = 0
+    extents: list[tuple[int, bytes, int]] = field(default_factory=list)
+    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def split(path: bytes) -> tuple[bytes, bytes]:
+    parent, name = posixpath.split(path)
+    return parent, name
+
+
+def remove(tx: Txn, path: bytes, now: int) -> bool:
+    """Remove what is at `path`; False (and nothing changed) if it is a folder that still holds
+    something. Nothing there is success."""
+    parent_path, name = split(path)
+    parent = tx.resolve(parent_path)
+    ino = tx.lookup(parent, name) if parent is not None else None
+    node = tx.inode(ino) if ino is not None else None
+    if node is None:
+        return True
+    if stat.S_ISDIR(node.mode) and tx.has_entries(ino):
+        return False
+    tx.remove_entry(parent, name)
+    p = tx.inode(parent)
+    if stat.S_ISDIR(node.mode):
+        p.nlink -= 1
+        node.nlink = 0
+    else:
+        node.nlink -= 1
+    p.mtime_ns = p.ctime_ns = now
+    tx.put_inode(p)
+    tx.put_inode(node)
+    if node.nlink == 0:
+        tx.delete_inode(node)
+    return True
+
+
+def move(tx: Txn, path: bytes, new_name: bytes, now: int) -> None:
+    """Rename what is at `path` to `new_name` in the same folder (it keeps its timeline)."""
+    parent_path, name = split(path)
+    parent = tx.resolve(parent_path)
+    if parent is None or tx.lookup(parent, name) is None:
+        raise StoreError(f"{path.decode(errors='replace')} is not there to rename")
+    if tx.lookup(parent, new_name) is not None:
+        raise StoreError(f"{new_name.decode(errors='replace')} exists already")
+    tx.rename_entry(parent, name, new_name)
+    p = tx.inode(parent)
+    p.mtime_ns = p.ctime_ns = now
+    tx.put_inode(p)
+
+
+def make_dirs(tx: Txn, path: bytes, now: int, folder: Callable[[bytes], Item]) -> int:
+    """The folder at `path`, made with its missing parents (`folder(path)` says how)."""
+    ino = F.ROOT_INO
+    walked = b""
+    for part in filter(None, path.split(b"/")):
+        walked = posixpath.join(walked, part)
+        child = tx.lookup(ino, part)
+        if child is None:
+            child = _new_node(tx, ino, part, folder(walked), now).ino
+        elif not stat.S_ISDIR(tx.inode(child).mode):
+            raise StoreError(f"{walked.decode(errors='replace')} is a file on one side and a "
+                             f"folder on the other; move one of them and try again")
+        ino = child
+    return ino
+
+
+def place(tx: Txn, path: bytes, item: Item, now: int,
+          folder: Callable[[bytes], Item]) -> F.Inode:
+    """Make `path` hold `item`: a file there gets a new version, a folder its attributes;
+    anything else there is replaced (a folder only when empty)."""
+    parent_path, name = split(path)
+    parent = make_dirs(tx, parent_path, now, folder)
+    ino = tx.lookup(parent, name)
+    node = tx.inode(ino) if ino is not None else None
+    kind = stat.S_IFMT(item.mode)
+    if node is not None and not (stat.S_IFMT(node.mode) == kind and kind in (stat.S_IFREG,
+                                                                             stat.S_IFDIR)):
+        if not remove(tx, path, now):
+            raise StoreError(f"{path.decode(errors='replace')} is a folder with files in it on "
+                             f"one side and a file on the other; move one of them and try again")
+        node = None
+    if node is None:
+        node = _new_node(tx, parent, name, item, now)
+    else:
+        old = dict(tx.xattrs(node.ino))
+        for key in old.keys() - {k for k, _ in item.xattrs}:
+            tx.remove_xattr(node.ino, key)
+        for key, value in item.xattrs:
+            if old.get(key) != value:
+                tx.set_xattr(node.ino, key, value)
+    if kind == stat.S_IFREG:
+        for _, chunk_id, _ in item.extents:
+            tx.incref(chunk_id)  # the copy's own references: same chunks, no bytes copied
+        tx.new_version(node, item.extents, item.size, item.mtime_ns, now)
+    node.mode, node.ctime_ns = item.mode, now
+    if kind != stat.S_IFDIR:
+        node.mtime_ns = item.mtime_ns
+    tx.put_inode(node)
+    return node
+
+
+def _new_node(tx: Txn, parent: int, name: bytes, item: Item, now: int) -> F.Inode:
+    node = tx.new_inode(item.mode, item.uid, item.gid, now, item.rdev, item.target)
+    node.atime_ns, node.mtime_ns = item.atime_ns or item.mtime_ns, item.mtime_ns
+    node.nlink = 2 if stat.S_ISDIR(item.mode) else 1
+    tx.put_inode(node)
+    for key, value in item.xattrs:
+        tx.set_xattr(node.ino, key, value)
+    tx.add_entry(parent, name, node.ino)
+    p = tx.inode(parent)
+    if stat.S_ISDIR(item.mode):
+        p.nlink += 1
+    p.mtime_ns = p.ctime_ns = now
+    tx.put_inode(p)
+    return node

@@ -1,0 +1,249 @@
+"""One vault as a sync sees it: the operations a sync asks of a store, whether the store is
+on this machine or behind `vaultfs serve` (remote.py calls these by name, with the same
+arguments, over the wire). Everything here takes and returns plain data (bytes, ints, strs,
+lists, dicts) so that it can travel; every path and hash that comes in is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import stat
+import time
+import tomllib
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from ..store import Store, StoreError, Txn, codec, history, treeops
+from ..store.format import INBOX_INO
+from . import tree
+
+PROTOCOL = 1
+MAX_PATH = 4096
+
+
+class BadRequest(StoreError):
+    """A message that a well-behaved peer would not send: refused, nothing changed."""
+
+
+def check_path(path: object) -> bytes:
+    """A path inside the tree: relative, no empty, '.' or '..' parts, no NUL, not the root's
+    reserved .vault. Anything else could reach outside the tree."""
+    if not isinstance(path, bytes) or not path or len(path) > MAX_PATH or b"\0" in path \
+            or path.startswith(b"/"):
+        raise BadRequest(f"refused path {path!r}")
+    parts = path.split(b"/")
+    if any(p in (b"", b".", b"..") or len(p) > 255 for p in parts) or parts[0] == b".vault":
+        raise BadRequest(f"refused path {path!r}")
+    return path
+
+
+def check_hash(h: object) -> bytes:
+    if not isinstance(h, bytes) or len(h) != tree.HASH_BYTES:
+        raise BadRequest("refused chunk hash")
+    return h
+
+
+def vault_name(store: Store) -> str:
+    """The name a vault goes by in conflict names: vault.toml's `name`, else its folder's."""
+    doc = tomllib.loads((store.path / "vault.toml").read_text())
+    name = doc.get("name") if isinstance(doc.get("name"), str) else store.path.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "vault"
+
+
+class Endpoint:
+    """A store opened for writing, serving a sync."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.id = uuid.UUID(store.id).bytes
+        self.name = vault_name(store)
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                        thread_name_prefix="verify")
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+    # ---- what the other side may call (remote.CALLS) ----------------------------------------
+    def hello(self) -> dict:
+        return {"id": self.id, "name": self.name, "protocol": PROTOCOL}
+
+    def listing(self) -> dict[bytes, list]:
+        return {path: e.wire() for path, e in tree.listing(self.store).items()}
+
+    def base(self, peer: bytes) -> dict[bytes, bytes]:
+        with self.store.reader() as tx:
+            return tx.sync_base(_peer_id(peer))
+
+    def set_base(self, peer: bytes, updates: list) -> None:
+        peer = _peer_id(peer)
+        checked = [(check_path(p), s) for p, s in updates]
+
+        def put(tx: Txn) -> None:
+            for path, signature in checked:
+                tx.set_sync_base(peer, path, signature if isinstance(signature, bytes) else None)
+        self.store.write(put)
+
+    def extents(self, paths: list) -> dict[bytes, list]:
+        """The chunks of the files at `paths` now: [[offset, length, hash], ...] each."""
+        out = {}
+        with self.store.reader() as tx:
+            for path in map(check_path, paths):
+                ino = tx.resolve(path)
+                node = tx.inode(ino) if ino is not None else None
+                if node is not None and stat.S_ISREG(node.mode):
+                    out[path] = [list(x) for x in tree.file_extents(tx, node.content)]
+        return out
+
+    def missing(self, hashes: list) -> list[bytes]:
+        with self.store.reader() as tx:
+            return [h for h in map(check_hash, hashes) if tx.find_chunk(_digests(h)) is None]
+
+    def get_chunks(self, hashes: list) -> list[list]:
+        """[[hash, raw length, stored value (codec byte and payload, as stored)], ...]"""
+        out = []
+        with self.store.reader() as tx:
+            for h in map(check_hash, hashes):
+                chunk_id = tx.find_chunk(_digests(h))
+                if chunk_id is None:
+                    raise StoreError(f"chunk {h[:16].hex()} is not in {self.name}")
+                out.append([h, tx.chunk_record(chunk_id).raw_len, bytes(tx.chunk_data(chunk_id))])
+        return out
+
+    def put_chunks(self, chunks: list) -> int:
+        """Store chunks that arrived, each checked against both its digests first; they are
+        held in the inbox until the files that use them are applied. Returns bytes stored."""
+        def check(item: list) -> tuple[codec.Digests, int, bytes]:
+            h, raw_len, stored = item
+            if not isinstance(raw_len, int) or not 0 < raw_len < 1 << 32 or \
+                    not isinstance(stored, bytes) or not stored:
+                raise BadRequest("malformed chunk")
+            d = _digests(check_hash(h))
+            try:
+                raw = codec.decode(d.xxh3, stored, raw_len)
+            except codec.ChunkCorrupt as e:
+                raise BadRequest(f"chunk {d.xxh3.hex()} arrived damaged ({e}); "
+                                 f"nothing was stored") from None
+            if len(raw) != raw_len or codec.confirm_digest(raw) != d.blake3:
+                raise BadRequest(f"chunk {d.xxh3.hex()} arrived damaged (BLAKE3 or length "
+                                 f"mismatch); nothing was stored")
+            return d, raw_len, stored
+        checked = list(self._pool.map(check, chunks))
+
+        def store(tx: Txn) -> int:
+            for d, raw_len, stored in checked:
+                tx.add_pending(INBOX_INO, tx.add_chunk(d, raw_len, stored))
+            return sum(len(c[2]) for c in checked)
+        return self.store.write(store)
+
+    def apply(self, ops: list) -> list:
+        """Carry out ops of a plan (plan.Op on the wire: [kind, path, entry, to, extents]),
+        all in one transaction: a file appears whole or not at all. Returns, per op, None or
+        why it was skipped."""
+        checked = [_check_op(op) for op in ops]
+        now = time.time_ns()
+        uid, gid = os.getuid(), os.getgid()
+
+        def folder(path: bytes) -> treeops.Item:
+            return treeops.Item(0o40755, now, uid, gid)
+
+        def run(tx: Txn) -> list:
+            results = []
+            for kind, path, entry, to, extents in checked:
+                if kind == "move":
+                    treeops.move(tx, path, to.rsplit(b"/", 1)[-1], now)
+                    results.append(None)
+                elif kind == "delete":
+                    done = treeops.remove(tx, path, now)
+                    results.append(None if done else "a folder that is not empty")
+                else:
+                    item = _item(tx, entry, extents, uid, gid)
+                    treeops.place(tx, path, item, now, folder)
+                    results.append(None)
+            return results
+        return self.store.write(run)
+
+    def snapshot(self, prefix: str) -> str:
+        """A snapshot before a sync changes this tree: what it replaces or deletes stays there
+        (and in the files' timelines) for as long as the snapshot policy keeps it."""
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", prefix):
+            raise BadRequest("refused snapshot prefix")
+        return history.create_snapshot(self.store, prefix=prefix)["name"]
+
+    def note_conflicts(self, conflicts: list) -> None:
+        """Remember conflicts for `vaultfs status` (which lists those still there)."""
+        added = [{"path": check_path(c["path"]).decode(errors="surrogateescape"),
+                  "kept_as": check_path(c["kept_as"]).decode(errors="surrogateescape"),
+                  "vault": str(c["vault"]), "at": time.time_ns()} for c in conflicts]
+        self.store.write(lambda tx: tx.note_conflicts(added))
+
+    def finish(self) -> int:
+        """Release what the inbox holds that no file took."""
+        return self.store.write(lambda tx: tx.release_inbox())
+
+
+def _peer_id(peer: object) -> bytes:
+    if not isinstance(peer, bytes) or len(peer) != 16:
+        raise BadRequest("refused vault id")
+    return peer
+
+
+def _digests(h: bytes) -> codec.Digests:
+    return codec.Digests(h[:16], h[16:])
+
+
+def _check_op(op: object) -> tuple:
+    if not isinstance(op, list) or len(op) != 5 or op[0] not in ("move", "delete", "put"):
+        raise BadRequest("malformed operation")
+    kind, path, entry, to, extents = op
+    check_path(path)
+    if kind == "move":
+        check_path(to)
+        if posixpath.dirname(to) != posixpath.dirname(path):
+            raise BadRequest("a conflict copy stays in its folder")
+    if kind == "put":
+        try:
+            entry = tree.Entry.from_wire(entry)
+        except (TypeError, ValueError):
+            raise BadRequest("malformed entry") from None
+        if entry.kind == "f":
+            _check_extents(extents, entry.size)
+    return kind, path, entry, to, extents
+
+
+def _check_extents(extents: object, size: int) -> None:
+    """In order, not overlapping, inside the file."""
+    end = 0
+    if not isinstance(extents, list):
+        raise BadRequest("malformed extents")
+    for x in extents:
+        if not (isinstance(x, list) and len(x) == 3 and isinstance(x[0], int)
+                and isinstance(x[1], int) and 0 < x[1] < 1 << 32 and x[0] >= end):
+            raise BadRequest("malformed extents")
+        check_hash(x[2])
+        end = x[0] + x[1]
+    if end > size:
+        raise BadRequest("malformed extents")
+
+
+def _item(tx: Txn, e: tree.Entry, extents: list | None, uid: int, gid: int) -> treeops.Item:
+    mode = e.mode & 0o7777 | {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}.get(
+        e.kind, stat.S_IFMT(e.mode))
+    item = treeops.Item(mode, e.mtime_ns, uid, gid, xattrs=[tuple(x) for x in e.xattrs])
+    if e.kind == "l":
+        item.target = e.content
+    elif e.kind == "o":
+        if stat.S_IFMT(e.mode) not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise BadRequest("malformed entry")
+        item.rdev = int.from_bytes(e.content[:8], "big")
+    elif e.kind == "f":
+        item.size = e.size
+        for off, length, h in extents:
+            chunk_id = tx.find_chunk(_digests(h))
+            if chunk_id is None:
+                raise StoreError(f"chunk {h[:16].hex()} has not arrived")
+            item.extents.append((off, chunk_id, length))
+        if tree.content_digest(e.size, [tuple(x) for x in extents]) != e.content:
+            raise BadRequest("extents do not match the file's content digest")
+    return item

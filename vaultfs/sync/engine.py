@@ -1,0 +1,249 @@
+"""A sync between two vaults: list both trees, plan the merge (plan.py), then for each side that
+changes, move only the chunks it lacks, the most valuable files first, and apply each file once
+all its chunks are there.
+
+Both sides are endpoints (endpoint.py) or their stand-ins over the wire (remote.py): the engine
+only calls their operations. It keeps no state of its own between runs; what makes a rerun
+resume is in the stores: chunks that arrived wait in the receiver's inbox (so they are not sent
+again), applied files agree (so they are not planned again), and each side's *base* records
+where the two agreed, path by path, as soon as they do.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..store import StoreError
+from . import plan as P
+from .tree import Entry
+
+BATCH_SECONDS = 1.0            # aim for a round trip of chunks this long: little is in flight
+MIN_BATCH = 256 * 1024
+MAX_BATCH = 64 * 1024 * 1024
+PATHS_PER_CALL = 2000
+HASHES_PER_CALL = 20000
+
+
+@dataclass
+class Progress:
+    direction: str = ""        # "push" or "pull"
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0       # raw bytes of the chunks to send
+    bytes_done: int = 0
+    wire_bytes: int = 0        # stored (compressed) bytes sent
+    tier: str = ""
+    path: bytes = b""
+
+
+@dataclass
+class Report:
+    local: str = ""
+    remote: str = ""
+    plan: dict = field(default_factory=lambda: {"push": [], "pull": []})
+    conflicts: list = field(default_factory=list)
+    snapshots: dict = field(default_factory=dict)
+    sent: dict = field(default_factory=lambda: {
+        d: {"files": 0, "chunks": 0, "raw_bytes": 0, "wire_bytes": 0} for d in ("push", "pull")})
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"local": self.local, "remote": self.remote, "plan": self.plan,
+                "conflicts": self.conflicts, "snapshots": self.snapshots, "sent": self.sent,
+                "seconds": round(self.seconds, 3)}
+
+
+def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str | None = None,
+         dry_run: bool = False, bwlimit: int = 0,
+         progress: Callable[[Progress], None] | None = None) -> Report:
+    """Bring `remote` (with `push`) and `local` (with `pull`) to the merge of both trees.
+    `bwlimit` caps the chunk bytes sent, per second (they are nearly all of the traffic)."""
+    started = time.monotonic()
+    ends = (local, remote)
+    hello = [e.hello() for e in ends]
+    ids = (hello[0]["id"], hello[1]["id"])
+    names = (hello[0]["name"], hello[1]["name"])
+    if ids[0] == ids[1]:
+        raise StoreError("both sides are the same vault")
+    report = Report(names[0], names[1])
+    trees = tuple({p: Entry.from_wire(w) for p, w in e.listing().items()} for e in ends)
+    bases = (local.base(ids[1]), remote.base(ids[0]))
+    base = {p: s for p, s in bases[0].items() if bases[1].get(p) == s}
+    plan = P.make(trees, base, names, ids)
+    sides = [s for s, on in ((1, push), (0, pull)) if on]  # what the field shot goes first
+    ops = {s: _chosen(plan.ops[s], only_tier) for s in sides}
+    for s in sides:
+        report.plan["push" if s == 1 else "pull"] = [_describe(op) for op in ops[s]]
+    report.conflicts = [{"path": _text(c["path"]), "kept_as": _text(c["kept_as"]),
+                         "vault": c["vault"]} for c in plan.conflicts
+                        if any(op.path == c["kept_as"] or op.to == c["kept_as"]
+                               for s in sides for op in ops[s])]
+    if dry_run:
+        report.seconds = time.monotonic() - started
+        return report
+    run = _Run(ends, ids, trees, progress or (lambda p: None), bwlimit)
+    # Where the trees already agree, the bases say so (a rerun after an interruption).
+    run.record([p for p in set(trees[0]) | set(trees[1]) | set(bases[0]) | set(bases[1])
+                if P.sig(trees[0].get(p)) == P.sig(trees[1].get(p))
+                and not bases[0].get(p) == bases[1].get(p) == P.sig(trees[0].get(p))])
+    for s in sides:
+        if any(op.kind != "put" or op.path in trees[s] for op in ops[s]):
+            report.snapshots[names[s]] = ends[s].snapshot("auto-sync-")
+        run.side(s, ops[s], report.sent["push" if s == 1 else "pull"])
+        noted = [c for c in plan.conflicts if any(op.path == c["kept_as"] or op.to == c["kept_as"]
+                                                  for op in ops[s])]
+        if noted:
+            ends[s].note_conflicts(noted)
+        ends[s].finish()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _chosen(ops: list[P.Op], only_tier: str | None) -> list[P.Op]:
+    """With --only-tier, the files of that tier and the folders they need."""
+    if only_tier is None:
+        return ops
+    files = [op for op in ops if op.entry.kind != "d" and op.entry.tier == only_tier]
+    needed = {p for op in files for p in _parents(op.path)}
+    return [op for op in ops if op.entry.kind == "d" and op.kind == "put" and op.path in needed
+            ] + files
+
+
+def _parents(path: bytes) -> list[bytes]:
+    parts = path.split(b"/")[:-1]
+    return [b"/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _describe(op: P.Op) -> dict:
+    out = {"op": op.kind, "path": _text(op.path)}
+    if op.kind == "move":
+        out["to"] = _text(op.to)
+    if op.entry is not None and op.entry.kind == "f":
+        out["size"] = op.entry.size
+        out["tier"] = op.entry.tier
+    return out
+
+
+def _text(path: bytes) -> str:
+    return path.decode(errors="surrogateescape")
+
+
+class _Run:
+    """One run of the engine: applying one side's ops and keeping the bases up to date."""
+
+    def __init__(self, ends, ids, trees, progress, bwlimit: int):
+        self.ends, self.ids, self.progress = ends, ids, progress
+        self.now = [dict(trees[0]), dict(trees[1])]  # each side's tree as it becomes
+        self.bwlimit = bwlimit
+        self.started, self.wire_bytes = time.monotonic(), 0
+        self.batch = 4 * 1024 * 1024
+        self.moved: dict[tuple[int, bytes], bytes] = {}  # (side, path) -> where it went
+
+    def record(self, paths: list[bytes]) -> None:
+        """Tell both bases what the sides agree on at `paths` now."""
+        updates = [[p, P.sig(self.now[0].get(p))] for p in paths
+                   if P.sig(self.now[0].get(p)) == P.sig(self.now[1].get(p))]
+        for i in range(0, len(updates), PATHS_PER_CALL):
+            part = updates[i:i + PATHS_PER_CALL]
+            self.ends[0].set_base(self.ids[1], part)
+            self.ends[1].set_base(self.ids[0], part)
+
+    def apply(self, s: int, ops: list[P.Op], extents: dict[bytes, list]) -> None:
+        wire = [[op.kind, op.path, op.entry.wire() if op.kind == "put" else None, op.to,
+                 extents.get(op.path) if op.kind == "put" and op.entry.kind == "f" else None]
+                for op in ops]
+        results = self.ends[s].apply(wire)
+        now = self.now[s]
+        for op, skipped in zip(ops, results):
+            if skipped:
+                continue
+            if op.kind == "move":
+                now[op.to] = now.pop(op.path)
+                self.moved[(s, op.path)] = op.to
+            elif op.kind == "delete":
+                now.pop(op.path, None)
+            else:
+                now[op.path] = op.entry
+        self.record([p for op in ops for p in (op.path, op.to) if p])
+
+    def side(self, s: int, ops: list[P.Op], sent: dict) -> None:
+        """Apply one side's ops: first those that move no bytes, then the files, selects
+        first (by the source vault's tier priorities) and newest first."""
+        dst = self.ends[s]
+        moves_bytes = [op.kind == "put" and op.entry.kind == "f" for op in ops]
+        files = [op for op, m in zip(ops, moves_bytes) if m]
+        for part in _parts([op for op, m in zip(ops, moves_bytes) if not m], PATHS_PER_CALL):
+            self.apply(s, part, {})
+        files.sort(key=lambda op: (op.entry.priority, -op.entry.mtime_ns, op.path))
+        extents: dict[bytes, list] = {}  # by the path the file goes to
+        for src in (0, 1):
+            at = {self.moved.get((src, op.origin), op.origin): op.path for op in files
+                  if op.source == src}
+            for part in _parts(list(at), PATHS_PER_CALL):
+                extents.update((at[p], x) for p, x in self.ends[src].extents(part).items())
+        for op in files:
+            if op.path not in extents:
+                raise StoreError(f"{_text(op.path)} changed on the other side during the sync; "
+                                 f"run it again")
+        # hash -> (raw length, the side that has it), in the order the files need them
+        need = {x[2]: (x[1], op.source) for op in files if op.source != s
+                for x in extents[op.path]}
+        missing: dict[bytes, tuple[int, int]] = {}
+        for part in _parts(list(need), HASHES_PER_CALL):
+            missing.update((h, need[h]) for h in dst.missing(part))
+        missing = {h: v for h, v in need.items() if h in missing}
+        prog = Progress("push" if s == 1 else "pull", len(files), 0,
+                        sum(n for n, _ in missing.values()))
+        self.progress(prog)
+        queue = iter(list(missing.items()))
+        pending = collections.deque(files)
+        while pending:
+            ready = []
+            while pending and not any(x[2] in missing for x in extents[pending[0].path]):
+                ready.append(pending.popleft())
+            for part in _parts(ready, PATHS_PER_CALL):
+                self.apply(s, part, extents)
+                prog.files_done += len(part)
+                sent["files"] += len(part)
+                prog.tier, prog.path = part[-1].entry.tier, part[-1].path
+                self.progress(prog)
+            if pending:
+                self.send(s, queue, missing, sent, prog)
+
+    def send(self, s: int, queue, missing: dict, sent: dict, prog: Progress) -> None:
+        """Send the next batch of chunks: about BATCH_SECONDS' worth at the rate measured."""
+        batch: dict[int, list[bytes]] = {}
+        size = 0
+        for h, (length, src) in queue:
+            batch.setdefault(src, []).append(h)
+            size += length
+            if size >= self.batch:
+                break
+        if not batch:
+            raise StoreError("sync lost track of chunks it needs; run it again")
+        t0 = time.monotonic()
+        for src, hashes in batch.items():
+            chunks = self.ends[src].get_chunks(hashes)
+            wire = self.ends[s].put_chunks(chunks)
+            self.wire_bytes += wire
+            sent["chunks"] += len(chunks)
+            sent["wire_bytes"] += wire
+            prog.wire_bytes += wire
+            for h in hashes:
+                del missing[h]
+        sent["raw_bytes"] += size
+        prog.bytes_done += size
+        self.progress(prog)
+        rate = size / max(time.monotonic() - t0, 1e-3)
+        if self.bwlimit:  # wait until the average since the start is back under the limit
+            time.sleep(max(0.0, self.wire_bytes / self.bwlimit
+                           - (time.monotonic() - self.started)))
+            rate = min(rate, self.bwlimit)
+        self.batch = int(min(MAX_BATCH, max(MIN_BATCH, rate * BATCH_SECONDS)))
+
+
+def _parts(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]

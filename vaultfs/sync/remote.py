@@ -1,0 +1,269 @@
+"""A vault on another machine: `vaultfs serve` answers the endpoint's calls over TCP (or over
+stdin and stdout, under ssh), `Remote` makes them, and `vaultfs pair` gives two vaults the
+secret that lets them in (docs/sync-protocol.md).
+
+The server runs one session at a time and opens its store only for the length of a session, so
+the vault can be mounted between syncs. A session that is idle for IDLE_S ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import spake2
+
+from ..store import Store, StoreBusy, StoreError
+from . import peers, wire
+from .endpoint import Endpoint, vault_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7787
+IDLE_S = 120.0
+HANDSHAKE_S = 15.0  # before it has proved anything, a client may not hold the server long
+PAIR_WAIT_S = 600.0
+# The calls a peer may make, with the messages they carry (endpoint.Endpoint's methods).
+CALLS = ("hello", "listing", "base", "set_base", "extents", "missing", "get_chunks",
+         "put_chunks", "apply", "snapshot", "note_conflicts", "finish")
+RAW_REPLIES = {"get_chunks"}     # chunks travel as stored: compressing them again is waste
+RAW_REQUESTS = {"put_chunks"}
+
+T = TypeVar("T")
+
+
+def address(spec: str) -> tuple[str, int]:
+    """'tcp://host:port' (or 'host:port' for --listen) -> (host, port)."""
+    parts = urlsplit(spec if "://" in spec else f"tcp://{spec}")
+    if parts.scheme != "tcp" or not parts.hostname:
+        raise StoreError(f"{spec!r} is not an address like tcp://studio.local:{DEFAULT_PORT}")
+    return parts.hostname, DEFAULT_PORT if parts.port is None else parts.port
+
+
+class Remote:
+    """The other vault's endpoint, called over a channel."""
+
+    def __init__(self, channel: wire.Channel, peer: bytes):
+        self.channel, self.peer = channel, peer
+
+    def __enter__(self) -> "Remote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.channel.close()
+
+    def call(self, method: str, *args):
+        self.channel.send([method, list(args)], compress=method not in RAW_REQUESTS)
+        reply = self.channel.recv()
+        if not (isinstance(reply, list) and len(reply) == 2):
+            raise wire.ProtocolError("the other side sent a malformed reply")
+        ok, result = reply
+        if not ok:
+            raise StoreError(f"the other vault: {result}")
+        return result
+
+
+for _name in CALLS:
+    setattr(Remote, _name, lambda self, *args, _n=_name: self.call(_n, *args))
+
+
+def connect(spec: str, store: Store) -> Remote:
+    """Connect to `vaultfs serve` at tcp://host:port as the vault `store`."""
+    host, port = address(spec)
+    sock = socket.create_connection((host, port), timeout=HANDSHAKE_S)
+    ch = wire.Channel.over(sock)
+    try:
+        peer = ch.handshake(uuid.UUID(store.id).bytes, True,
+                            lambda pid: peers.secret(store.path, pid))
+    except BaseException:
+        ch.close()
+        raise
+    sock.settimeout(IDLE_S)
+    return Remote(ch, peer)
+
+
+def serve(store_path: Path, listen: str, ready: Callable[[tuple], None] = lambda a: None,
+          sessions: int = 0) -> None:
+    """Answer syncs on `listen` (host:port) one at a time, for ever (or `sessions` of them)."""
+    host, port = address(listen)
+    with socket.create_server((host, port)) as server:
+        ready(server.getsockname())
+        served = 0
+        while not sessions or served < sessions:
+            conn, addr = server.accept()
+            served += 1
+            conn.settimeout(HANDSHAKE_S)
+            ch = wire.Channel.over(conn)
+            with contextlib.closing(ch):
+                try:
+                    session(store_path, ch, f"{addr[0]}:{addr[1]}")
+                except (OSError, StoreError) as e:
+                    log.warning("session from %s ended: %s", addr[0], e)
+                except Exception:  # a bug ends the session, not the server
+                    log.exception("session from %s failed", addr[0])
+
+
+def session(store_path: Path, ch: wire.Channel, who: str) -> None:
+    """One client's session: authenticate it, then answer its calls until it hangs up."""
+    with Store.open(store_path) as probe:
+        my_id = uuid.UUID(probe.id).bytes
+    peer = ch.handshake(my_id, False, lambda pid: peers.secret(store_path, pid))
+    if ch.sock is not None:
+        ch.sock.settimeout(IDLE_S)
+    name = peers.load(store_path)[peer]["name"]
+    log.info("sync session from %s (%s)", name, who)
+    answer(store_path, ch, name)
+
+
+def serve_stdio(store_path: Path) -> None:
+    """One session over stdin and stdout (`ssh host vaultfs serve --stdio STORE`): ssh has
+    authenticated the user and encrypts, so the channel is not sealed again."""
+    answer(store_path, wire.Channel(sys.stdin.buffer, sys.stdout.buffer), "ssh")
+
+
+def answer(store_path: Path, ch: wire.Channel, name: str) -> None:
+    """Answer calls until the client hangs up; the store is open (for writing) only now."""
+    try:
+        store = Store.open(store_path, writable=True)
+    except StoreBusy:
+        ch.recv()
+        ch.send([False, f"{store_path.name} is mounted; it syncs when unmounted"])
+        return
+    endpoint = Endpoint(store)
+    try:
+        while True:
+            try:
+                request = ch.recv()
+            except ConnectionError:
+                return  # the client is done (or gone: a rerun resumes)
+            if not (isinstance(request, list) and len(request) == 2 and request[0] in CALLS
+                    and isinstance(request[1], list)):
+                ch.send([False, "malformed request"])
+                raise wire.ProtocolError(f"{name} sent a malformed request")
+            method, args = request
+            try:
+                result = getattr(endpoint, method)(*args)
+            except (StoreError, TypeError, ValueError, KeyError) as e:
+                log.warning("%s from %s refused: %s", method, name, e)
+                ch.send([False, str(e) or type(e).__name__])
+                continue
+            ch.send([True, result], compress=method not in RAW_REPLIES)
+    finally:
+        endpoint.close()
+        store.close()
+
+
+# ---- pairing -------------------------------------------------------------------------------
+def new_code() -> str:
+    """Twelve digits (40 bits): one guess per pairing, so plenty."""
+    n = secrets.randbelow(10**12)
+    return f"{n // 10**8:04d}-{n // 10**4 % 10**4:04d}-{n % 10**4:04d}"
+
+
+def pair_listen(store_path: Path, listen: str, code: str,
+                ready: Callable[[tuple], None] = lambda a: None) -> str:
+    """Wait for one vault to pair with the code shown here; returns its name."""
+    host, port = address(listen)
+    with socket.create_server((host, port)) as server:
+        server.settimeout(PAIR_WAIT_S)
+        ready(server.getsockname())
+        conn, _ = server.accept()
+        conn.settimeout(IDLE_S)
+        with contextlib.closing(wire.Channel.over(conn)) as ch:
+            return _pair(store_path, ch, code, False)
+
+
+def pair_connect(store_path: Path, spec: str, code: str) -> str:
+    host, port = address(spec)
+    sock = socket.create_connection((host, port), timeout=IDLE_S)
+    with contextlib.closing(wire.Channel.over(sock)) as ch:
+        return _pair(store_path, ch, code, True)
+
+
+def _pair(store_path: Path, ch: wire.Channel, code: str, client: bool) -> str:
+    """SPAKE2 with the code as the password: both get a strong key only if both typed the
+    same code, and an eavesdropper learns nothing to guess it offline with."""
+    with Store.open(store_path) as store:
+        my_id, my_name = uuid.UUID(store.id).bytes, vault_name(store)
+    side = (spake2.SPAKE2_A if client else spake2.SPAKE2_B)(code.strip().encode())
+    mine = {"pair": side.start(), "id": my_id, "name": my_name}
+    ch.send(mine)
+    theirs = ch.recv()
+    if not (isinstance(theirs, dict) and isinstance(theirs.get("pair"), bytes)
+            and isinstance(theirs.get("id"), bytes) and len(theirs["id"]) == 16
+            and isinstance(theirs.get("name"), str)):
+        raise wire.ProtocolError("the other side is not pairing")
+    try:
+        key = side.finish(theirs["pair"])
+    except Exception as e:  # spake2 raises its own errors on a bad message
+        raise wire.ProtocolError(f"pairing failed: {e}") from None
+    ids = (my_id, theirs["id"]) if client else (theirs["id"], my_id)
+    transcript = b"".join(ids)
+    ch.send(wire.confirm_tag(key, b"client" if client else b"server", transcript))
+    tag = ch.recv()
+    if not isinstance(tag, bytes) or not secrets.compare_digest(
+            tag, wire.confirm_tag(key, b"server" if client else b"client", transcript)):
+        raise wire.ProtocolError("pairing failed: the codes typed on the two sides differ")
+    peers.add(store_path, theirs["id"], theirs["name"], wire.pair_key(key, ids))
+    return theirs["name"]
+
+
+def with_retries(attempt: Callable[[], T], retries: int,
+                 on_retry: Callable[[Exception, float], None]) -> T:
+    """Run `attempt` again after a lost connection, waiting longer each time: a rerun resumes
+    where the last one stopped (engine.py)."""
+    delay = 1.0
+    for n in range(retries + 1):
+        try:
+            return attempt()
+        except (OSError, ConnectionError) as e:
+            if n == retries:
+                raise
+            on_retry(e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def open_peer(spec: str, store: Store) -> Iterator[Endpoint | Remote]:
+    """The other vault of a sync: tcp://host:port (a `vaultfs serve`), ssh://host/path (one
+    started there over ssh), or the path of a store on this machine."""
+    if spec.startswith("tcp://"):
+        with connect(spec, store) as peer:
+            yield peer
+    elif spec.startswith("ssh://"):
+        parts = urlsplit(spec)
+        if not parts.hostname or not parts.path:
+            raise StoreError(f"{spec!r} is not like ssh://user@host/path/to/store")
+        host = f"{parts.username}@{parts.hostname}" if parts.username else parts.hostname
+        cmd = ["ssh", "-p", str(parts.port or 22), host, "vaultfs", "serve", "--stdio",
+               shlex.quote(parts.path)]
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+            try:
+                yield Remote(wire.Channel(proc.stdout, proc.stdin), b"")
+            finally:
+                proc.stdin.close()
+                proc.wait(IDLE_S)
+    else:
+        try:
+            other = Store.open(spec, writable=True)
+        except StoreBusy:
+            raise StoreError(f"{spec} is mounted; unmount it to sync with it") from None
+        with other:
+            endpoint = Endpoint(other)
+            try:
+                yield endpoint
+            finally:
+                endpoint.close()

@@ -1,0 +1,184 @@
+"""The bytes between two vaults (docs/sync-protocol.md): length-prefixed frames of msgpack,
+zstd-compressed where that helps, sealed with ChaCha20-Poly1305 once the handshake proved that
+both sides hold the pairing secret.
+
+Handshake (both sides hold a 32-byte secret from `vaultfs pair`): each sends, in the clear, its
+vault id, a fresh X25519 public key and a nonce. The keys of the session are HKDF-SHA256 of
+the X25519 shared secret and the pairing secret, salted with both hellos; then each side sends
+a sealed confirmation. A side without the secret cannot make or open a frame, so it reads
+nothing and writes nothing; an eavesdropper who later learns the secret still cannot read a
+recorded session (the X25519 keys are thrown away).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+
+import msgpack
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..store import StoreError
+
+MAX_FRAME = 256 * 1024 * 1024
+SLICE = 1024 * 1024     # bytes per socket call
+COMPRESS_MIN = 1024
+CONFIRM = b"vaultfs sync 1 ready"
+
+
+class ProtocolError(StoreError):
+    """The other side sent something that is not this protocol, or could not authenticate."""
+
+
+class Channel:
+    """Frames over a connected socket (or a pair of pipes: `vaultfs serve --stdio`)."""
+
+    def __init__(self, rfile, wfile, sock: socket.socket | None = None):
+        self.rfile, self.wfile, self.sock = rfile, wfile, sock
+        self._seal: tuple[ChaCha20Poly1305, ChaCha20Poly1305] | None = None
+        self._counters = [0, 0]     # frames sent, frames received: the AEAD nonces
+        self._way = 0               # the nonces' direction: 0 client to server, 1 back
+        self.sent = self.received = 0
+
+    @classmethod
+    def over(cls, sock: socket.socket) -> "Channel":
+        return cls(sock.makefile("rb", buffering=0), sock.makefile("wb", buffering=0), sock)
+
+    def close(self) -> None:
+        """Hang up (a socket's file objects keep it open until they are closed too)."""
+        for f in (self.rfile, self.wfile):
+            try:
+                f.close()
+            except OSError:
+                pass  # (a write that the other side's hang-up cut short)
+        if self.sock is not None:
+            self.sock.close()
+
+    # ---- frames -----------------------------------------------------------------------------
+    def send(self, obj, compress: bool = True) -> None:
+        body = msgpack.packb(obj, use_bin_type=True)
+        flag = b"\0"
+        if compress and len(body) >= COMPRESS_MIN:
+            packed = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(body)
+            if len(packed) < len(body) * 0.9:
+                body, flag = packed, b"\1"
+        body = flag + body
+        if self._seal is not None:
+            body = self._seal[0].encrypt(self._nonce(0), body, None)
+        if len(body) > MAX_FRAME:
+            raise ProtocolError("a message larger than the protocol allows")
+        self._write(struct.pack(">I", len(body)) + body)
+
+    def recv(self):
+        (length,) = struct.unpack(">I", self._read(4))
+        if length > MAX_FRAME:
+            raise ProtocolError("the other side sent a frame larger than the protocol allows")
+        body = self._read(length)
+        if self._seal is not None:
+            try:
+                body = self._seal[1].decrypt(self._nonce(1), body, None)
+            except InvalidTag:
+                raise ProtocolError("a frame failed authentication: the other side does not "
+                                    "hold this pairing, or the link changed the data") from None
+        flag, body = body[:1], body[1:]
+        try:
+            if flag == b"\1":
+                body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_FRAME)
+            elif flag != b"\0":
+                raise ValueError("unknown frame flag")
+            return msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except (ValueError, zstandard.ZstdError, msgpack.UnpackException) as e:
+            raise ProtocolError(f"the other side sent a malformed frame ({e})") from None
+
+    def _nonce(self, receiving: int) -> bytes:
+        """A frame's nonce: its direction and its number in that direction (never reused)."""
+        n = self._counters[receiving]
+        self._counters[receiving] += 1
+        return struct.pack(">IQ", self._way ^ receiving, n)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), SLICE):
+            self.wfile.write(view[i:i + SLICE])
+        self.wfile.flush()
+        self.sent += len(data)
+
+    def _read(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            part = self.rfile.read(min(SLICE, n - len(out)))
+            if not part:
+                raise ConnectionError("the other side closed the connection")
+            out += part
+        self.received += n
+        return bytes(out)
+
+    # ---- the handshake ----------------------------------------------------------------------
+    def handshake(self, my_id: bytes, client: bool, secret_for) -> bytes:
+        """Authenticate and seal the channel; returns the other vault's id. `secret_for(id)`
+        gives the pairing secret shared with a vault, or None."""
+        key = X25519PrivateKey.generate()
+        mine = {"id": my_id, "key": key.public_key().public_bytes_raw(),
+                "nonce": os.urandom(16), "protocol": 1}
+        if client:
+            self.send(mine)
+            theirs = self.recv()
+        else:
+            theirs = self.recv()
+        if not isinstance(theirs, dict) or "error" in theirs:
+            raise ProtocolError(str(theirs.get("error") if isinstance(theirs, dict) else
+                                    "the other side is not a vaultfs vault"))
+        peer, their_key = theirs.get("id"), theirs.get("key")
+        if not (isinstance(peer, bytes) and len(peer) == 16 and isinstance(their_key, bytes)
+                and len(their_key) == 32 and isinstance(theirs.get("nonce"), bytes)):
+            raise ProtocolError("the other side is not a vaultfs vault")
+        secret = secret_for(peer)
+        if not client:
+            if secret is None:
+                self.send({"error": "this vault is not paired with the vault that connected; "
+                                    "pair them first (vaultfs pair)"})
+                raise ProtocolError("a vault that is not paired connected; refused")
+            self.send(mine)
+        elif secret is None:
+            raise ProtocolError("this vault is not paired with the other; pair them first "
+                                "(vaultfs pair)")
+        hellos = [mine, theirs] if client else [theirs, mine]
+        salt = hashlib.sha256(b"".join(msgpack.packb(h, use_bin_type=True) for h in hellos))
+        shared = key.exchange(X25519PublicKey.from_public_bytes(their_key))
+        keys = HKDF(hashes.SHA256(), 64, salt.digest(), b"vaultfs sync keys").derive(
+            shared + secret)
+        c2s, s2c = ChaCha20Poly1305(keys[:32]), ChaCha20Poly1305(keys[32:])
+        self._seal = (c2s, s2c) if client else (s2c, c2s)
+        self._way = 0 if client else 1
+        if client:
+            self.send(CONFIRM)
+            try:
+                reply = self.recv()
+            except ConnectionError:
+                raise ProtocolError("the other vault hung up on this one's credentials: its "
+                                    "pairing with this vault is gone or different; pair them "
+                                    "again (vaultfs pair)") from None
+        else:
+            reply = self.recv()
+            if reply == CONFIRM:
+                self.send(CONFIRM)
+        if reply != CONFIRM:
+            raise ProtocolError("the other side did not confirm the session")
+        return peer
+
+
+def pair_key(key: bytes, ids: tuple[bytes, bytes]) -> bytes:
+    """The long-term secret two vaults keep from a pairing (SPAKE2's key, bound to both ids)."""
+    return HKDF(hashes.SHA256(), 32, None, b"vaultfs pairing " + ids[0] + ids[1]).derive(key)
+
+
+def confirm_tag(key: bytes, who: bytes, transcript: bytes) -> bytes:
+    return hmac.new(key, who + transcript, hashlib.sha256).digest()

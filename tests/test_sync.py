@@ -17,6 +17,7 @@ import uuid
 import pytest
 
 from conftest import CORPUS, assert_clean, needs_fuse, set_policy, tree_of, vaultfs
+from netproxy import Proxy
 from vaultfs.store import Store, StoreError
 from vaultfs.sync import peers, remote, wire
 
@@ -268,4 +269,30 @@ def test_a_sync_killed_at_random_moments_resumes_and_converges(make_mount, store
     field, studio = make_mount(), make_mount(store=peer_path)
     _trees_equal(field.path, studio.path)
     assert (field.path / "studio-only").stat().st_size == 2_000_000
+    field.stop(), studio.stop()
+
+
+def test_a_link_that_drops_and_stalls_is_resumed_by_the_same_command(make_mount, store_path,
+                                                                     peer_path, tmp_path):
+    field = make_mount()
+    _shoot(field.path, n=8, size=2_000_000)
+    field.stop()
+    _pair(store_path, peer_path)
+    server, url = _serve(peer_path, tmp_path, "studio")
+    # The first connection is cut, the second stalls without a reset (the studio's session
+    # is left waiting on it), the third is slow but holds.
+    proxy = Proxy(("127.0.0.1", int(url.rsplit(":", 1)[1])),
+                  [{"cut_after": 3_000_000}, {"stall_after": 6_000_000}, {"rate": 8_000_000}])
+    try:
+        r = vaultfs("sync", store_path, proxy.url, "--timeout", "3", "--json", timeout=300)
+    finally:
+        proxy.close()
+        server.terminate()
+        server.wait(10)
+    assert r.stderr.count("connection lost") == 2 and proxy.connections == 3
+    report = json.loads(r.stdout)
+    # The last run sent only what had not arrived: less than the whole card.
+    assert 0 < report["sent"]["push"]["raw_bytes"] < 8 * 2_000_000
+    field, studio = make_mount(), make_mount(store=peer_path)
+    _trees_equal(field.path, studio.path)
     field.stop(), studio.stop()

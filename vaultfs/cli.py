@@ -359,7 +359,7 @@ def cmd_sync(args) -> int:
         bar.update(p.bytes_done - bar.n)
 
     def attempt() -> engine.Report:
-        with open_peer(args.peer, store) as peer:
+        with open_peer(args.peer, store, args.timeout) as peer:
             return engine.sync(local, peer, push=push, pull=pull, only_tier=args.only_tier,
                                dry_run=args.dry_run, bwlimit=_rate(args.bwlimit), progress=show)
 
@@ -681,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bwlimit", metavar="RATE", help="bytes per second each way: 200k, 5m")
     s.add_argument("--retries", type=int, default=8, metavar="N",
                    help="reconnect and resume this often when the link drops (default 8)")
+    s.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="a TCP link silent this long counts as lost (default 120)")
 
     s = _command(sub, "serve", cmd_serve, "answer syncs from paired vaults over TCP")
     s.add_argument("--listen", default=f"0.0.0.0:{7787}", metavar="HOST:PORT")

@@ -15,6 +15,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -78,8 +79,9 @@ for _name in CALLS:
     setattr(Remote, _name, lambda self, *args, _n=_name: self.call(_n, *args))
 
 
-def connect(spec: str, store: Store) -> Remote:
-    """Connect to `vaultfs serve` at tcp://host:port as the vault `store`."""
+def connect(spec: str, store: Store, timeout: float = IDLE_S) -> Remote:
+    """Connect to `vaultfs serve` at tcp://host:port as the vault `store`; a link silent for
+    `timeout` seconds counts as lost."""
     host, port = address(spec)
     sock = socket.create_connection((host, port), timeout=HANDSHAKE_S)
     ch = wire.Channel.over(sock)
@@ -89,41 +91,99 @@ def connect(spec: str, store: Store) -> Remote:
     except BaseException:
         ch.close()
         raise
-    sock.settimeout(IDLE_S)
+    sock.settimeout(timeout)
     return Remote(ch, peer)
 
 
-def serve(store_path: Path, listen: str, ready: Callable[[tuple], None] = lambda a: None,
-          sessions: int = 0) -> None:
-    """Answer syncs on `listen` (host:port) one at a time, for ever (or `sessions` of them)."""
+def serve(store_path: Path, listen: str,
+          ready: Callable[[tuple], None] = lambda a: None) -> None:
+    """Answer syncs on `listen` (host:port) until interrupted. Each connection has a thread;
+    the store serves one session at a time (`_Store`)."""
     host, port = address(listen)
+    with Store.open(store_path) as store:  # (LMDB opens an environment once per process)
+        my_id = uuid.UUID(store.id).bytes
+    held = _Store()
+    threads: list[threading.Thread] = []
     with socket.create_server((host, port)) as server:
         ready(server.getsockname())
-        served = 0
-        while not sessions or served < sessions:
-            conn, addr = server.accept()
-            served += 1
-            conn.settimeout(HANDSHAKE_S)
-            ch = wire.Channel.over(conn)
-            with contextlib.closing(ch):
-                try:
-                    session(store_path, ch, f"{addr[0]}:{addr[1]}")
-                except (OSError, StoreError) as e:
-                    log.warning("session from %s ended: %s", addr[0], e)
-                except Exception:  # a bug ends the session, not the server
-                    log.exception("session from %s failed", addr[0])
+        try:
+            while True:
+                conn, addr = server.accept()
+                threads = [t for t in threads if t.is_alive()]
+                t = threading.Thread(target=_connection,
+                                     args=(store_path, my_id, held, conn, addr),
+                                     name=f"session {addr[0]}:{addr[1]}")
+                t.start()
+                threads.append(t)
+        finally:
+            held.hang_up_all()
+            for t in threads:
+                t.join()
 
 
-def session(store_path: Path, ch: wire.Channel, who: str) -> None:
+class _Store:
+    """Who has the store: one session at a time. A new session of the vault that has it takes
+    it over (the old one's link is dead or stalled, or it would not have reconnected); a
+    session of another vault waits for it."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.holder: tuple[bytes, wire.Channel] | None = None
+        self.channels: set[wire.Channel] = set()
+
+    def take(self, peer: bytes, ch: wire.Channel) -> bool:
+        with self.cond:
+            if self.holder is not None and self.holder[0] == peer:
+                self.holder[1].hang_up()
+            if not self.cond.wait_for(lambda: self.holder is None, timeout=IDLE_S):
+                return False
+            self.holder = (peer, ch)
+            return True
+
+    def give_back(self) -> None:
+        with self.cond:
+            self.holder = None
+            self.cond.notify_all()
+
+    def hang_up_all(self) -> None:
+        with self.cond:
+            for ch in self.channels:
+                ch.hang_up()
+
+
+def _connection(store_path: Path, my_id: bytes, held: _Store, conn: socket.socket,
+                addr: tuple) -> None:
+    conn.settimeout(HANDSHAKE_S)
+    ch = wire.Channel.over(conn)
+    with held.cond:
+        held.channels.add(ch)
+    try:
+        session(store_path, my_id, ch, held, f"{addr[0]}:{addr[1]}")
+    except (OSError, StoreError) as e:
+        log.warning("session from %s ended: %s", addr[0], e)
+    except Exception:  # a bug ends the session, not the server
+        log.exception("session from %s failed", addr[0])
+    finally:
+        with held.cond:
+            held.channels.discard(ch)
+        ch.close()
+
+
+def session(store_path: Path, my_id: bytes, ch: wire.Channel, held: _Store, who: str) -> None:
     """One client's session: authenticate it, then answer its calls until it hangs up."""
-    with Store.open(store_path) as probe:
-        my_id = uuid.UUID(probe.id).bytes
     peer = ch.handshake(my_id, False, lambda pid: peers.secret(store_path, pid))
     if ch.sock is not None:
         ch.sock.settimeout(IDLE_S)
     name = peers.load(store_path)[peer]["name"]
-    log.info("sync session from %s (%s)", name, who)
-    answer(store_path, ch, name)
+    if not held.take(peer, ch):
+        ch.recv()
+        ch.send([False, f"{store_path.name} is busy with another vault's sync; try later"])
+        return
+    try:
+        log.info("sync session from %s (%s)", name, who)
+        answer(store_path, ch, name)
+    finally:
+        held.give_back()
 
 
 def serve_stdio(store_path: Path) -> None:
@@ -237,11 +297,11 @@ def with_retries(attempt: Callable[[], T], retries: int,
 
 
 @contextlib.contextmanager
-def open_peer(spec: str, store: Store) -> Iterator[Endpoint | Remote]:
+def open_peer(spec: str, store: Store, timeout: float = IDLE_S) -> Iterator[Endpoint | Remote]:
     """The other vault of a sync: tcp://host:port (a `vaultfs serve`), ssh://host/path (one
     started there over ssh), or the path of a store on this machine."""
     if spec.startswith("tcp://"):
-        with connect(spec, store) as peer:
+        with connect(spec, store, timeout) as peer:
             yield peer
     elif spec.startswith("ssh://"):
         parts = urlsplit(spec)

@@ -52,6 +52,14 @@ class Channel:
     def over(cls, sock: socket.socket) -> "Channel":
         return cls(sock.makefile("rb", buffering=0), sock.makefile("wb", buffering=0), sock)
 
+    def hang_up(self) -> None:
+        """End the connection from another thread: a call blocked on it fails at once."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # (gone already)
+
     def close(self) -> None:
         """Hang up (a socket's file objects keep it open until they are closed too)."""
         for f in (self.rfile, self.wfile):

@@ -13,13 +13,15 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from conftest import CORPUS, assert_clean, needs_fuse, set_policy, tree_of, vaultfs
 from netproxy import Proxy
 from vaultfs.store import Store, StoreError
-from vaultfs.sync import peers, remote, wire
+from vaultfs.sync import engine, peers, remote, wire
+from vaultfs.sync.endpoint import Endpoint
 
 pytestmark = needs_fuse
 
@@ -218,7 +220,10 @@ def test_tcp_sync_needs_pairing_and_refuses_bad_messages(make_mount, store_path,
             with pytest.raises((wire.ProtocolError, ConnectionError)):
                 ch.handshake(field_id, True, lambda pid: bytes(32))
         assert server.poll() is None
-        vaultfs("sync", store_path, url)  # still serving
+        # A client that trickles half a hello and holds on keeps nobody else out.
+        with socket.create_connection((host, int(port))) as holder:
+            holder.sendall(b"\0\0")
+            vaultfs("sync", store_path, url, timeout=60)  # still serving
     finally:
         server.terminate()
         server.wait(10)
@@ -293,6 +298,88 @@ def test_a_link_that_drops_and_stalls_is_resumed_by_the_same_command(make_mount,
     report = json.loads(r.stdout)
     # The last run sent only what had not arrived: less than the whole card.
     assert 0 < report["sent"]["push"]["raw_bytes"] < 8 * 2_000_000
+    field, studio = make_mount(), make_mount(store=peer_path)
+    _trees_equal(field.path, studio.path)
+    field.stop(), studio.stop()
+
+
+def test_long_names_hard_links_and_tags_on_both_sides(make_mount, store_path, peer_path):
+    field = make_mount()
+    deep = Path("d" * 200) / ("e" * 200) / ("f" * 200)  # a path of over 600 bytes
+    (field.path / deep).mkdir(parents=True)
+    (field.path / deep / "log.csv").write_text("t,v\n")
+    long_name = "L" * 240 + ".xmp"
+    (field.path / long_name).write_text("first")
+    (field.path / "a.txt").write_text("shared")
+    os.link(field.path / "a.txt", field.path / "b.txt")
+    (field.path / "t.NEF").write_bytes(b"raw")
+    field.stop()
+    vaultfs("sync", store_path, peer_path)
+
+    field, studio = make_mount(), make_mount(store=peer_path)
+    (field.path / long_name).write_text("field's")
+    time.sleep(0.01)
+    (studio.path / long_name).write_text("studio's")
+    (studio.path / "a.txt").write_text("edited in the studio")
+    os.setxattr(field.path / "t.NEF", "user.vaultfs.tier", b"select")
+    os.setxattr(studio.path / "t.NEF", "user.label", b"red")
+    field.stop(), studio.stop()
+    report = json.loads(vaultfs("sync", store_path, peer_path, "--json").stdout)
+    kept_as = report["conflicts"][0]["kept_as"]
+    assert len(kept_as.encode()) <= 255 and kept_as.endswith(".xmp")
+
+    field, studio = make_mount(), make_mount(store=peer_path)
+    _trees_equal(field.path, studio.path)
+    for side in (field.path, studio.path):
+        assert (side / long_name).read_text() == "studio's"
+        assert (side / kept_as).read_text() == "field's"
+        assert (side / "a.txt").read_text() == "edited in the studio"
+        assert (side / "b.txt").read_text() == "shared"  # the other name of a link kept its own
+        assert os.getxattr(side / "t.NEF", "user.vaultfs.tier") == b"select"  # both tags
+        assert os.getxattr(side / "t.NEF", "user.label") == b"red"
+        assert (side / deep / "log.csv").read_text() == "t,v\n"
+    field.stop(), studio.stop()
+    again = json.loads(vaultfs("sync", store_path, peer_path, "--json").stdout)
+    assert again["plan"] == {"push": [], "pull": []}
+
+
+def test_only_tier_leaves_a_conflict_for_the_whole_sync(make_mount, store_path, peer_path):
+    field = make_mount()
+    (field.path / "x.NEF").write_bytes(b"v1")
+    field.stop()
+    vaultfs("sync", store_path, peer_path)
+    field, studio = make_mount(), make_mount(store=peer_path)
+    (field.path / "x.NEF").write_bytes(b"field")
+    os.setxattr(field.path / "x.NEF", "user.vaultfs.tier", b"select")
+    time.sleep(0.01)
+    (studio.path / "x.NEF").write_bytes(b"studio, later")
+    field.stop(), studio.stop()
+    report = json.loads(vaultfs("sync", store_path, peer_path, "--only-tier", "select",
+                                "--json").stdout)
+    assert report["plan"] == {"push": [], "pull": []}  # nothing half done
+    report = json.loads(vaultfs("sync", store_path, peer_path, "--json").stdout)
+    kept_as = report["conflicts"][0]["kept_as"]
+    studio = make_mount(store=peer_path)
+    assert (studio.path / "x.NEF").read_bytes() == b"studio, later"
+    assert (studio.path / kept_as).read_bytes() == b"field"
+    studio.stop()
+
+
+def test_serve_stdio_answers_a_sync_over_pipes(make_mount, store_path, peer_path):
+    """What `ssh host vaultfs serve --stdio STORE` runs on the other machine, over pipes."""
+    field = make_mount()
+    _shoot(field.path)
+    field.stop()
+    with subprocess.Popen([sys.executable, "-m", "vaultfs", "serve", "--stdio", str(peer_path)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        with Store.open(store_path, writable=True) as store:
+            local = Endpoint(store)
+            studio = remote.Remote(wire.Channel(proc.stdout, proc.stdin, trusted=True), b"")
+            report = engine.sync(local, studio)
+            local.close()
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    assert report.sent["push"]["files"] >= 8
     field, studio = make_mount(), make_mount(store=peer_path)
     _trees_equal(field.path, studio.path)
     field.stop(), studio.stop()

@@ -101,8 +101,10 @@ def place(tx: Txn, path: bytes, item: Item, now: int,
     ino = tx.lookup(parent, name)
     node = tx.inode(ino) if ino is not None else None
     kind = stat.S_IFMT(item.mode)
+    # A hard-linked file gets an inode of its own: its other names keep what they hold.
     if node is not None and not (stat.S_IFMT(node.mode) == kind and kind in (stat.S_IFREG,
-                                                                             stat.S_IFDIR)):
+                                                                             stat.S_IFDIR)) \
+            or node is not None and kind == stat.S_IFREG and node.nlink > 1:
         if not remove(tx, path, now):
             raise StoreError(f"{path.decode(errors='replace')} is a folder with files in it on "
                              f"one side and a file on the other; move one of them and try again")

@@ -7,6 +7,7 @@ so the figures in `vaultfs status` are exact after any crash.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 from collections import defaultdict
@@ -604,7 +605,7 @@ class Txn:
                 for k, v in c:
                     if k[:len(peer)] != peer:
                         break
-                    out[bytes(k[len(peer):])] = bytes(v)
+                    out[bytes(v[16:])] = bytes(v[:16])
         return out
 
     def conflicts(self, still_open: bool = False) -> list[dict]:
@@ -618,11 +619,12 @@ class Txn:
         self.put_meta(F.META_CONFLICTS, json.dumps(self.conflicts(True) + conflicts).encode())
 
     def set_sync_base(self, peer: bytes, path: bytes, signature: bytes | None) -> None:
-        key = peer + path
+        # Keyed by a digest of the path: LMDB keys end at 511 bytes, paths do not.
+        key = peer + hashlib.blake2b(path, digest_size=16).digest()
         if signature is None:
             self.txn.delete(key, db=self.dbs[F.DB_SYNCBASE])
         else:
-            self.txn.put(key, signature, db=self.dbs[F.DB_SYNCBASE])
+            self.txn.put(key, signature + path, db=self.dbs[F.DB_SYNCBASE])
 
     # ---- paths (for reports, not for the hot path) ----------------------------------------------
     def walk(self, ino: int = F.ROOT_INO, prefix: bytes = b"") -> Iterator[tuple[bytes, Inode]]:

@@ -15,12 +15,14 @@ import tomllib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from ..store import Store, StoreError, Txn, codec, history, treeops
+from ..store import Store, StoreError, Txn, codec, history, policy, treeops
 from ..store.format import INBOX_INO
 from . import tree
 
 PROTOCOL = 1
 MAX_PATH = 4096
+MAX_CHUNK = 64 * 1024 * 1024  # far above what the chunker makes; bounds what a peer can ask for
+SNAPSHOT_PREFIX = policy.AUTO_PREFIX + "sync-"
 
 
 class BadRequest(StoreError):
@@ -59,6 +61,7 @@ class Endpoint:
         self.store = store
         self.id = uuid.UUID(store.id).bytes
         self.name = vault_name(store)
+        self.snapshot: str | None = None  # taken before this session first changed the tree
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
                                         thread_name_prefix="verify")
 
@@ -116,7 +119,7 @@ class Endpoint:
         held in the inbox until the files that use them are applied. Returns bytes stored."""
         def check(item: list) -> tuple[codec.Digests, int, bytes]:
             h, raw_len, stored = item
-            if not isinstance(raw_len, int) or not 0 < raw_len < 1 << 32 or \
+            if not isinstance(raw_len, int) or not 0 < raw_len <= MAX_CHUNK or \
                     not isinstance(stored, bytes) or not stored:
                 raise BadRequest("malformed chunk")
             d = _digests(check_hash(h))
@@ -142,6 +145,10 @@ class Endpoint:
         all in one transaction: a file appears whole or not at all. Returns, per op, None or
         why it was skipped."""
         checked = [_check_op(op) for op in ops]
+        if self.snapshot is None and self._replaces(checked):
+            # What the sync replaces or deletes stays in this snapshot (and in the files'
+            # timelines) for as long as the snapshot policy keeps `auto-` snapshots.
+            self.snapshot = history.create_snapshot(self.store, prefix=SNAPSHOT_PREFIX)["name"]
         now = time.time_ns()
         uid, gid = os.getuid(), os.getgid()
 
@@ -164,12 +171,10 @@ class Endpoint:
             return results
         return self.store.write(run)
 
-    def snapshot(self, prefix: str) -> str:
-        """A snapshot before a sync changes this tree: what it replaces or deletes stays there
-        (and in the files' timelines) for as long as the snapshot policy keeps it."""
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", prefix):
-            raise BadRequest("refused snapshot prefix")
-        return history.create_snapshot(self.store, prefix=prefix)["name"]
+    def _replaces(self, ops: list[tuple]) -> bool:
+        with self.store.reader() as tx:
+            return any(kind != "put" or tx.resolve(path) is not None
+                       for kind, path, *_ in ops)
 
     def note_conflicts(self, conflicts: list) -> None:
         """Remember conflicts for `vaultfs status` (which lists those still there)."""
@@ -178,9 +183,11 @@ class Endpoint:
                   "vault": str(c["vault"]), "at": time.time_ns()} for c in conflicts]
         self.store.write(lambda tx: tx.note_conflicts(added))
 
-    def finish(self) -> int:
-        """Release what the inbox holds that no file took."""
-        return self.store.write(lambda tx: tx.release_inbox())
+    def finish(self) -> dict:
+        """Release what the inbox holds that no file took; say which snapshot holds the tree
+        as it was before this session changed it."""
+        released = self.store.write(lambda tx: tx.release_inbox())
+        return {"inbox_released": released, "snapshot": self.snapshot}
 
 
 def _peer_id(peer: object) -> bytes:
@@ -243,6 +250,8 @@ def _item(tx: Txn, e: tree.Entry, extents: list | None, uid: int, gid: int) -> t
             chunk_id = tx.find_chunk(_digests(h))
             if chunk_id is None:
                 raise StoreError(f"chunk {h[:16].hex()} has not arrived")
+            if tx.chunk_record(chunk_id).raw_len != length:
+                raise BadRequest("an extent's length is not its chunk's")
             item.extents.append((off, chunk_id, length))
         if tree.content_digest(e.size, [tuple(x) for x in extents]) != e.content:
             raise BadRequest("extents do not match the file's content digest")

@@ -24,6 +24,7 @@ BATCH_SECONDS = 1.0            # aim for a round trip of chunks this long: littl
 MIN_BATCH = 256 * 1024
 MAX_BATCH = 64 * 1024 * 1024
 PATHS_PER_CALL = 2000
+EXTENT_PATHS_PER_CALL = 100   # a 100 GB file's extents fit a frame many times over
 HASHES_PER_CALL = 20000
 
 
@@ -74,7 +75,7 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
     base = {p: s for p, s in bases[0].items() if bases[1].get(p) == s}
     plan = P.make(trees, base, names, ids)
     sides = [s for s, on in ((1, push), (0, pull)) if on]  # what the field shot goes first
-    ops = {s: _chosen(plan.ops[s], only_tier) for s in sides}
+    ops = {s: _chosen(plan.ops[s], only_tier, trees[s], plan.conflicts) for s in sides}
     for s in sides:
         report.plan["push" if s == 1 else "pull"] = [_describe(op) for op in ops[s]]
     report.conflicts = [{"path": _text(c["path"]), "kept_as": _text(c["kept_as"]),
@@ -90,26 +91,36 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
                 if P.sig(trees[0].get(p)) == P.sig(trees[1].get(p))
                 and not bases[0].get(p) == bases[1].get(p) == P.sig(trees[0].get(p))])
     for s in sides:
-        if any(op.kind != "put" or op.path in trees[s] for op in ops[s]):
-            report.snapshots[names[s]] = ends[s].snapshot("auto-sync-")
         run.side(s, ops[s], report.sent["push" if s == 1 else "pull"])
         noted = [c for c in plan.conflicts if any(op.path == c["kept_as"] or op.to == c["kept_as"]
                                                   for op in ops[s])]
         if noted:
             ends[s].note_conflicts(noted)
-        ends[s].finish()
+        snapshot = ends[s].finish()["snapshot"]
+        if snapshot:
+            report.snapshots[names[s]] = snapshot
     report.seconds = time.monotonic() - started
     return report
 
 
-def _chosen(ops: list[P.Op], only_tier: str | None) -> list[P.Op]:
-    """With --only-tier, the files of that tier and the folders they need."""
+def _chosen(ops: list[P.Op], only_tier: str | None, tree: dict[bytes, Entry],
+            conflicts: list[dict]) -> list[P.Op]:
+    """With --only-tier, the files of that tier that arrive new or over a file, and the
+    folders they need. Conflicts and changes of kind wait for a whole sync: carried out in
+    part they would put a version where the other one has not been kept aside yet."""
     if only_tier is None:
         return ops
-    files = [op for op in ops if op.entry.kind != "d" and op.entry.tier == only_tier]
+    held = {c[k] for c in conflicts for k in ("path", "kept_as")}
+
+    def free(path: bytes, kind: str) -> bool:
+        return path not in held and tree.get(path, Entry(kind, 0, 0, 0, b"", [], "", 0)
+                                             ).kind == kind
+    files = [op for op in ops if op.kind == "put" and op.entry.kind == "f"
+             and op.entry.tier == only_tier and free(op.path, "f")
+             and all(free(p, "d") for p in _parents(op.path))]
     needed = {p for op in files for p in _parents(op.path)}
-    return [op for op in ops if op.entry.kind == "d" and op.kind == "put" and op.path in needed
-            ] + files
+    return [op for op in ops if op.kind == "put" and op.entry.kind == "d"
+            and op.path in needed] + files
 
 
 def _parents(path: bytes) -> list[bytes]:
@@ -182,7 +193,7 @@ class _Run:
         for src in (0, 1):
             at = {self.moved.get((src, op.origin), op.origin): op.path for op in files
                   if op.source == src}
-            for part in _parts(list(at), PATHS_PER_CALL):
+            for part in _parts(list(at), EXTENT_PATHS_PER_CALL):
                 extents.update((at[p], x) for p, x in self.ends[src].extents(part).items())
         for op in files:
             if op.path not in extents:
@@ -204,7 +215,7 @@ class _Run:
             ready = []
             while pending and not any(x[2] in missing for x in extents[pending[0].path]):
                 ready.append(pending.popleft())
-            for part in _parts(ready, PATHS_PER_CALL):
+            for part in _parts(ready, EXTENT_PATHS_PER_CALL):
                 self.apply(s, part, extents)
                 prog.files_done += len(part)
                 sent["files"] += len(part)

@@ -11,6 +11,7 @@ Pure functions: no store, no network.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -67,12 +68,17 @@ def make(trees: tuple[dict[bytes, Entry], dict[bytes, Entry]], base: dict[bytes,
                     losers.append((path, 1 - side))
             elif not pair[side].same_content(other):
                 losers.append((path, 1 - side))
+            elif pair[side].xattrs != other.xattrs:  # a tag here, a label there: keep both
+                names_ = {x[0] for x in pair[side].xattrs}
+                merged = sorted(pair[side].xattrs + [x for x in other.xattrs
+                                                     if x[0] not in names_])
+                pair = tuple(dataclasses.replace(e, xattrs=merged) for e in pair)
         if pair[side] is not None:
             target[path] = (pair[side], side, path)
     conflicts = []
     taken = set(trees[0]) | set(trees[1]) | set(target)
     for path, side in losers:
-        kept_as = _conflict_name(path, names[side], trees[side][path], taken)
+        kept_as = _conflict_name(path, names[side], trees[side][path], taken, trees)
         taken.add(kept_as)
         target[kept_as] = (trees[side][path], side, path)
         conflicts.append({"path": path, "kept_as": kept_as, "vault": names[side], "side": side})
@@ -85,15 +91,33 @@ def _newer(pair: tuple[Entry, Entry], ids: tuple[bytes, bytes]) -> int:
     return 0 if (pair[0].mtime_ns, ids[0]) > (pair[1].mtime_ns, ids[1]) else 1
 
 
-def _conflict_name(path: bytes, vault: str, e: Entry, taken: set[bytes]) -> bytes:
-    stem, ext = posixpath.splitext(path)
+def _conflict_name(path: bytes, vault: str, e: Entry, taken: set[bytes], trees) -> bytes:
+    """`<stem>.conflict-<vault>-<mtime>[-n]<ext>`, within 255 bytes (the stem is cut at a
+    character boundary); a name already holding this very version (a conflict an interrupted
+    or one-way sync kept already) is used again rather than copied twice."""
+    folder, name = posixpath.split(path)
+    stem, ext = posixpath.splitext(name)
     stamp = datetime.fromtimestamp(e.mtime_ns / 1e9, timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name = stem + f".conflict-{vault}-{stamp}".encode() + ext
     n = 1
-    while name in taken:
+    while True:
+        tail = f".conflict-{vault}-{stamp}{'' if n == 1 else f'-{n}'}".encode() + ext[:32]
+        candidate = posixpath.join(folder, _cut(stem, 255 - len(tail)) + tail)
+        held = [t[candidate] for t in trees if candidate in t]
+        if held and all(sig(h) == sig(e) for h in held):
+            return candidate
+        if candidate not in taken:
+            return candidate
         n += 1
-        name = stem + f".conflict-{vault}-{stamp}-{n}".encode() + ext
-    return name
+
+
+def _cut(stem: bytes, room: int) -> bytes:
+    """The first `room` bytes of a name, not ending inside a UTF-8 character."""
+    for k in range(min(4, room + 1)):
+        try:
+            return stem[:room - k].decode().encode()
+        except UnicodeDecodeError:
+            continue
+    return stem[:room]  # (not UTF-8 anyway)
 
 
 def _parents(target: dict[bytes, tuple[Entry, int, bytes]], trees, names, taken: set[bytes],
@@ -107,7 +131,7 @@ def _parents(target: dict[bytes, tuple[Entry, int, bytes]], trees, names, taken:
             if held is not None and held[0].kind == "d":
                 break
             if held is not None:  # a file where a folder must be: kept under a conflict name
-                kept_as = _conflict_name(parent, names[held[1]], held[0], taken)
+                kept_as = _conflict_name(parent, names[held[1]], held[0], taken, trees)
                 taken.add(kept_as)
                 target[kept_as] = held
                 conflicts.append({"path": parent, "kept_as": kept_as, "vault": names[held[1]],

@@ -37,7 +37,7 @@ HANDSHAKE_S = 15.0  # before it has proved anything, a client may not hold the s
 PAIR_WAIT_S = 600.0
 # The calls a peer may make, with the messages they carry (endpoint.Endpoint's methods).
 CALLS = ("hello", "listing", "base", "set_base", "extents", "missing", "get_chunks",
-         "put_chunks", "apply", "snapshot", "note_conflicts", "finish")
+         "put_chunks", "apply", "note_conflicts", "finish")
 RAW_REPLIES = {"get_chunks"}     # chunks travel as stored: compressing them again is waste
 RAW_REQUESTS = {"put_chunks"}
 
@@ -74,8 +74,15 @@ class Remote:
             raise StoreError(f"the other vault: {result}")
         return result
 
+    def hello(self) -> dict:
+        found = self.call("hello")
+        if not isinstance(found, dict) or self.peer and found.get("id") != self.peer:
+            raise wire.ProtocolError("the other vault names itself otherwise than in the "
+                                     "handshake")
+        return found
 
-for _name in CALLS:
+
+for _name in CALLS[1:]:  # (hello, above, is checked)
     setattr(Remote, _name, lambda self, *args, _n=_name: self.call(_n, *args))
 
 
@@ -108,7 +115,12 @@ def serve(store_path: Path, listen: str,
         ready(server.getsockname())
         try:
             while True:
-                conn, addr = server.accept()
+                try:
+                    conn, addr = server.accept()
+                except OSError as e:  # (out of file descriptors, a client that gave up...)
+                    log.warning("accepting a connection failed: %s", e)
+                    time.sleep(1)
+                    continue
                 threads = [t for t in threads if t.is_alive()]
                 t = threading.Thread(target=_connection,
                                      args=(store_path, my_id, held, conn, addr),
@@ -157,21 +169,27 @@ def _connection(store_path: Path, my_id: bytes, held: _Store, conn: socket.socke
     ch = wire.Channel.over(conn)
     with held.cond:
         held.channels.add(ch)
+    # However slowly it trickles, a client that has not proved itself in time is cut off.
+    deadline = threading.Timer(HANDSHAKE_S, ch.hang_up)
+    deadline.start()
     try:
-        session(store_path, my_id, ch, held, f"{addr[0]}:{addr[1]}")
+        session(store_path, my_id, ch, held, f"{addr[0]}:{addr[1]}", deadline.cancel)
     except (OSError, StoreError) as e:
         log.warning("session from %s ended: %s", addr[0], e)
     except Exception:  # a bug ends the session, not the server
         log.exception("session from %s failed", addr[0])
     finally:
+        deadline.cancel()
         with held.cond:
             held.channels.discard(ch)
         ch.close()
 
 
-def session(store_path: Path, my_id: bytes, ch: wire.Channel, held: _Store, who: str) -> None:
+def session(store_path: Path, my_id: bytes, ch: wire.Channel, held: _Store, who: str,
+            authenticated: Callable[[], None]) -> None:
     """One client's session: authenticate it, then answer its calls until it hangs up."""
     peer = ch.handshake(my_id, False, lambda pid: peers.secret(store_path, pid))
+    authenticated()
     if ch.sock is not None:
         ch.sock.settimeout(IDLE_S)
     name = peers.load(store_path)[peer]["name"]
@@ -181,7 +199,7 @@ def session(store_path: Path, my_id: bytes, ch: wire.Channel, held: _Store, who:
         return
     try:
         log.info("sync session from %s (%s)", name, who)
-        answer(store_path, ch, name)
+        answer(store_path, ch, name, peer)
     finally:
         held.give_back()
 
@@ -189,11 +207,13 @@ def session(store_path: Path, my_id: bytes, ch: wire.Channel, held: _Store, who:
 def serve_stdio(store_path: Path) -> None:
     """One session over stdin and stdout (`ssh host vaultfs serve --stdio STORE`): ssh has
     authenticated the user and encrypts, so the channel is not sealed again."""
-    answer(store_path, wire.Channel(sys.stdin.buffer, sys.stdout.buffer), "ssh")
+    answer(store_path, wire.Channel(sys.stdin.buffer, sys.stdout.buffer, trusted=True), "ssh",
+           None)
 
 
-def answer(store_path: Path, ch: wire.Channel, name: str) -> None:
-    """Answer calls until the client hangs up; the store is open (for writing) only now."""
+def answer(store_path: Path, ch: wire.Channel, name: str, peer: bytes | None) -> None:
+    """Answer calls until the client hangs up; the store is open (for writing) only now.
+    `peer`: the vault the session authenticated (None: any, under ssh)."""
     try:
         store = Store.open(store_path, writable=True)
     except StoreBusy:
@@ -213,10 +233,16 @@ def answer(store_path: Path, ch: wire.Channel, name: str) -> None:
                 raise wire.ProtocolError(f"{name} sent a malformed request")
             method, args = request
             try:
+                if method in ("base", "set_base") and peer is not None and args[:1] != [peer]:
+                    raise StoreError("a vault reads and writes only its own bases")
                 result = getattr(endpoint, method)(*args)
-            except (StoreError, TypeError, ValueError, KeyError) as e:
+            except (StoreError, TypeError, ValueError, KeyError, IndexError) as e:
                 log.warning("%s from %s refused: %s", method, name, e)
                 ch.send([False, str(e) or type(e).__name__])
+                continue
+            except Exception as e:  # a bug: this call fails, the session and server go on
+                log.exception("%s from %s failed", method, name)
+                ch.send([False, f"the other vault failed: {type(e).__name__}: {e}"])
                 continue
             ch.send([True, result], compress=method not in RAW_REPLIES)
     finally:
@@ -308,11 +334,11 @@ def open_peer(spec: str, store: Store, timeout: float = IDLE_S) -> Iterator[Endp
         if not parts.hostname or not parts.path:
             raise StoreError(f"{spec!r} is not like ssh://user@host/path/to/store")
         host = f"{parts.username}@{parts.hostname}" if parts.username else parts.hostname
-        cmd = ["ssh", "-p", str(parts.port or 22), host, "vaultfs", "serve", "--stdio",
+        cmd = ["ssh", "-p", str(parts.port or 22), "--", host, "vaultfs", "serve", "--stdio",
                shlex.quote(parts.path)]
         with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
             try:
-                yield Remote(wire.Channel(proc.stdout, proc.stdin), b"")
+                yield Remote(wire.Channel(proc.stdout, proc.stdin, trusted=True), b"")
             finally:
                 proc.stdin.close()
                 proc.wait(IDLE_S)

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..store import StoreError
 
 MAX_FRAME = 256 * 1024 * 1024
+MAX_OPEN_FRAME = 4096   # before the channel is sealed: hellos and pairing messages only
 SLICE = 1024 * 1024     # bytes per socket call
 COMPRESS_MIN = 1024
 CONFIRM = b"vaultfs sync 1 ready"
@@ -41,8 +42,10 @@ class ProtocolError(StoreError):
 class Channel:
     """Frames over a connected socket (or a pair of pipes: `vaultfs serve --stdio`)."""
 
-    def __init__(self, rfile, wfile, sock: socket.socket | None = None):
+    def __init__(self, rfile, wfile, sock: socket.socket | None = None, trusted: bool = False):
         self.rfile, self.wfile, self.sock = rfile, wfile, sock
+        # Trusted: the transport authenticated the other side (ssh), or the handshake did.
+        self.trusted = trusted
         self._seal: tuple[ChaCha20Poly1305, ChaCha20Poly1305] | None = None
         self._counters = [0, 0]     # frames sent, frames received: the AEAD nonces
         self._way = 0               # the nonces' direction: 0 client to server, 1 back
@@ -79,15 +82,15 @@ class Channel:
             if len(packed) < len(body) * 0.9:
                 body, flag = packed, b"\1"
         body = flag + body
+        if len(body) + 16 > MAX_FRAME:
+            raise ProtocolError("a message larger than the protocol allows")
         if self._seal is not None:
             body = self._seal[0].encrypt(self._nonce(0), body, None)
-        if len(body) > MAX_FRAME:
-            raise ProtocolError("a message larger than the protocol allows")
         self._write(struct.pack(">I", len(body)) + body)
 
     def recv(self):
         (length,) = struct.unpack(">I", self._read(4))
-        if length > MAX_FRAME:
+        if length > (MAX_FRAME if self.trusted else MAX_OPEN_FRAME):
             raise ProtocolError("the other side sent a frame larger than the protocol allows")
         body = self._read(length)
         if self._seal is not None:
@@ -98,7 +101,7 @@ class Channel:
                                     "hold this pairing, or the link changed the data") from None
         flag, body = body[:1], body[1:]
         try:
-            if flag == b"\1":
+            if flag == b"\1" and self.trusted:  # (no inflating for a stranger)
                 body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_FRAME)
             elif flag != b"\0":
                 raise ValueError("unknown frame flag")
@@ -180,6 +183,7 @@ class Channel:
                 self.send(CONFIRM)
         if reply != CONFIRM:
             raise ProtocolError("the other side did not confirm the session")
+        self.trusted = True
         return peer
 
 

@@ -13,7 +13,7 @@ import stat
 import time
 import tomllib
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..store import Store, StoreError, Txn, codec, history, policy, treeops
 from ..store.format import INBOX_INO
@@ -64,9 +64,16 @@ class Endpoint:
         self.snapshot: str | None = None  # taken before this session first changed the tree
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
                                         thread_name_prefix="verify")
+        self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="call")
 
     def close(self) -> None:
+        self._calls.shutdown()
         self._pool.shutdown()
+
+    def submit(self, method: str, *args) -> Future:
+        """Start a call without waiting for it (calls run in order, one at a time): the engine
+        keeps a batch of chunks in flight, as over the wire (remote.Remote.submit)."""
+        return self._calls.submit(getattr(self, method), *args)
 
     # ---- what the other side may call (remote.CALLS) ----------------------------------------
     def hello(self) -> dict:

@@ -26,6 +26,7 @@ MAX_BATCH = 64 * 1024 * 1024
 PATHS_PER_CALL = 2000
 EXTENT_PATHS_PER_CALL = 100   # a 100 GB file's extents fit a frame many times over
 HASHES_PER_CALL = 20000
+PIPELINE = 2                  # batches of chunks in flight at once
 
 
 @dataclass
@@ -78,10 +79,10 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
     ops = {s: _chosen(plan.ops[s], only_tier, trees[s], plan.conflicts) for s in sides}
     for s in sides:
         report.plan["push" if s == 1 else "pull"] = [_describe(op) for op in ops[s]]
+    made = {s: {op.to or op.path for op in ops[s]} for s in sides}  # what each side gets
     report.conflicts = [{"path": _text(c["path"]), "kept_as": _text(c["kept_as"]),
                          "vault": c["vault"]} for c in plan.conflicts
-                        if any(op.path == c["kept_as"] or op.to == c["kept_as"]
-                               for s in sides for op in ops[s])]
+                        if any(c["kept_as"] in made[s] for s in sides)]
     if dry_run:
         report.seconds = time.monotonic() - started
         return report
@@ -92,8 +93,7 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
                 and not bases[0].get(p) == bases[1].get(p) == P.sig(trees[0].get(p))])
     for s in sides:
         run.side(s, ops[s], report.sent["push" if s == 1 else "pull"])
-        noted = [c for c in plan.conflicts if any(op.path == c["kept_as"] or op.to == c["kept_as"]
-                                                  for op in ops[s])]
+        noted = [c for c in plan.conflicts if c["kept_as"] in made[s]]
         if noted:
             ends[s].note_conflicts(noted)
         snapshot = ends[s].finish()["snapshot"]
@@ -150,6 +150,7 @@ class _Run:
         self.now = [dict(trees[0]), dict(trees[1])]  # each side's tree as it becomes
         self.bwlimit = bwlimit
         self.started, self.wire_bytes = time.monotonic(), 0
+        self.settled = self.started
         self.batch = 4 * 1024 * 1024
         self.moved: dict[tuple[int, bytes], bytes] = {}  # (side, path) -> where it went
 
@@ -211,6 +212,7 @@ class _Run:
         self.progress(prog)
         queue = iter(list(missing.items()))
         pending = collections.deque(files)
+        inflight: collections.deque = collections.deque()
         while pending:
             ready = []
             while pending and not any(x[2] in missing for x in extents[pending[0].path]):
@@ -221,11 +223,21 @@ class _Run:
                 sent["files"] += len(part)
                 prog.tier, prog.path = part[-1].entry.tier, part[-1].path
                 self.progress(prog)
-            if pending:
-                self.send(s, queue, missing, sent, prog)
+            if not pending:
+                break
+            # PIPELINE batches in flight: the next one travels while the receiver checks and
+            # commits the one before.
+            batch = self.submit(s, queue) if len(inflight) < PIPELINE else None
+            if batch is not None:
+                inflight.append(batch)
+            elif inflight:
+                self.settle(inflight.popleft(), missing, sent, prog)
+            else:
+                raise StoreError("sync lost track of chunks it needs; run it again")
 
-    def send(self, s: int, queue, missing: dict, sent: dict, prog: Progress) -> None:
-        """Send the next batch of chunks: about BATCH_SECONDS' worth at the rate measured."""
+    def submit(self, s: int, queue) -> tuple | None:
+        """Send the next batch of chunks (about BATCH_SECONDS' worth at the rate measured)
+        without waiting for the receiver; None when none is left."""
         batch: dict[int, list[bytes]] = {}
         size = 0
         for h, (length, src) in queue:
@@ -234,13 +246,20 @@ class _Run:
             if size >= self.batch:
                 break
         if not batch:
-            raise StoreError("sync lost track of chunks it needs; run it again")
-        t0 = time.monotonic()
+            return None
+        replies = []
         for src, hashes in batch.items():
             chunks = self.ends[src].get_chunks(hashes)
-            wire = self.ends[s].put_chunks(chunks)
+            replies.append((self.ends[s].submit("put_chunks", chunks), hashes))
+        return replies, size
+
+    def settle(self, inflight: tuple, missing: dict, sent: dict, prog: Progress) -> None:
+        """Wait for the receiver to have committed a batch; adapt the next batches' size."""
+        replies, size = inflight
+        for reply, hashes in replies:
+            wire = reply.result()
             self.wire_bytes += wire
-            sent["chunks"] += len(chunks)
+            sent["chunks"] += len(hashes)
             sent["wire_bytes"] += wire
             prog.wire_bytes += wire
             for h in hashes:
@@ -248,10 +267,11 @@ class _Run:
         sent["raw_bytes"] += size
         prog.bytes_done += size
         self.progress(prog)
-        rate = size / max(time.monotonic() - t0, 1e-3)
+        now = time.monotonic()
+        rate = size / max(now - self.settled, 1e-3)  # (batches overlap: from the last one)
+        self.settled = now
         if self.bwlimit:  # wait until the average since the start is back under the limit
-            time.sleep(max(0.0, self.wire_bytes / self.bwlimit
-                           - (time.monotonic() - self.started)))
+            time.sleep(max(0.0, self.wire_bytes / self.bwlimit - (now - self.started)))
             rate = min(rate, self.bwlimit)
         self.batch = int(min(MAX_BATCH, max(MIN_BATCH, rate * BATCH_SECONDS)))
 

@@ -8,8 +8,10 @@ the vault can be mounted between syncs. A session that is idle for IDLE_S ends.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import queue
 import secrets
 import shlex
 import socket
@@ -57,6 +59,7 @@ class Remote:
 
     def __init__(self, channel: wire.Channel, peer: bytes):
         self.channel, self.peer = channel, peer
+        self._waiting: collections.deque[_Reply] = collections.deque()  # sent, not answered
 
     def __enter__(self) -> "Remote":
         return self
@@ -65,14 +68,23 @@ class Remote:
         self.channel.close()
 
     def call(self, method: str, *args):
+        return self.submit(method, *args).result()
+
+    def submit(self, method: str, *args) -> "_Reply":
+        """Send a call now, read its reply later: the server answers calls in order, so
+        several can be on the way (the engine keeps the link busy so)."""
         self.channel.send([method, list(args)], compress=method not in RAW_REQUESTS)
+        reply = _Reply(self)
+        self._waiting.append(reply)
+        return reply
+
+    def _read_reply(self) -> None:
+        """Read the next reply off the wire: it answers the oldest call still waiting."""
+        waiting = self._waiting.popleft()
         reply = self.channel.recv()
         if not (isinstance(reply, list) and len(reply) == 2):
             raise wire.ProtocolError("the other side sent a malformed reply")
-        ok, result = reply
-        if not ok:
-            raise StoreError(f"the other vault: {result}")
-        return result
+        waiting.done, (waiting.ok, waiting.value) = True, reply
 
     def hello(self) -> dict:
         found = self.call("hello")
@@ -80,6 +92,18 @@ class Remote:
             raise wire.ProtocolError("the other vault names itself otherwise than in the "
                                      "handshake")
         return found
+
+
+class _Reply:
+    def __init__(self, remote: Remote):
+        self.remote, self.done, self.ok, self.value = remote, False, False, None
+
+    def result(self):
+        while not self.done:
+            self.remote._read_reply()
+        if not self.ok:
+            raise StoreError(f"the other vault: {self.value}")
+        return self.value
 
 
 for _name in CALLS[1:]:  # (hello, above, is checked)
@@ -221,12 +245,9 @@ def answer(store_path: Path, ch: wire.Channel, name: str, peer: bytes | None) ->
         ch.send([False, f"{store_path.name} is mounted; it syncs when unmounted"])
         return
     endpoint = Endpoint(store)
+    requests = _requests(ch)
     try:
-        while True:
-            try:
-                request = ch.recv()
-            except ConnectionError:
-                return  # the client is done (or gone: a rerun resumes)
+        for request in requests:
             if not (isinstance(request, list) and len(request) == 2 and request[0] in CALLS
                     and isinstance(request[1], list)):
                 ch.send([False, "malformed request"])
@@ -246,8 +267,46 @@ def answer(store_path: Path, ch: wire.Channel, name: str, peer: bytes | None) ->
                 continue
             ch.send([True, result], compress=method not in RAW_REPLIES)
     finally:
+        requests.close()  # (its reader thread ends before the store closes)
         endpoint.close()
         store.close()
+
+
+def _requests(ch: wire.Channel) -> Iterator:
+    """The client's requests, read by a thread of their own: the next batch of chunks arrives
+    while this one is checked and committed. Ends when the client hangs up."""
+    frames: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                item = ch.recv()
+            except Exception as e:  # handed to the session, which raises it or ends
+                item = e
+            while not stop.is_set():
+                try:
+                    frames.put(item, timeout=1.0)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, Exception):
+                return
+    reader = threading.Thread(target=read, name="requests")
+    reader.start()
+    try:
+        while True:
+            item = frames.get()
+            if isinstance(item, ConnectionError):
+                return  # the client is done (or gone: a rerun resumes)
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        if reader.is_alive():
+            ch.hang_up()  # (a read blocked on a live connection)
+        reader.join()
 
 
 # ---- pairing -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..store import StoreError
 
 MAX_FRAME = 256 * 1024 * 1024
+ZSTD_FLAG = 1 << 31     # in a frame's length word: the payload is one zstd frame
 MAX_OPEN_FRAME = 4096   # before the channel is sealed: hellos and pairing messages only
 SLICE = 1024 * 1024     # bytes per socket call
 COMPRESS_MIN = 1024
@@ -76,35 +77,37 @@ class Channel:
     # ---- frames -----------------------------------------------------------------------------
     def send(self, obj, compress: bool = True) -> None:
         body = msgpack.packb(obj, use_bin_type=True)
-        flag = b"\0"
+        flags = 0
         if compress and len(body) >= COMPRESS_MIN:
             packed = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(body)
             if len(packed) < len(body) * 0.9:
-                body, flag = packed, b"\1"
-        body = flag + body
-        if len(body) + 16 > MAX_FRAME:
+                body, flags = packed, ZSTD_FLAG
+        sealed = 16 if self._seal is not None else 0
+        if len(body) + sealed > MAX_FRAME:
             raise ProtocolError("a message larger than the protocol allows")
-        if self._seal is not None:
-            body = self._seal[0].encrypt(self._nonce(0), body, None)
-        self._write(struct.pack(">I", len(body)) + body)
+        header = struct.pack(">I", (len(body) + sealed) | flags)
+        if self._seal is not None:  # (the header is authenticated too)
+            body = self._seal[0].encrypt(self._nonce(0), body, header)
+        self._write(header, body)
 
     def recv(self):
-        (length,) = struct.unpack(">I", self._read(4))
+        header = self._read(4)
+        (word,) = struct.unpack(">I", header)
+        length, flags = word & ~ZSTD_FLAG, word & ZSTD_FLAG
         if length > (MAX_FRAME if self.trusted else MAX_OPEN_FRAME):
             raise ProtocolError("the other side sent a frame larger than the protocol allows")
         body = self._read(length)
         if self._seal is not None:
             try:
-                body = self._seal[1].decrypt(self._nonce(1), body, None)
+                body = self._seal[1].decrypt(self._nonce(1), body, header)
             except InvalidTag:
                 raise ProtocolError("a frame failed authentication: the other side does not "
                                     "hold this pairing, or the link changed the data") from None
-        flag, body = body[:1], body[1:]
         try:
-            if flag == b"\1" and self.trusted:  # (no inflating for a stranger)
+            if flags and not self.trusted:
+                raise ValueError("no compressed frames before the session is sealed")
+            if flags:
                 body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_FRAME)
-            elif flag != b"\0":
-                raise ValueError("unknown frame flag")
             return msgpack.unpackb(body, raw=False, strict_map_key=False)
         except (ValueError, zstandard.ZstdError, msgpack.UnpackException) as e:
             raise ProtocolError(f"the other side sent a malformed frame ({e})") from None
@@ -115,22 +118,24 @@ class Channel:
         self._counters[receiving] += 1
         return struct.pack(">IQ", self._way ^ receiving, n)
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _write(self, header: bytes, body: bytes) -> None:
+        self.wfile.write(header)
+        view = memoryview(body)
         for i in range(0, len(view), SLICE):
             self.wfile.write(view[i:i + SLICE])
         self.wfile.flush()
-        self.sent += len(data)
+        self.sent += len(header) + len(body)
 
-    def _read(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            part = self.rfile.read(min(SLICE, n - len(out)))
+    def _read(self, n: int) -> bytearray:
+        out = bytearray(n)
+        view, got = memoryview(out), 0
+        while got < n:
+            part = self.rfile.readinto(view[got:got + SLICE])
             if not part:
                 raise ConnectionError("the other side closed the connection")
-            out += part
+            got += part
         self.received += n
-        return bytes(out)
+        return out
 
     # ---- the handshake ----------------------------------------------------------------------
     def handshake(self, my_id: bytes, client: bool, secret_for) -> bytes:

@@ -385,3 +385,26 @@ def test_serve_stdio_answers_a_sync_over_pipes(make_mount, store_path, peer_path
     field, studio = make_mount(), make_mount(store=peer_path)
     _trees_equal(field.path, studio.path)
     field.stop(), studio.stop()
+
+
+def _multicast() -> bool:
+    """Whether this machine has a network interface that is up and does multicast (mDNS)."""
+    for flags in Path("/sys/class/net").glob("*/flags"):
+        value = int(flags.read_text(), 16)
+        if value & 0x1 and value & 0x1000:  # IFF_UP, IFF_MULTICAST
+            return True
+    return False
+
+
+@pytest.mark.skipif(not _multicast(), reason="no network interface here does multicast")
+def test_peers_lists_a_served_vault_announced_on_the_network(peer_path, tmp_path):
+    server, url = _serve(peer_path, tmp_path, "studio")
+    try:
+        found = json.loads(vaultfs("peers", "--wait", "3", "--json").stdout)
+    finally:
+        server.terminate()
+        server.wait(10)
+    with Store.open(peer_path) as store:
+        studio_id = uuid.UUID(store.id).hex
+    mine = [p for p in found if p["id"] == studio_id]
+    assert mine and mine[0]["name"] == "studio" and url in mine[0]["urls"]

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -407,8 +408,25 @@ def cmd_serve(args) -> int:
         remote.serve_stdio(store)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    def stop(signum, frame):  # as Ctrl-C: sessions hang up, the announcement is withdrawn
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
     remote.serve(store, args.listen, ready=lambda a: print(
-        f"serving {store} on {a[0]}:{a[1]}", flush=True))
+        f"serving {store} on {a[0]}:{a[1]}", flush=True), announce=not args.no_announce)
+    return 0
+
+
+def cmd_peers(args) -> int:
+    from .sync import discovery
+
+    found = discovery.browse(args.wait)
+    if _json(args, found):
+        return 0
+    if not found:
+        print(f"no vault announced itself on the local network in {args.wait:g} s")
+    for p in found:
+        print(f"{p['name']}  {' '.join(p['urls'])}  (id {p['id']})")
     return 0
 
 
@@ -687,6 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = _command(sub, "serve", cmd_serve, "answer syncs from paired vaults over TCP")
     s.add_argument("--listen", default=f"0.0.0.0:{7787}", metavar="HOST:PORT")
     s.add_argument("--stdio", action="store_true", help="one session on stdin/stdout (ssh)")
+    s.add_argument("--no-announce", action="store_true",
+                   help="do not announce the vault on the local network (mDNS)")
+
+    s = sub.add_parser("peers", help="vaults that announce themselves on the local network")
+    s.add_argument("--wait", type=float, default=3.0, metavar="SECONDS",
+                   help="how long to listen (default 3)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_peers)
 
     s = _command(sub, "pair", cmd_pair, "show a code here, or type the other vault's code")
     s.add_argument("peer", nargs="?", metavar="PEER", help="tcp://host:port of the other vault")

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import spake2
 
 from ..store import Store, StoreBusy, StoreError
-from . import peers, wire
+from . import discovery, peers, wire
 from .endpoint import Endpoint, vault_name
 
 log = logging.getLogger(__name__)
@@ -126,16 +126,20 @@ def connect(spec: str, store: Store, timeout: float = IDLE_S) -> Remote:
     return Remote(ch, peer)
 
 
-def serve(store_path: Path, listen: str,
-          ready: Callable[[tuple], None] = lambda a: None) -> None:
-    """Answer syncs on `listen` (host:port) until interrupted. Each connection has a thread;
-    the store serves one session at a time (`_Store`)."""
+def serve(store_path: Path, listen: str, ready: Callable[[tuple], None] = lambda a: None,
+          announce: bool = True) -> None:
+    """Answer syncs on `listen` (host:port) until interrupted, announced on the local network
+    (discovery.py) unless told not to. Each connection has a thread; the store serves one
+    session at a time (`_Store`)."""
     host, port = address(listen)
     with Store.open(store_path) as store:  # (LMDB opens an environment once per process)
-        my_id = uuid.UUID(store.id).bytes
+        my_id, name = uuid.UUID(store.id).bytes, vault_name(store)
     held = _Store()
     threads: list[threading.Thread] = []
-    with socket.create_server((host, port)) as server:
+    with socket.create_server((host, port)) as server, contextlib.ExitStack() as stack:
+        if announce:
+            stack.enter_context(discovery.announce(my_id, name, host,
+                                                   server.getsockname()[1]))
         ready(server.getsockname())
         try:
             while True:
@@ -166,12 +170,14 @@ class _Store:
         self.cond = threading.Condition()
         self.holder: tuple[bytes, wire.Channel] | None = None
         self.channels: set[wire.Channel] = set()
+        self.closing = False
 
     def take(self, peer: bytes, ch: wire.Channel) -> bool:
         with self.cond:
             if self.holder is not None and self.holder[0] == peer:
                 self.holder[1].hang_up()
-            if not self.cond.wait_for(lambda: self.holder is None, timeout=IDLE_S):
+            if not self.cond.wait_for(lambda: self.holder is None or self.closing,
+                                      timeout=IDLE_S) or self.closing:
                 return False
             self.holder = (peer, ch)
             return True
@@ -183,8 +189,10 @@ class _Store:
 
     def hang_up_all(self) -> None:
         with self.cond:
+            self.closing = True
             for ch in self.channels:
                 ch.hang_up()
+            self.cond.notify_all()
 
 
 def _connection(store_path: Path, my_id: bytes, held: _Store, conn: socket.socket,

@@ -153,7 +153,7 @@ def test_cli_refuses_a_missing_store_in_one_sentence(tmp_path, command):
 
 def test_cli_refuses_a_newer_store_format_and_leaves_it_alone(store_path, tmp_path):
     toml = store_path / "vault.toml"
-    toml.write_text(toml.read_text().replace("format_version = 2", "format_version = 99"))
+    toml.write_text(toml.read_text().replace("format_version = 3", "format_version = 99"))
     before = _digest(store_path / "lmdb" / "data.mdb")
     (tmp_path / "mnt").mkdir()
     for args in (["status", store_path], ["mount", store_path, tmp_path / "mnt"]):
@@ -161,7 +161,7 @@ def test_cli_refuses_a_newer_store_format_and_leaves_it_alone(store_path, tmp_pa
         assert r.returncode != 0
         assert "newer than this vaultfs understands" in r.stderr
     assert _digest(store_path / "lmdb" / "data.mdb") == before
-    toml.write_text(toml.read_text().replace("format_version = 99", "format_version = 2"))
+    toml.write_text(toml.read_text().replace("format_version = 99", "format_version = 3"))
 
 
 def test_cli_refuses_a_mount_point_that_is_not_empty(store_path, tmp_path):

@@ -2,6 +2,7 @@
 that an image format's structure gives (formats.py)."""
 
 from .cdc import AVG_SIZE, MAX_SIZE, MIN_SIZE, is_zero, split, split_file
-from .formats import boundaries
+from .formats import boundaries, structure
 
-__all__ = ["AVG_SIZE", "MAX_SIZE", "MIN_SIZE", "boundaries", "is_zero", "split", "split_file"]
+__all__ = ["AVG_SIZE", "MAX_SIZE", "MIN_SIZE", "boundaries", "is_zero", "split", "split_file",
+           "structure"]

@@ -13,12 +13,19 @@ Between cut points, content-defined chunking goes on as for any file. A parser t
 something malformed stops and returns what it has found (possibly nothing): the file is then cut
 by content alone, and stored bit-exact either way. Each parser reads only the structure, a few
 kilobytes, through `read(offset, length)`.
+
+The TIFF parser also says where uncompressed image data lies and how its samples are laid out
+(bits, byte order, colour pattern, row length): the store's predictor codec uses it as a hint
+(`Structure.layout_at`). A wrong hint costs compression, never exactness.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ..store.codec import Layout
 
 Read = Callable[[int, int], bytes]
 MIN_REGION = 4096       # image data regions smaller than this are not worth a cut of their own
@@ -28,25 +35,56 @@ MAX_SEGMENTS = 256
 MAX_VALUES = 1 << 16    # strip/tile offsets or extents one file may list, all together
 
 
+@dataclass(frozen=True, slots=True)
+class ImageData:
+    """A run of uncompressed image data, [start, end) of the file, and how its samples lie."""
+    start: int
+    end: int
+    layout: Layout
+
+
+@dataclass(slots=True)
+class Structure:
+    """What a file's format says: hard cut points, and where its uncompressed image data is."""
+    cuts: list[int] = field(default_factory=list)
+    images: list[ImageData] = field(default_factory=list)
+
+    def layout_at(self, offset: int, length: int) -> tuple[Layout, int] | None:
+        """The layout of the image data that most of bytes [offset, offset + length) belong
+        to, and where they begin relative to its start; None if they are not image data."""
+        best, most = None, 0
+        for image in self.images:
+            overlap = min(offset + length, image.end) - max(offset, image.start)
+            if overlap > most:
+                best, most = image, overlap
+        return (best.layout, offset - best.start) if best is not None else None
+
+
 def boundaries(read: Read, size: int) -> list[int]:
-    """Sorted hard cut points for the file's format, or []. `size` is how much of the file
-    can be read now (all of it, or the start of a file still being written); points beyond it
-    (a region's end the header announces) are kept, for when the rest arrives."""
+    """Sorted hard cut points for the file's format, or []."""
+    return structure(read, size).cuts
+
+
+def structure(read: Read, size: int) -> Structure:
+    """The file's hard cut points, sorted, and its uncompressed image data. `size` is how much
+    of the file can be read now (all of it, or the start of a file still being written); points
+    beyond it (a region's end the header announces) are kept, for when the rest arrives."""
+    images: list[ImageData] = []
     try:
         head = read(0, 16)
         if head.startswith(b"\xff\xd8\xff"):
             cuts = _jpeg(read, size, 0)
         elif head[:4] in (b"II*\x00", b"MM\x00*", b"IIRO", b"IIU\x00"):
-            cuts = _tiff(read, size, 0)
+            cuts = _tiff(read, size, 0, images)
         elif head[4:8] == b"ftyp":
             cuts = _bmff(read, size)
         elif head.startswith(b"FUJIFILMCCD-RAW"):
             cuts = _raf(read, size)
         else:
-            return []
+            return Structure()
     except Exception:  # noqa: BLE001 - malformed: RecursionError, MemoryError, struct.error...
-        return []
-    return sorted({c for c in cuts if c > 0})
+        return Structure()
+    return Structure(sorted({c for c in cuts if c > 0}), _joined(images))
 
 
 def _jpeg(read: Read, size: int, start: int, first: bool = True) -> list[int]:
@@ -100,9 +138,9 @@ _MAKERNOTE = 37500
 _SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 
 
-def _tiff(read: Read, size: int, base: int) -> list[int]:
+def _tiff(read: Read, size: int, base: int, images: list[ImageData]) -> list[int]:
     """Cuts around every image data region the IFDs describe (merged where contiguous), and
-    around the maker notes."""
+    around the maker notes; the regions of uncompressed samples go into `images`."""
     order = read(base, 2)
     e = "<" if order == b"II" else ">"
     todo = [struct.unpack(e + "I", read(base + 4, 4))[0]]
@@ -124,9 +162,13 @@ def _tiff(read: Read, size: int, base: int) -> list[int]:
         values = lambda tag: _values(read, e, base, *entries[tag])  # noqa: E731
         for off_tag, len_tag in _REGIONS.items():
             if off_tag in entries and len_tag in entries:
-                regions += [(base + o, n_) for o, n_ in zip(values(off_tag), values(len_tag))]
+                found = [(base + o, n_) for o, n_ in zip(values(off_tag), values(len_tag))]
+                regions += found
                 if len(regions) > MAX_VALUES:
                     raise ValueError("more data regions than any camera writes")
+                layout = _layout(entries, values, e) if off_tag != 513 else None
+                if layout is not None:
+                    images += [ImageData(o, o + n_, layout) for o, n_ in found if n_ > 0]
         for tag in _SUB_IFDS & entries.keys():
             todo += values(tag)
         if _MAKERNOTE in entries:
@@ -136,6 +178,49 @@ def _tiff(read: Read, size: int, base: int) -> list[int]:
         nxt = struct.unpack_from(e + "I", raw, 12 * n)[0]
         todo.append(nxt)
     return _region_cuts(regions)
+
+
+# TIFF tags that say how samples lie (the TIFF 6.0 and DNG 1.6 specifications).
+_COMPRESSION, _BITS, _SPP, _PLANAR, _FILL = 259, 258, 277, 284, 266
+_WIDTH, _TILE_WIDTH, _PHOTOMETRIC, _CFA_DIM = 256, 322, 262, 33421
+_PLAIN_PHOTOMETRIC = {0, 1, 2, 32803, 34892}  # grey, RGB, colour filter array, LinearRaw
+_CFA = 32803
+
+
+def _layout(entries: dict, values: Callable[[int], list[int]], e: str) -> Layout | None:
+    """How the samples of an IFD's strips or tiles lie, if they are stored uncompressed in a
+    way the predictor reads (8 or 16 bits, or 10/12/14 packed most significant bit first)."""
+    def first(tag: int, default: int) -> int:
+        found = values(tag) if tag in entries else []
+        return found[0] if found else default
+
+    if first(_COMPRESSION, 1) != 1 or first(_FILL, 1) != 1 \
+            or first(_PHOTOMETRIC, 1) not in _PLAIN_PHOTOMETRIC:
+        return None
+    bits = first(_BITS, 1)
+    per_pixel = 1 if first(_PLANAR, 1) == 2 else first(_SPP, 1)
+    rows, cols = 1, 1
+    if first(_PHOTOMETRIC, 1) == _CFA:
+        dims = values(_CFA_DIM) if _CFA_DIM in entries else []
+        rows, cols = dims if len(dims) == 2 else (2, 2)
+    row = (first(_TILE_WIDTH, 0) or first(_WIDTH, 0)) * per_pixel
+    try:
+        layout = Layout(bits, e == ">" and bits == 16, cols * per_pixel, rows * row)
+    except ValueError:
+        return None
+    # Rows that end inside a group would shift the colours of every row after them.
+    return layout if row and row % layout.group_samples == 0 else None
+
+
+def _joined(images: list[ImageData]) -> list[ImageData]:
+    """Contiguous runs of one layout (the strips of one image) as one."""
+    out: list[ImageData] = []
+    for image in sorted(images, key=lambda i: i.start):
+        if out and out[-1].end == image.start and out[-1].layout == image.layout:
+            out[-1] = ImageData(out[-1].start, image.end, image.layout)
+        else:
+            out.append(image)
+    return out
 
 
 def _values(read: Read, e: str, base: int, typ: int, count: int, field: bytes) -> list[int]:

@@ -20,7 +20,8 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..chunking import boundaries, is_zero, split_file
+from ..chunking import is_zero, split_file, structure
+from ..chunking.formats import Structure
 from ..store import Store, StoreError, Txn
 from ..store.codec import Digests, digests, encode
 
@@ -55,9 +56,10 @@ class FileIngest:
         # its place, so a file written with fsyncs, or closed through a dup'ed descriptor
         # first (a shell's `>`), leaves one version per session, not one per flush.
         self.session_version = 0
-        # Hard cut points of the file's format (chunking/formats.py), found once enough of it
-        # is there: a metadata edit then re-stores the metadata, not the image data.
-        self.bounds: list[int] | None = None
+        # Hard cut points of the file's format and where its uncompressed image data lies
+        # (chunking/formats.py), found once enough of it is there: a metadata edit then
+        # re-stores the metadata, not the image data, and image data is compressed as such.
+        self.structure: Structure | None = None
 
     @classmethod
     def resume(cls, store: Store, tx: Txn, ino: int) -> "FileIngest":
@@ -126,7 +128,7 @@ class FileIngest:
         finally:
             # Even if the release failed (it is retried by the next commit's or abandon's
             # transaction, or by recovery), nothing of this view of the file is kept.
-            self.base, self.extents, self.done_to, self.bounds = [], [], 0, None
+            self.base, self.extents, self.done_to, self.structure = [], [], 0, None
 
     def _chunk(self, fd: int, end: int, final: bool
                ) -> tuple[list[Chunk], EncodeJobs, int]:
@@ -150,10 +152,11 @@ class FileIngest:
             while len(storing) > keep:
                 self.extents.extend(storing.popleft().result())
 
-        if self.bounds is None and (final or end >= FORMAT_HEAD):
-            self.bounds = boundaries(lambda off, n: os.pread(fd, n, off), end)
+        if self.structure is None and (final or end >= FORMAT_HEAD):
+            self.structure = structure(lambda off, n: os.pread(fd, n, off), end)
+        cuts = self.structure.cuts if self.structure is not None else ()
         try:
-            for off, data in split_file(fd, self.done_to, end, final, self.bounds or ()):
+            for off, data in split_file(fd, self.done_to, end, final, cuts):
                 last_cut, last = off, off + len(data)
                 if is_zero(data):
                     continue  # a hole: stored as no extent at all
@@ -172,10 +175,16 @@ class FileIngest:
         return tail
 
     def _encode_missing(self, chunks: list[Chunk]) -> dict[int, Future[bytes]]:
-        """Start compressing the chunks the store lacks now (the others are dedup hits)."""
+        """Start compressing the chunks the store lacks now (the others are dedup hits), each
+        with the layout of the image data it holds, if the file's format says."""
         with self.store.reader() as tx:
             missing = [i for i, (_, _, d) in enumerate(chunks) if tx.find_chunk(d) is None]
-        return {i: _encoders.submit(encode, chunks[i][1]) for i in missing}
+        jobs = {}
+        for i in missing:
+            off, data, _ = chunks[i]
+            hint = self.structure.layout_at(off, len(data)) if self.structure else None
+            jobs[i] = _encoders.submit(encode, data, *(hint or ()))
+        return jobs
 
     def _store(self, chunks: list[Chunk], encoded: dict[int, bytes]) -> "Future[list[Extent]]":
         ino = self.ino

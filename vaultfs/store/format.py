@@ -9,7 +9,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+OLDEST_FORMAT = 2  # the oldest a writable open upgrades (and a read-only open reads)
 
 # Named LMDB databases inside the one environment.
 DB_META = b"meta"
@@ -81,6 +82,7 @@ HASH_LEN = 16
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+CODEC_SAMPLES = 2  # a predictor per colour channel, then zstd (format 3 on)
 
 # chunks: id -> refcount u64, raw length u32, stored length u32, BLAKE3-128 digest of raw bytes
 CHUNK_REC = struct.Struct(">QII16s")
@@ -101,7 +103,8 @@ class ChunkRecord:
         return cls(*CHUNK_REC.unpack(b))
 
 
-# chunkdata: id -> codec u8 + payload (the payload is the zstd frame, or the raw bytes).
+# chunkdata: id -> codec u8 + payload (the raw bytes, a zstd frame, or the predictor's header
+# and a zstd frame of its residuals: codec.py, docs/store-format.md §4.3).
 
 # ---- epochs -------------------------------------------------------------------------------
 # The tree (inodes, directory entries, xattrs) is versioned by epoch, the way bcachefs versions

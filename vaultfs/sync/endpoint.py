@@ -19,7 +19,8 @@ from ..store import Store, StoreError, Txn, codec, history, policy, treeops
 from ..store.format import INBOX_INO
 from . import tree
 
-PROTOCOL = 1
+# 2: chunks may come in store format 3's predictor codec, which protocol-1 vaults cannot read.
+PROTOCOL = 2
 MAX_PATH = 4096
 MAX_CHUNK = 64 * 1024 * 1024  # far above what the chunker makes; bounds what a peer can ask for
 SNAPSHOT_PREFIX = policy.AUTO_PREFIX + "sync-"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..store import StoreError
 from . import plan as P
+from .endpoint import PROTOCOL
 from .tree import Entry
 
 BATCH_SECONDS = 1.0            # aim for a round trip of chunks this long: little is in flight
@@ -66,6 +67,10 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
     started = time.monotonic()
     ends = (local, remote)
     hello = [e.hello() for e in ends]
+    if hello[1].get("protocol") != PROTOCOL:
+        raise StoreError(f"the other vault runs a vaultfs of sync protocol "
+                         f"{hello[1].get('protocol')}, this one {PROTOCOL}: their chunks' "
+                         f"stored forms differ; run the same vaultfs on both sides")
     ids = (hello[0]["id"], hello[1]["id"])
     names = (hello[0]["name"], hello[1]["name"])
     if ids[0] == ids[1]:

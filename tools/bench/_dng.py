@@ -1,0 +1,88 @@
+"""Uncompressed DNG files of a simulated Bayer sensor, for the compression benchmark and tests.
+
+A frame is a scene (smooth light, textured and sharp-edged objects, one of them moving a few
+pixels between frames) seen through an RGGB colour filter array by a 14-bit sensor: photon shot
+noise (Poisson, at the sensor's gain in electrons per count), read noise (Gaussian), a black
+level, clipping at white, stored as 16-bit words (what uncompressed DNGs from most cameras
+hold). The files carry the DNG tags a raw converter needs (version, CFA pattern, black and
+white levels, colour matrix, as-shot neutral), written by tifffile; rawpy (LibRaw) and exiftool
+read them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+BITS = 14
+BLACK = 512
+WHITE = (1 << BITS) - 1
+GAIN = 3.0          # electrons per count at base ISO: a ~50,000 e- full well over 14 bits
+READ_NOISE = 3.0    # electrons
+# Relative sensitivity of the R, G, B photosites under daylight, and the RGGB pattern.
+CHANNEL_GAIN = {0: 0.48, 1: 1.0, 2: 0.62}
+PATTERN = ((0, 1), (1, 2))
+
+
+def scene(width: int, height: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The light (electrons per photosite, before the colour filter) of a still background,
+    and of one moving object: a textured disc that each frame shifts a little."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    light = 0.35 + 0.25 * np.sin(x / width * 2.1 + 0.4) * np.cos(y / height * 1.7)
+    for _ in range(12):  # objects with edges and texture: boxes of varied reflectance
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        w, h = rng.integers(width // 20, width // 4), rng.integers(height // 20, height // 4)
+        box = (x >= x0) & (x < x0 + w) & (y >= y0) & (y < y0 + h)
+        freq = rng.uniform(0.02, 0.3)
+        light[box] = rng.uniform(0.05, 0.9) * (1 + 0.15 * np.sin(freq * x[box] + freq * y[box]))
+    light += 0.03 * np.sin(x / 3.7) * np.sin(y / 5.3)  # fine detail everywhere
+    full = 0.75 * GAIN * (WHITE - BLACK)
+    disc = (0.6 + 0.3 * np.sin(x / 7.0) * np.cos(y / 9.0)).astype(np.float32)
+    return np.clip(light, 0.01, 1.2) * full, disc * full
+
+
+def frame(still: np.ndarray, disc: np.ndarray, index: int, seed: int) -> np.ndarray:
+    """Frame `index` of a burst: the disc a few pixels further along, fresh noise."""
+    height, width = still.shape
+    rng = np.random.default_rng(seed * 1000 + index)
+    y, x = np.mgrid[0:height, 0:width]
+    cx, cy, r = width * (0.3 + 0.004 * index), height * 0.5 + 2 * index, min(width, height) / 6
+    electrons = np.where((x - cx) ** 2 + (y - cy) ** 2 < r * r, disc, still)
+    cfa = np.empty_like(electrons)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            cfa[dy::2, dx::2] = electrons[dy::2, dx::2] * CHANNEL_GAIN[PATTERN[dy][dx]]
+    signal = rng.poisson(cfa) + rng.normal(0, READ_NOISE, cfa.shape)
+    return np.clip(np.round(signal / GAIN) + BLACK, 0, WHITE).astype(np.uint16)
+
+
+def write(path: Path, samples: np.ndarray, model: str = "vaultfs SimCam") -> None:
+    """One uncompressed DNG (16-bit words, little-endian, one strip per 16 rows)."""
+    height, width = samples.shape
+    tags = [
+        (50706, "B", 4, (1, 4, 0, 0), True),            # DNGVersion
+        (50707, "B", 4, (1, 1, 0, 0), True),            # DNGBackwardVersion
+        (50708, "s", 0, model, True),                   # UniqueCameraModel
+        (271, "s", 0, "vaultfs", True),                 # Make
+        (272, "s", 0, model, True),                     # Model
+        (33421, "H", 2, (2, 2), True),                  # CFARepeatPatternDim
+        (33422, "B", 4, (0, 1, 1, 2), True),            # CFAPattern: RGGB
+        (50710, "B", 3, (0, 1, 2), True),               # CFAPlaneColor
+        (50711, "H", 1, 1, True),                       # CFALayout: rectangular
+        (50714, "H", 1, BLACK, True),                   # BlackLevel
+        (50717, "H", 1, WHITE, True),                   # WhiteLevel
+        (50721, "2i", 9, _rational((1.0, -0.3, -0.1, -0.4, 1.2, 0.1, -0.05, 0.15, 0.6)),
+         True),                                         # ColorMatrix1
+        (50778, "H", 1, 21, True),                      # CalibrationIlluminant1: D65
+        (50728, "2I", 3, _rational((0.48, 1.0, 0.62)), True),  # AsShotNeutral
+    ]
+    tifffile.imwrite(path, samples, photometric=32803, bitspersample=16, rowsperstrip=16,
+                     subfiletype=0, extratags=tags, metadata=None, byteorder="<")
+
+
+def _rational(values: tuple[float, ...]) -> tuple[int, ...]:
+    """(numerator, denominator) pairs, flattened, as tifffile takes RATIONAL values."""
+    return tuple(v for f in values for v in (round(f * 10000), 10000))

@@ -201,6 +201,36 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
+# ---- peers --------------------------------------------------------------------------------
+def borg(work: Path, files: list[Path]) -> tuple[float, int]:
+    """Seconds of `borg create --compression zstd,3` (+ sync) of the files into a fresh
+    unencrypted repository, and the repository's bytes on disk."""
+    repo = work / "peer-borg"
+    shutil.rmtree(repo, ignore_errors=True)
+    env = dict(os.environ, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+               BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", BORG_BASE_DIR=str(work / "peer-borg-home"))
+    shutil.rmtree(work / "peer-borg-home", ignore_errors=True)
+    run(["borg", "init", "--encryption=none", str(repo)], env=env)
+    drop_caches()
+    secs = timed([["borg", "create", "--compression", "zstd,3", f"{repo}::bench",
+                   *map(str, files)], ["sync"]], env=env)
+    return secs, du_bytes(repo)
+
+
+def restic(work: Path, files: list[Path]) -> tuple[float, int]:
+    """Seconds of `restic backup` (+ sync) of the files into a fresh repository (format 2,
+    default auto compression), and the repository's bytes on disk."""
+    repo = work / "peer-restic"
+    shutil.rmtree(repo, ignore_errors=True)
+    env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "peer-restic-cache"))
+    shutil.rmtree(work / "peer-restic-cache", ignore_errors=True)
+    run(["restic", "init", "--repo", str(repo)], env=env, stdout=subprocess.DEVNULL)
+    drop_caches()
+    secs = timed([["restic", "--repo", str(repo), "backup", "--quiet", *map(str, files)],
+                  ["sync"]], env=env)
+    return secs, du_bytes(repo)
+
+
 # ---- vaultfs -------------------------------------------------------------------------------
 def init_store(store: Path) -> None:
     shutil.rmtree(store, ignore_errors=True)

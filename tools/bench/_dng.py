@@ -59,8 +59,10 @@ def frame(still: np.ndarray, disc: np.ndarray, index: int, seed: int) -> np.ndar
     return np.clip(np.round(signal / GAIN) + BLACK, 0, WHITE).astype(np.uint16)
 
 
-def write(path: Path, samples: np.ndarray, model: str = "vaultfs SimCam") -> None:
-    """One uncompressed DNG (16-bit words, little-endian, one strip per 16 rows)."""
+def write(path: Path, samples: np.ndarray, model: str = "vaultfs SimCam", bits: int = 16) -> None:
+    """One uncompressed little-endian DNG, one strip per 16 rows: samples in 16-bit words, or
+    with `bits` 14 packed without gaps (the DNG packing, most significant bit first; tifffile
+    needs imagecodecs for it)."""
     height, width = samples.shape
     tags = [
         (50706, "B", 4, (1, 4, 0, 0), True),            # DNGVersion
@@ -79,7 +81,7 @@ def write(path: Path, samples: np.ndarray, model: str = "vaultfs SimCam") -> Non
         (50778, "H", 1, 21, True),                      # CalibrationIlluminant1: D65
         (50728, "2I", 3, _rational((0.48, 1.0, 0.62)), True),  # AsShotNeutral
     ]
-    tifffile.imwrite(path, samples, photometric=32803, bitspersample=16, rowsperstrip=16,
+    tifffile.imwrite(path, samples, photometric=32803, bitspersample=bits, rowsperstrip=16,
                      subfiletype=0, extratags=tags, metadata=None, byteorder="<")
 
 

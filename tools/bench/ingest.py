@@ -71,7 +71,7 @@ def main() -> int:
 
     # -- peers ------------------------------------------------------------------------------
     if not args.no_peers:
-        for name, fn in (("borg", borg), ("restic", restic)):
+        for name, fn in (("borg", C.borg), ("restic", C.restic)):
             if shutil.which(name) is None:
                 C.row(f"{name}", "unavailable", f"({name} not installed: apt-get install "
                       f"{'borgbackup' if name == 'borg' else name})")
@@ -87,31 +87,6 @@ def main() -> int:
             C.row(f"{name} stored/logical bytes", f"{stored / logical:8.3f}",
                   f"repository {stored / C.MB:,.0f} MB on disk")
     return 0
-
-
-def borg(work: Path, files: list[Path]) -> tuple[float, int]:
-    repo = work / "peer-borg"
-    shutil.rmtree(repo, ignore_errors=True)
-    env = dict(os.environ, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-               BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", BORG_BASE_DIR=str(work / "peer-borg-home"))
-    shutil.rmtree(work / "peer-borg-home", ignore_errors=True)
-    C.run(["borg", "init", "--encryption=none", str(repo)], env=env)
-    C.drop_caches()
-    secs = C.timed([["borg", "create", "--compression", "zstd,3", f"{repo}::bench",
-                     *map(str, files)], ["sync"]], env=env)
-    return secs, C.du_bytes(repo)
-
-
-def restic(work: Path, files: list[Path]) -> tuple[float, int]:
-    repo = work / "peer-restic"
-    shutil.rmtree(repo, ignore_errors=True)
-    env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "peer-restic-cache"))
-    shutil.rmtree(work / "peer-restic-cache", ignore_errors=True)
-    C.run(["restic", "init", "--repo", str(repo)], env=env, stdout=subprocess.DEVNULL)
-    C.drop_caches()
-    secs = C.timed([["restic", "--repo", str(repo), "backup", "--quiet", *map(str, files)],
-                    ["sync"]], env=env)
-    return secs, C.du_bytes(repo)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,209 @@
+"""Compression benchmark: what vaultfs stores of RAW files, against zstd -3, borg and restic,
+and how fast it ingests them, against cp + sync to the same disk.
+
+    python tools/bench/compression.py [--workdir /var/tmp/vaultfs-bench] [--frames 20]
+                                      [--size 4000x3000] [--sets burst16,burst14,corpus]
+                                      [--no-peers]
+
+Sets of files (tools/bench/_dng.py makes the bursts, once, into WORKDIR/compression-cache):
+  burst16  --frames uncompressed DNGs of one scene (a moving subject, fresh shot and read noise
+           in every frame), 14-bit Bayer samples in 16-bit words, as most cameras' uncompressed
+           RAWs hold them
+  burst14  the same frames packed 14 bits per sample (the DNG packing; needs imagecodecs)
+  corpus   the corpus RAWs with image data: dng/ (Magic Lantern DNG, packed 14-bit) and raw/
+           (GoPro GPR: VC-5 compressed)
+For each set, the page cache dropped before each phase:
+  native   cp FILES native/ ; sync                                    (the speed reference)
+  vaultfs  fresh store, mount, cp FILES mnt/ ; vaultfs umount           (MB/s, stored bytes)
+  zstd -3  each whole file through the zstd command line (sizes only)
+  borg     borg create --compression zstd,3 ; sync                        (if installed)
+  restic   restic backup (repository v2, auto compression) ; sync         (if installed)
+Sizes are printed as a ratio to the logical bytes (full copies of the files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+import _dng
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
+SETS = ("burst16", "burst14", "corpus")
+
+
+def main() -> int:
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=20, help="frames per burst (default 20)")
+    p.add_argument("--size", default="4000x3000", help="burst frame size in photosites")
+    p.add_argument("--sets", default=",".join(SETS), help="which sets (default: all)")
+    p.add_argument("--no-peers", action="store_true", help="skip borg and restic")
+    args = p.parse_args()
+    C.need_root()
+    work = Path(args.workdir)
+    width, height = map(int, args.size.lower().split("x"))
+    print(f"compression: workdir {work} ({os.cpu_count()} cores), load {_load()}", flush=True)
+    print(f"vaultfs source: {C.source_version()}", flush=True)
+    summary = []
+    for name in args.sets.split(","):
+        files = file_set(name, work, args.frames, width, height)
+        if files:
+            summary.append(measure(name, files, work, not args.no_peers))
+    print(f"\nsummary (stored / logical bytes; lower is better), load {_load()}")
+    print(f"  {'set':<10} {'logical':>10} {'vaultfs':>8} {'zstd -3':>8} {'borg':>8} "
+          f"{'restic':>8}   vaultfs ingest / cp+sync")
+    for s in summary:
+        cells = [_ratio(s[k], s["logical"]) for k in ("vaultfs", "zstd", "borg", "restic")]
+        print(f"  {s['set']:<10} {s['logical'] / C.MB:8.0f} MB " + " ".join(
+            f"{c:>8}" for c in cells) + f"   {s['rate']:.0f} / {s['native']:.0f} MB/s "
+            f"({s['rate'] / s['native']:.2f})")
+    return 0
+
+
+# ---- the file sets ---------------------------------------------------------------------------
+def file_set(name: str, work: Path, frames: int, width: int, height: int) -> list[Path]:
+    if name == "corpus":
+        return sorted(p for d in ("dng", "raw") for p in (CORPUS / d).iterdir())
+    if name not in SETS:
+        sys.exit(f"unknown set {name!r}; sets: {', '.join(SETS)}")
+    bits = 16 if name == "burst16" else 14
+    if bits != 16:
+        try:
+            import imagecodecs  # noqa: F401 - tifffile packs samples with it
+        except ImportError:
+            print(f"\n{name}: unavailable (tifffile needs imagecodecs to pack 14-bit samples: "
+                  f"pip install imagecodecs)")
+            return []
+    cache = work / "compression-cache" / name
+    want = {"frames": frames, "width": width, "height": height, "bits": bits, "generator": 1}
+    manifest = cache / "manifest.json"
+    paths = [cache / f"DSC_{i:04d}.DNG" for i in range(frames)]
+    if manifest.exists() and json.loads(manifest.read_text()) == want and \
+            all(p.exists() for p in paths):
+        return paths
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    print(f"\ngenerating {frames} DNG frames of {width}x{height} ({bits}-bit) in {cache}",
+          flush=True)
+    t0 = time.monotonic()
+    still, disc = _dng.scene(width, height, seed=7)
+    for i, path in enumerate(paths):
+        samples = _dng.frame(still, disc, i, seed=7)
+        _dng.write(path, samples, bits=bits)
+        if i == 0:
+            check_dng(path, samples)
+    manifest.write_text(json.dumps(want))
+    os.sync()
+    print(f"  generated in {time.monotonic() - t0:.0f} s", flush=True)
+    return paths
+
+
+def check_dng(path: Path, samples) -> None:
+    """The generated file is a DNG that raw converters read: LibRaw (rawpy) gets exactly the
+    samples back, exiftool reads its DNG tags without a warning."""
+    import numpy as np
+    import rawpy
+
+    with rawpy.imread(str(path)) as raw:
+        same = np.array_equal(raw.raw_image, samples)
+        pattern = raw.color_desc.decode()
+    tags = json.loads(C.run(["exiftool", "-j", "-DNGVersion", "-CFAPattern", "-BitsPerSample",
+                             "-Warning", str(path)], capture_output=True, text=True).stdout)[0]
+    print(f"  frame 0: rawpy {'reads the same samples' if same else 'DIFFERS'} ({pattern}), "
+          f"exiftool DNGVersion {tags.get('DNGVersion')}, BitsPerSample "
+          f"{tags.get('BitsPerSample')}, CFA {tags.get('CFAPattern')}, "
+          f"warning: {tags.get('Warning', 'none')}", flush=True)
+
+
+# ---- measuring -----------------------------------------------------------------------------
+def measure(name: str, files: list[Path], work: Path, peers: bool) -> dict:
+    logical = sum(f.stat().st_size for f in files)
+    print(f"\n{name}: {len(files)} files, {logical / C.MB:,.1f} MB", flush=True)
+    native, store, mnt = work / "native", work / "store", work / "mnt"
+    C.fresh_dir(native)
+    C.drop_caches()
+    t_native = C.timed([C.cp_cmd(files, native), ["sync"]])
+    r_native = C.rate(logical, t_native)
+
+    if os.path.ismount(mnt):
+        C.unmount(mnt)
+    C.init_store(store)
+    C.fresh_dir(mnt)
+    pid = C.mount(store, mnt)
+    C.drop_caches()
+    cpu = C.PeakRSS(pid)
+    t_vault = C.timed([C.cp_cmd(files, mnt), [C.VAULTFS, "umount", str(mnt)]],
+                      stdout=subprocess.DEVNULL)
+    cpu.stop()
+    r_vault = C.rate(logical, t_vault)
+    st = C.status(store)
+    C.rate_rows("native cp + sync", r_native, t_native, "vaultfs cp + umount", r_vault, t_vault)
+    C.row("vaultfs daemon CPU time", f"{cpu.cpu_used:8.1f} s",
+          f"{cpu.cpu_used / t_vault:.2f} cores busy on average")
+    out = {"set": name, "logical": logical, "native": r_native, "rate": r_vault,
+           "vaultfs": st["stored_bytes"]}
+    C.row("vaultfs stored (chunk payloads)", _ratio(st["stored_bytes"], logical),
+          f"{st['stored_bytes'] / C.MB:,.1f} MB; data.mdb {st['store_file_bytes'] / C.MB:,.1f} MB"
+          f" ({_ratio(st['store_file_bytes'], logical)})")
+    for codec, (chunks, raw, stored) in sorted(codecs(store).items()):
+        C.row(f"  codec {codec} ({CODEC_NAMES[codec]})", f"{chunks:8d} chunks",
+              f"{raw / C.MB:,.1f} MB raw -> {stored / C.MB:,.1f} MB ({_ratio(stored, raw)})")
+
+    zstd = sum(len(C.run(["zstd", "-3", "-q", "-c", str(f)], capture_output=True).stdout)
+               for f in files) if shutil.which("zstd") else None
+    out["zstd"] = zstd
+    C.row("zstd -3 of each whole file", _ratio(zstd, logical),
+          f"{zstd / C.MB:,.1f} MB" if zstd else "(zstd not installed)")
+
+    for peer, fn in (("borg", C.borg), ("restic", C.restic)):
+        out[peer] = None
+        if not peers:
+            continue
+        if shutil.which(peer) is None:
+            C.row(peer, "unavailable", f"(apt-get install "
+                  f"{'borgbackup' if peer == 'borg' else peer})")
+            continue
+        secs, size = fn(work, files)
+        out[peer] = size
+        C.row(f"{peer} repository", _ratio(size, logical),
+              f"{size / C.MB:,.1f} MB; backup + sync {C.rate(logical, secs):.0f} MB/s")
+    return out
+
+
+CODEC_NAMES = {0: "raw", 1: "zstd", 2: "predictor + zstd"}
+
+
+def codecs(store: Path) -> dict[int, tuple[int, int, int]]:
+    """codec -> (chunks, raw bytes, stored bytes) over the store's chunks."""
+    from vaultfs.store import Store
+    from vaultfs.store import format as F
+
+    out: dict[int, list[int]] = {}
+    with Store.open(store) as s, s.reader(buffers=True) as tx:
+        records = tx.txn.cursor(db=s.dbs[F.DB_CHUNKS])
+        for key, rec in records:
+            value = tx.chunk_data(bytes(key))
+            r = F.ChunkRecord.unpack(bytes(rec))
+            tally = out.setdefault(value[0], [0, 0, 0])
+            tally[0] += 1
+            tally[1] += r.raw_len
+            tally[2] += r.stored_len
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _ratio(part: int | None, whole: int) -> str:
+    return f"{part / whole:8.3f}" if part is not None else "     n/a"
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -141,7 +141,7 @@ class Layout:
         return v.astype(">u8").view(np.uint8).reshape(-1, 8)[:, :g].tobytes()
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """The residuals of samples `x`: each minus its prediction, modulo 2^(8 × width)."""
+        """The residuals of samples `x`: each minus its prediction, wrapping around (uint8 or uint16)."""
         r = x.copy()
         head = len(x) if self.stride == 0 else min(self.stride, len(x))
         r[head:] -= x[:len(x) - head]
@@ -156,7 +156,7 @@ class Layout:
 
 
 def _accumulate(r: np.ndarray, step: int) -> np.ndarray:
-    """x[i] = r[i] + x[i - step] (x[i] = r[i] for i < step), modulo 2^(8 × width)."""
+    """x[i] = r[i] + x[i - step] (x[i] = r[i] for i < step), wrapping around."""
     rows = -(-len(r) // step)
     grid = np.zeros(rows * step, r.dtype)
     grid[:len(r)] = r
@@ -209,37 +209,36 @@ def _transpose8(v: np.ndarray) -> np.ndarray:
     return v
 
 
-def _bit_planes(z: np.ndarray) -> bytes:
-    """Bit planes of `z`, padded with zeros to a multiple of 8 values: plane j holds bit j of
-    every value, 8 values to a byte (value 8g + k in bit k of byte g); plane 0 first. Most
-    planes of small residuals are nearly all zeros, which zstd's Huffman coding of bytes
-    cannot get below one bit per value on its own."""
-    n = -(-len(z) // 8) * 8
-    out = []
-    for k in range(z.itemsize):  # byte k of the values (bits 8k..8k+7), 8 values to a word
-        lane = np.zeros(n, np.uint8)
-        lane[:len(z)] = z >> (8 * k) if k else z
-        words = _transpose8(lane.view("<u8"))
-        out.append(words.view(np.uint8).reshape(-1, 8).T.tobytes())
-    return b"".join(out)
+def _planes(z: np.ndarray) -> bytes:
+    """The residuals as zstd compresses them best for their cost: of 16-bit values, the low
+    bytes as they are (near-random in sensor noise: zstd's Huffman coding gets them within a
+    whisker of their entropy), then the top byte of every value (8-bit values: the value) as
+    8 bit planes: plane j holds bit j, 8 values to a byte (value 8g + k in bit k of byte g),
+    padded with zeros to a multiple of 8 values. The top bytes are mostly 0 or 1, which Huffman
+    coding cannot take below one bit per value; their bit planes are mostly zeros."""
+    top = np.zeros(-(-len(z) // 8) * 8, np.uint8)
+    top[:len(z)] = z >> 8 if z.dtype == np.uint16 else z
+    low = z.astype(np.uint8).tobytes() if z.dtype == np.uint16 else b""
+    return low + _transpose8(top.view("<u8")).view(np.uint8).reshape(-1, 8).T.tobytes()
 
 
-def _from_bit_planes(planes: np.ndarray, count: int, dtype: type) -> np.ndarray:
-    """The inverse of `_bit_planes`."""
-    z = np.zeros(count, dtype)
-    for k, part in enumerate(planes.reshape(np.dtype(dtype).itemsize, 8, -1)):
-        lane = _transpose8(part.T.copy().view("<u8").reshape(-1)).view(np.uint8)[:count]
-        if k:
-            z |= lane.astype(dtype) << dtype(8 * k)
-        else:
-            z |= lane
+def _from_planes(planes: np.ndarray, count: int, dtype: type) -> np.ndarray:
+    """The inverse of `_planes`."""
+    low = count if dtype == np.uint16 else 0
+    words = planes[low:].reshape(8, -1).T.copy().view("<u8").reshape(-1)
+    top = _transpose8(words).view(np.uint8)[:count]
+    if dtype == np.uint8:
+        return top
+    z = top.astype(np.uint16)
+    z <<= np.uint16(8)
+    z |= planes[:count]
     return z
 
 
 def _predicted(data: memoryview, layout: Layout, lead: int) -> tuple[bytes, bytes]:
     """The header and the frame content of the predictor's form of `data`: the bytes before
-    the first and after the last whole group as they are, then the bit planes of the zigzagged
-    residuals."""
+    the first and after the last whole group as they are, then the zigzagged residuals in
+    planes."""
     g = layout.group_bytes
     if not 0 <= lead < g or lead > len(data):
         raise ValueError(f"lead {lead} is not within the first group of {len(data)} bytes")
@@ -247,7 +246,7 @@ def _predicted(data: memoryview, layout: Layout, lead: int) -> tuple[bytes, byte
     x = layout.unpack(data[lead:lead + body_len])
     head = SAMPLES_HEAD.pack(layout.bits, int(layout.big_endian), layout.period, lead,
                              layout.stride, len(x))
-    planes = _bit_planes(_zigzag(layout.predict(x)))
+    planes = _planes(_zigzag(layout.predict(x)))
     return head, b"".join((data[:lead], data[lead + body_len:], planes))
 
 
@@ -266,14 +265,14 @@ def _unpredicted(payload: memoryview, raw_len: int | None) -> bytes:
     frame = payload[SAMPLES_HEAD.size:]
     body_len = count // s * g
     size = _content_size(frame)
-    tail = size - lead - np.dtype(dtype).itemsize * -(-count // 8) * 8
+    tail = size - lead - (count if bits != 8 else 0) - -(-count // 8) * 8
     if not 0 <= tail < g or (raw_len is not None and lead + body_len + tail != raw_len):
         raise ChunkCorrupt("predictor header does not match the chunk's length")
     content = _decompressor().decompress(frame)
     if len(content) != size:
         raise ChunkCorrupt("predictor frame holds the wrong length")
     planes = np.frombuffer(content, np.uint8, offset=lead + tail)
-    x = layout.integrate(_unzigzag(_from_bit_planes(planes, count, dtype)))
+    x = layout.integrate(_unzigzag(_from_planes(planes, count, dtype)))
     return b"".join((content[:lead], layout.pack(x), content[lead:lead + tail]))
 
 

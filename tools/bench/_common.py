@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -307,6 +308,43 @@ class PeakRSS:
         self._stop.set()
         self._t.join()
         return self.peak
+
+
+@dataclass
+class Ingest:
+    """One native copy and one vaultfs ingest of the same files (ingest())."""
+    native_s: float           # cp + sync into WORKDIR/native
+    cp_s: float               # cp into the mount
+    umount_s: float           # vaultfs umount: waits until the daemon committed everything
+    rss: "PeakRSS"            # of the daemon, followed until it exited
+    rss_before_umount: int
+    status: dict              # vaultfs status --json of the store afterwards
+
+    @property
+    def vault_s(self) -> float:
+        return self.cp_s + self.umount_s
+
+
+def ingest(work: Path, files: list[Path]) -> Ingest:
+    """`cp FILES WORKDIR/native/` + `sync`, then a fresh store mounted on WORKDIR/mnt, `cp FILES`
+    into it and `vaultfs umount`; the page cache is dropped before each. The store and the
+    native copy stay in WORKDIR."""
+    native, store, mnt = work / "native", work / "store", work / "mnt"
+    fresh_dir(native)
+    drop_caches()
+    native_s = timed([cp_cmd(files, native), ["sync"]])
+    if os.path.ismount(mnt):
+        unmount(mnt)
+    init_store(store)
+    fresh_dir(mnt)
+    pid = mount(store, mnt)
+    drop_caches()
+    rss = PeakRSS(pid)
+    cp_s = timed([cp_cmd(files, mnt)])
+    before = rss.read()
+    umount_s = timed([[VAULTFS, "umount", str(mnt)]], stdout=subprocess.DEVNULL)
+    rss.stop()
+    return Ingest(native_s, cp_s, umount_s, rss, before, status(store))
 
 
 # ---- printing ------------------------------------------------------------------------------

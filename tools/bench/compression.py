@@ -125,24 +125,9 @@ def check_dng(path: Path, samples) -> None:
 def measure(name: str, files: list[Path], work: Path, peers: bool) -> dict:
     logical = sum(f.stat().st_size for f in files)
     print(f"\n{name}: {len(files)} files, {logical / C.MB:,.1f} MB", flush=True)
-    native, store, mnt = work / "native", work / "store", work / "mnt"
-    C.fresh_dir(native)
-    C.drop_caches()
-    t_native = C.timed([C.cp_cmd(files, native), ["sync"]])
-    r_native = C.rate(logical, t_native)
-
-    if os.path.ismount(mnt):
-        C.unmount(mnt)
-    C.init_store(store)
-    C.fresh_dir(mnt)
-    pid = C.mount(store, mnt)
-    C.drop_caches()
-    cpu = C.PeakRSS(pid)
-    t_vault = C.timed([C.cp_cmd(files, mnt), [C.VAULTFS, "umount", str(mnt)]],
-                      stdout=subprocess.DEVNULL)
-    cpu.stop()
-    r_vault = C.rate(logical, t_vault)
-    st = C.status(store)
+    run = C.ingest(work, files)
+    r_native, r_vault = C.rate(logical, run.native_s), C.rate(logical, run.vault_s)
+    t_native, t_vault, st, cpu = run.native_s, run.vault_s, run.status, run.rss
     C.rate_rows("native cp + sync", r_native, t_native, "vaultfs cp + umount", r_vault, t_vault)
     C.row("vaultfs daemon CPU time", f"{cpu.cpu_used:8.1f} s",
           f"{cpu.cpu_used / t_vault:.2f} cores busy on average")
@@ -151,7 +136,7 @@ def measure(name: str, files: list[Path], work: Path, peers: bool) -> dict:
     C.row("vaultfs stored (chunk payloads)", _ratio(st["stored_bytes"], logical),
           f"{st['stored_bytes'] / C.MB:,.1f} MB; data.mdb {st['store_file_bytes'] / C.MB:,.1f} MB"
           f" ({_ratio(st['store_file_bytes'], logical)})")
-    for codec, (chunks, raw, stored) in sorted(codecs(store).items()):
+    for codec, (chunks, raw, stored) in sorted(codecs(work / "store").items()):
         C.row(f"  codec {codec} ({CODEC_NAMES[codec]})", f"{chunks:8d} chunks",
               f"{raw / C.MB:,.1f} MB raw -> {stored / C.MB:,.1f} MB ({_ratio(stored, raw)})")
 

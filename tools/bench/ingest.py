@@ -30,40 +30,22 @@ def main() -> int:
     work = Path(args.workdir)
     files = C.file_set(work, C.parse_size(args.total))
     logical = sum(f.stat().st_size for f in files)
-    store, mnt, native = work / "store", work / "mnt", work / "native"
     print(f"ingest: {len(files)} files, {logical / C.MB:,.0f} MB, workdir {work} "
           f"({os.cpu_count()} cores)", flush=True)
     print(f"vaultfs source: {C.source_version()}", flush=True)
 
-    # -- native -----------------------------------------------------------------------------
-    C.fresh_dir(native)
-    C.drop_caches()
-    t_native = C.timed([C.cp_cmd(files, native), ["sync"]])
-    r_native = C.rate(logical, t_native)
-
-    # -- vaultfs ----------------------------------------------------------------------------
-    if os.path.ismount(mnt):
-        C.unmount(mnt)
-    C.init_store(store)
-    C.fresh_dir(mnt)
-    pid = C.mount(store, mnt)
-    C.drop_caches()
-    rss = C.PeakRSS(pid)
-    t_vault_cp = C.timed([C.cp_cmd(files, mnt)])
-    rss_before_umount = rss.read()
-    t_umount = C.timed([[C.VAULTFS, "umount", str(mnt)]], stdout=subprocess.DEVNULL)
-    peak = rss.stop()
-    t_vault = t_vault_cp + t_umount
-    st = C.status(store)
-    r_vault = C.rate(logical, t_vault)
+    run = C.ingest(work, files)
+    t_native, t_vault, st = run.native_s, run.vault_s, run.status
+    r_native, r_vault = C.rate(logical, t_native), C.rate(logical, t_vault)
+    rss, peak = run.rss, run.rss.peak
 
     C.rate_rows("native cp + sync", r_native, t_native, "vaultfs cp + umount", r_vault, t_vault)
-    C.row("  of which cp", f"{t_vault_cp:8.1f} s", f"umount {t_umount:.1f} s")
+    C.row("  of which cp", f"{run.cp_s:8.1f} s", f"umount {run.umount_s:.1f} s")
     C.row("vaultfs stored/logical bytes", f"{st['stored_bytes'] / st['logical_bytes']:8.3f}",
           f"logical {st['logical_bytes'] / C.MB:,.0f} MB, stored {st['stored_bytes'] / C.MB:,.0f} MB,"
           f" data.mdb {st['store_file_bytes'] / C.MB:,.0f} MB")
     C.row("vaultfs daemon peak RSS (VmHWM)", f"{peak / 2**20:8.0f} MiB",
-          f"{rss_before_umount / 2**20:.0f} MiB before umount   (goal < 300 MiB)")
+          f"{run.rss_before_umount / 2**20:.0f} MiB before umount   (goal < 300 MiB)")
     C.row("vaultfs daemon CPU time", f"{rss.cpu_used:8.1f} s",
           f"{rss.cpu_used / t_vault:.2f} cores busy on average (of {os.cpu_count()})")
     C.row("  sampled max RssAnon / RssFile", f"{rss.anon / 2**20:8.0f} MiB",

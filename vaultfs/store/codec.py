@@ -132,7 +132,7 @@ class Layout:
         if self.bits == 8:
             return samples.astype(np.uint8, copy=False).tobytes()
         if self.bits == 16:
-            return samples.astype(">u2" if self.big_endian else "<u2").tobytes()
+            return samples.astype(">u2" if self.big_endian else "<u2", copy=False).tobytes()
         g, s = self.group_bytes, self.group_samples
         groups = samples.reshape(-1, s) & np.uint16((1 << self.bits) - 1)
         v = np.zeros(len(groups), np.uint64)
@@ -157,15 +157,17 @@ class Layout:
 
 def _accumulate(r: np.ndarray, step: int) -> np.ndarray:
     """x[i] = r[i] + x[i - step] (x[i] = r[i] for i < step), wrapping around."""
+    if step >= 256:  # a row at a time, in place: each addition is vectorised
+        for i in range(step, len(r), step):
+            row = r[i:i + step]
+            np.add(row, r[i - step:i - step + len(row)], out=row)
+        return r
+    # numpy accumulates along columns element by element: slower, but no Python loop
     rows = -(-len(r) // step)
     grid = np.zeros(rows * step, r.dtype)
     grid[:len(r)] = r
     g = grid.reshape(rows, step)
-    if step >= 256:  # a row at a time: each addition is vectorised
-        for i in range(1, rows):
-            np.add(g[i - 1], g[i], out=g[i])
-    else:  # numpy accumulates along columns element by element: slower, but no Python loop
-        np.cumsum(g, axis=0, dtype=r.dtype, out=g)
+    np.cumsum(g, axis=0, dtype=r.dtype, out=g)
     return grid[:len(r)]
 
 
@@ -189,7 +191,12 @@ def _zigzag(r: np.ndarray) -> np.ndarray:
 
 
 def _unzigzag(z: np.ndarray) -> np.ndarray:
-    return (z >> z.dtype.type(1)) ^ -(z & z.dtype.type(1))
+    """The inverse of `_zigzag`, in place."""
+    sign = z & z.dtype.type(1)
+    np.negative(sign, out=sign)
+    z >>= z.dtype.type(1)
+    z ^= sign
+    return z
 
 
 _MASKS = [np.uint64(m) for m in (0x00AA00AA00AA00AA, 0x0000CCCC0000CCCC, 0x00000000F0F0F0F0)]

@@ -35,11 +35,13 @@ DEFAULT_LEVEL = 1
 # smaller than twice that is tried whole, every way.
 WINDOW = 8 * 1024
 WINDOWS = 8
-# A compressed form is kept only if it is at least this much smaller than the raw bytes (JPEG
+# A compressed form is kept only if it is smaller than this share of the raw bytes (JPEG
 # scans, HEVC and lossless-JPEG data are stored as they are); the predictor is tried on the
-# whole chunk only if, on the windows, it beats plain zstd by this much.
+# whole chunk only if, on the windows, it comes out under this share of plain zstd's size.
 WORTH = 0.99
 PREDICTOR_WORTH = 0.97
+# Far above any chunk (the chunker cuts at 4 MiB): a predictor header claiming more is damage.
+MAX_CONTENT = 1 << 28
 
 _local = threading.local()
 
@@ -273,7 +275,8 @@ def _unpredicted(payload: memoryview, raw_len: int | None) -> bytes:
     body_len = count // s * g
     size = _content_size(frame)
     tail = size - lead - (count if bits != 8 else 0) - -(-count // 8) * 8
-    if not 0 <= tail < g or (raw_len is not None and lead + body_len + tail != raw_len):
+    if not 0 <= tail < g or size > MAX_CONTENT or \
+            (raw_len is not None and lead + body_len + tail != raw_len):
         raise ChunkCorrupt("predictor header does not match the chunk's length")
     content = _decompressor().decompress(frame)
     if len(content) != size:

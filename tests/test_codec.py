@@ -158,3 +158,28 @@ def test_compressed_image_data_is_not_run_through_the_predictor():
     assert seen > 30
     text = "\n".join(f"{i},{random.Random(i).random():.6f},ok" for i in range(50_000)).encode()
     assert encode(text)[0] == F.CODEC_ZSTD
+
+
+@pytest.mark.parametrize("order,swap", [("<", False), (">", False), (">", True)])
+def test_words_under_a_bits_per_sample_of_14_are_read_as_words(tmp_path, order, swap):
+    """Uncompressed NEF and ARW say 14 in BitsPerSample and hold 16-bit words, some of them in
+    the byte order opposite to the file's: the size of the strips tells words from packed
+    samples, and the measuring finds the byte order."""
+    import tifffile
+
+    samples = noisy_bayer(1200, 400)
+    path = tmp_path / "DSC_0001.NEF"
+    tifffile.imwrite(path, samples.byteswap() if swap else samples, photometric=32803,
+                     bitspersample=16, byteorder=order, extratags=[(33421, "H", 2, (2, 2), True)])
+    with tifffile.TiffFile(path) as tif:
+        at = tif.pages[0].tags["BitsPerSample"].valueoffset
+    raw = bytearray(path.read_bytes())
+    raw[at:at + 2] = (14).to_bytes(2, "little" if order == "<" else "big")
+    data = bytes(raw)
+    [image] = structure(lambda o, n: data[o:o + n], len(data)).images
+    assert image.layout == Layout(16, order == ">", 2, 2400)
+    chunk = data[image.start + 1001:image.start + 601_001]
+    stored = encode(chunk, image.layout, 1001)
+    assert stored[0] == F.CODEC_SAMPLES
+    assert len(stored) < 0.7 * len(zstandard.ZstdCompressor(level=1).compress(chunk))
+    roundtrip(chunk, stored)

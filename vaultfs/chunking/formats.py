@@ -166,7 +166,8 @@ def _tiff(read: Read, size: int, base: int, images: list[ImageData]) -> list[int
                 regions += found
                 if len(regions) > MAX_VALUES:
                     raise ValueError("more data regions than any camera writes")
-                layout = _layout(entries, values, e) if off_tag != 513 else None
+                nbytes = sum(n_ for _, n_ in found)
+                layout = _layout(entries, values, e, nbytes) if off_tag != 513 else None
                 if layout is not None:
                     images += [ImageData(o, o + n_, layout) for o, n_ in found if n_ > 0]
         for tag in _SUB_IFDS & entries.keys():
@@ -183,13 +184,17 @@ def _tiff(read: Read, size: int, base: int, images: list[ImageData]) -> list[int
 # TIFF tags that say how samples lie (the TIFF 6.0 and DNG 1.6 specifications).
 _COMPRESSION, _BITS, _SPP, _PLANAR, _FILL = 259, 258, 277, 284, 266
 _WIDTH, _TILE_WIDTH, _PHOTOMETRIC, _CFA_DIM = 256, 322, 262, 33421
+_LENGTH, _TILE_LENGTH, _TILE_OFFSETS = 257, 323, 324
 _PLAIN_PHOTOMETRIC = {0, 1, 2, 32803, 34892}  # grey, RGB, colour filter array, LinearRaw
 _CFA = 32803
 
 
-def _layout(entries: dict, values: Callable[[int], list[int]], e: str) -> Layout | None:
-    """How the samples of an IFD's strips or tiles lie, if they are stored uncompressed in a
-    way the predictor reads (8 or 16 bits, or 10/12/14 packed most significant bit first)."""
+def _layout(entries: dict, values: Callable[[int], list[int]], e: str,
+            nbytes: int) -> Layout | None:
+    """How the `nbytes` of an IFD's strips or tiles hold their samples, if uncompressed in a
+    way the predictor reads: 8 or 16 bits, 10/12/14 packed most significant bit first, or
+    10/12/14-bit samples in 16-bit words (as uncompressed NEF and ARW hold them, saying 12 or
+    14 in BitsPerSample): which one, the size of the data tells."""
     def first(tag: int, default: int) -> int:
         found = values(tag) if tag in entries else []
         return found[0] if found else default
@@ -204,12 +209,21 @@ def _layout(entries: dict, values: Callable[[int], list[int]], e: str) -> Layout
         dims = values(_CFA_DIM) if _CFA_DIM in entries else []
         rows, cols = dims if len(dims) == 2 else (2, 2)
     row = (first(_TILE_WIDTH, 0) or first(_WIDTH, 0)) * per_pixel
+    height = first(_TILE_LENGTH, 0) * len(values(_TILE_OFFSETS)) if _TILE_WIDTH in entries \
+        else first(_LENGTH, 0)
+    samples = row * height * (first(_SPP, 1) if first(_PLANAR, 1) == 2 else 1)
+    if not samples:
+        return None
+    if 8 < bits < 16 and abs(nbytes / samples - 2) < 0.02:
+        bits = 16  # in 16-bit words, not packed
+    elif abs(nbytes * 8 / samples - bits) > 0.02 * bits:
+        return None  # padded rows, or a packing of a camera maker's own
     try:
         layout = Layout(bits, e == ">" and bits == 16, cols * per_pixel, rows * row)
     except ValueError:
         return None
     # Rows that end inside a group would shift the colours of every row after them.
-    return layout if row and row % layout.group_samples == 0 else None
+    return layout if row % layout.group_samples == 0 else None
 
 
 def _joined(images: list[ImageData]) -> list[ImageData]:

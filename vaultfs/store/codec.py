@@ -326,6 +326,8 @@ def encode(data: bytes | memoryview, layout: Layout | None = None, region_offset
     n = len(data)
     if layout is not None:
         trials = [(layout, -region_offset % layout.group_bytes)]
+        if layout.bits == 16:  # some makers' words are of the other byte order than the file's
+            trials.append((replace(layout, big_endian=not layout.big_endian), trials[0][1]))
     else:
         trials = [(GUESS, 0), (GUESS, 1)]
     trials = [t for t in trials if n - t[1] >= t[0].group_bytes]

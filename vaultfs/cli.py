@@ -109,9 +109,13 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .store import evict
+
     with Store.open(args.store) as store:
         figures = store.figures()
         figures["tiers"] = _catalog(store).tier_figures(scrub.results(store))
+        with store.reader() as tx:
+            figures["offline"] = evict.offline_files(tx)
     if _json(args, figures):
         return 0
     rows = [
@@ -132,6 +136,9 @@ def cmd_status(args) -> int:
         rows.append((f"tier {name}", f"{t['files']:,} files, {_size(t['bytes'])}, {checked}"))
     for c in figures["conflicts"]:
         rows.append(("conflict", f"{c['path']}: {c['vault']}'s version is {c['kept_as']}"))
+    for f in figures["offline"]:
+        rows.append(("offline", f"{f['path']}: {_size(f['offline_bytes'])} evicted, held by "
+                                f"{', '.join(f['held_by']) or 'no peer on record'}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -364,22 +371,17 @@ def cmd_sync(args) -> int:
             return engine.sync(local, peer, push=push, pull=pull, only_tier=args.only_tier,
                                dry_run=args.dry_run, bwlimit=_rate(args.bwlimit), progress=show)
 
-    def retrying(e: Exception, delay: float) -> None:
-        print(f"vaultfs: connection lost ({e}); resuming in {delay:.0f} s", file=sys.stderr)
-
-    try:
-        store = Store.open(args.store, writable=True)
-    except StoreBusy:
-        raise CliError(f"{args.store} is mounted; unmount it (vaultfs umount) to sync") from None
-    with store:
+    with _unmounted(args.store, "sync") as store:
         local = Endpoint(store)
         try:
-            report = with_retries(attempt, args.retries, retrying)
+            report = with_retries(attempt, args.retries, _reconnecting)
         finally:
             local.close()
             for bar in bars.values():
                 bar.close()
-    if _json(args, report.as_dict()):
+        # Under its free-space floor, a field vault makes room with what the peer now holds.
+        evicted = None if args.dry_run else _evict(store, None, dry_run=False, if_short=True)
+    if _json(args, dict(report.as_dict(), evicted=evicted)):
         return 0
     for direction, ops in report.plan.items():
         if args.dry_run:
@@ -396,7 +398,61 @@ def cmd_sync(args) -> int:
         print(f"conflict: {c['path']}: {c['vault']}'s version kept as {c['kept_as']}")
     for vault, name in report.snapshots.items():
         print(f"{vault}: the tree before this sync is snapshot {name}")
+    for path in report.offline:
+        print(f"not sent: {path} is offline where it was (evicted; fetch it there first)")
+    if evicted:
+        _print_evicted(evicted)
     return 0
+
+
+def cmd_evict(args) -> int:
+    result = _evict(args.store, args.paths or None, dry_run=args.dry_run,
+                    if_short=not args.paths)
+    if _json(args, result):
+        return 0
+    if result is None:
+        print("nothing to evict: the vault is above its free-space floor")
+        return 0
+    _print_evicted(result)
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .store import evict
+    from .sync import engine
+    from .sync.endpoint import Endpoint
+    from .sync.remote import open_peer, with_retries
+
+    roots = [p.strip("/") for p in args.paths]
+    with _unmounted(args.store, "fetch") as store:
+        with store.reader() as tx:
+            wanted = [f for f in evict.offline_files(tx) if not roots or any(
+                f["path"] == r or f["path"].startswith(r + "/") for r in roots)]
+        need = sum(f["offline_bytes"] for f in wanted)
+        room = evict.space(store, policy.load(store.path).keep_free_percent)
+        if need > room["free_bytes"] - room["floor_bytes"]:
+            raise CliError(f"fetching {_size(need)} would take the vault under its free-space "
+                           f"floor ({_size(room['free_bytes'])} free, the floor is "
+                           f"{_size(room['floor_bytes'])}); fetch fewer files, or lower "
+                           f"[space] keep_free_percent in vault.toml")
+        local = Endpoint(store)
+        with _progress(args, need, "fetch") as bar:
+            def attempt() -> dict:
+                with open_peer(args.peer, store, args.timeout) as peer:
+                    return engine.fetch(local, peer, [f["path"].encode(errors="surrogateescape")
+                                                      for f in wanted], bwlimit=_rate(args.bwlimit),
+                                        progress=lambda p: bar.update(p.bytes_done - bar.n))
+            try:
+                result = with_retries(attempt, args.retries, _reconnecting)
+            finally:
+                local.close()
+    if _json(args, result):
+        return 0 if not result["not_on_peer"] else 1
+    print(f"fetched {len(result['fetched']):,} files ({_size(result['sent']['raw_bytes'])}) "
+          f"from {result['remote']}")
+    for path in result["not_on_peer"]:
+        print(f"NOT FETCHED {path}: {result['remote']} does not hold this version")
+    return 0 if not result["not_on_peer"] else 1
 
 
 def cmd_serve(args) -> int:
@@ -478,6 +534,60 @@ def _admin(store_path: str, op: str, **args):
             return control.request(store, op, **args)
     with store:
         return admin.OPERATIONS[op](store, **args)
+
+
+def _unmounted(store_path: str, what: str) -> Store:
+    """The store opened for writing by this process, or one sentence: it is mounted."""
+    try:
+        return Store.open(store_path, writable=True)
+    except StoreBusy:
+        raise CliError(f"{store_path} is mounted; unmount it (vaultfs umount) to "
+                       f"{what}") from None
+
+
+def _reconnecting(e: Exception, delay: float) -> None:
+    print(f"vaultfs: connection lost ({e}); resuming in {delay:.0f} s", file=sys.stderr)
+
+
+def _evict(store: Store | str, paths: list[str] | None, dry_run: bool,
+           if_short: bool) -> dict | None:
+    """Evict files a peer holds: those at `paths`, or by policy (the tiers that allow it,
+    oldest first) until the vault is back above its free-space floor; with `if_short`, only
+    when it is under it (None when it is not). `store` is one this process holds for writing,
+    or the path of one to open (or to reach through its mount)."""
+    from .store import evict
+
+    def plan(s: Store) -> tuple:
+        rules = policy.load(s.path)
+        want = evict.space(s, rules.keep_free_percent)["short_bytes"] if if_short else None
+        cat = _catalog(s)
+        return (want if rules.keep_free_percent else 0), cat, cat.eviction_order(rules, paths)
+
+    if isinstance(store, Store):
+        want, cat, order = plan(store)
+    else:
+        with Store.open(store) as s:
+            want, cat, order = plan(s)
+    if if_short and not want:
+        return None
+    if isinstance(store, Store):
+        result = evict.evict(store, order, want, dry_run)
+    else:
+        result = _admin(store, "evict", candidates=order, want=want, dry_run=dry_run)
+    if paths is not None:
+        listed = {c[2] for c in order}
+        result["skipped"] += [{"path": e.path, "why": f"tier {e.tier} is not evicted"}
+                              for e in cat.under(paths) if e.path not in listed]
+    return result
+
+
+def _print_evicted(result: dict) -> None:
+    verb = "would evict" if result["dry_run"] else "evicted"
+    for e in result["evicted"]:
+        print(f"{verb} {e['path']} ({_size(e['bytes'])}; held by {', '.join(e['held_by'])})")
+    for e in result["skipped"]:
+        print(f"kept {e['path']}: {e['why']}")
+    print(f"{verb} {len(result['evicted']):,} files, {_size(result['freed_bytes'])} freed")
 
 
 def _catalog(store: Store):
@@ -697,6 +807,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only-tier", metavar="TIER", help="only the files of this tier")
     s.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
     s.add_argument("--bwlimit", metavar="RATE", help="bytes per second each way: 200k, 5m")
+    s.add_argument("--retries", type=int, default=8, metavar="N",
+                   help="reconnect and resume this often when the link drops (default 8)")
+    s.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="a TCP link silent this long counts as lost (default 120)")
+
+    s = _command(sub, "evict", cmd_evict, "make room: drop the bytes of files a peer holds",
+                 json=True)
+    s.add_argument("paths", nargs="*", metavar="PATH",
+                   help="files or folders (default: by policy, until above the free-space floor)")
+    s.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+
+    s = _command(sub, "fetch", cmd_fetch, "bring back evicted files from a peer", json=True)
+    s.add_argument("peer", metavar="PEER",
+                   help="another store's path, tcp://host:port (vaultfs serve) or ssh://host/path")
+    s.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: all)")
+    s.add_argument("--bwlimit", metavar="RATE", help="bytes per second: 200k, 5m")
     s.add_argument("--retries", type=int, default=8, metavar="N",
                    help="reconnect and resume this often when the link drops (default 8)")
     s.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from ..store import Store, admin, history, policy, scrub
+from ..store import Store, admin, evict, history, policy, scrub
 from . import control
 from ..media.catalog import tier_rules
 from .analysis import Analyzer
@@ -33,6 +33,7 @@ VERSION_THINNING_S = 3600.0  # how often the timelines are thinned by the versio
 SELECT_CHECK_S = 10.0  # how often the catalogue is rebuilt to look for new selects
 SELECT_SNAPSHOT_GAP_S = 60.0  # new selects in a culling session: one snapshot a minute at most
 SCRUB_CHECK_S = 60.0  # how often the tiers' scrub schedules are looked at
+SPACE_CHECK_S = 5.0  # how often free space is held against the floor (a statvfs and a stat)
 
 
 class MountError(Exception):
@@ -104,6 +105,8 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                 nursery.start_soon(ops.analyzer.run)
                 nursery.start_soon(ops.keep_catalog)
                 nursery.start_soon(_scrubs, store, ops, rules)
+                if rules.keep_free_percent:
+                    nursery.start_soon(_space, store, ops, rules)
                 if rules.snapshot_on_select:
                     nursery.start_soon(_on_select, store, ops, rules)
                 await pyfuse3.main()
@@ -203,6 +206,35 @@ def _scrub_tier(store: Store, ops: VaultOperations, tier: str) -> None:
                   ", ".join(owners[chunk_id]), why)
     scrub.record(store, tier, chunks, nbytes, damaged)
     log.info("scrubbed tier %s: %d chunks, %d damaged files", tier, chunks, len(damaged))
+
+
+async def _space(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:
+    """Under the free-space floor (space.keep_free_percent), evict files of the tiers that
+    allow it whose bytes a peer holds, oldest first, until back above it."""
+    stuck = False  # (said once, not every turn)
+    while True:
+        await trio.sleep(SPACE_CHECK_S)
+        try:
+            short = await trio.to_thread.run_sync(_make_room, store, ops, rules)
+            if short and not stuck:
+                log.warning("the store's disk is %d bytes under its free-space floor and "
+                            "nothing more can be evicted (sync with a peer so that it holds "
+                            "more)", short)
+            stuck = bool(short)
+        except Exception:
+            log.exception("making room failed; trying again later")
+
+
+def _make_room(store: Store, ops: VaultOperations, rules: policy.Policy) -> int:
+    """Evict what is needed to be back above the floor; the bytes still missing."""
+    short = evict.space(store, rules.keep_free_percent)["short_bytes"]
+    if not short:
+        return 0
+    done = evict.evict(store, ops.refresh_catalog().eviction_order(rules), want=short)
+    for e in done["evicted"]:
+        log.info("evicted %s (%d bytes; held by %s)", e["path"], e["bytes"],
+                 ", ".join(e["held_by"]))
+    return max(0, short - done["freed_bytes"])
 
 
 async def _auto_snapshot(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:

@@ -27,7 +27,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from ..store import ROOT_INO, Inode, Store, Txn
-from ..store.reader import ChunkCache, DamagedChunk, read_range
+from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_range
 from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
@@ -66,6 +66,9 @@ def handler(fn):
         except DamagedChunk as e:
             log.error("damaged data in %s: %s", self.path_of(e.ino), e)
             raise FUSEError(errno.EIO) from None
+        except OfflineData as e:  # "Object is remote": `vaultfs fetch` brings it back
+            log.warning("%s is offline (evicted, held by a peer): %s", self.path_of(e.ino), e)
+            raise FUSEError(errno.EREMOTE) from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 log.warning("%s: %s", fn.__name__, e)

@@ -15,17 +15,23 @@
     keep_daily = 30
     keep_monthly = 12
 
+    [space]
+    keep_free_percent = 20   # under this, files a peer holds are evicted (0: never)
+
     [[tiers]]            # priority tiers, in order: the first rule that holds names the tier
     name = "select"      # (rules: media/tiers.py)
     rule = "rating >= 4 or pick or label == 'red'"
     verify_days = 7      # a mount re-reads and re-hashes the tier's chunks this often (0: never)
     sync_priority = 1    # the order in which tiers leave the vault when it syncs
+    evict = false        # whether its files may be evicted once a peer holds them
     [[tiers]]
     name = "reject"
     rule = "reject"
+    evict = true
     [[tiers]]
     name = "general"
     rule = "true"
+    evict = true
 
 A missing key takes the default above; `vaultfs init` writes them all, so they can be read and
 changed in one place. Snapshots made by hand are never pruned by policy.
@@ -51,12 +57,15 @@ DEFAULT_TIERS = (("select", "rating >= 4 or pick or label == 'red'"),
 
 
 DEFAULT_VERIFY_DAYS = {"select": 7, "reject": 0}
+EVICTABLE = ("general", "reject")  # by default; a select is never evicted
+DEFAULT_KEEP_FREE_PERCENT = 20.0
 
 
 @dataclass
 class TierPolicy:
     verify_days: float   # re-read and re-hash the tier's chunks this often; 0: never
     sync_priority: int   # lower leaves first when the vault syncs (issue 6)
+    evict: bool = False  # its files may be evicted once a peer holds them
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Policy:
     snapshot_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SNAPSHOT_KEEP))
     version_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_VERSION_KEEP))
     tier_policies: dict[str, TierPolicy] = field(default_factory=dict)
+    keep_free_percent: float = DEFAULT_KEEP_FREE_PERCENT
 
 
 def default_toml() -> str:
@@ -75,9 +85,11 @@ def default_toml() -> str:
     lines = ["", "[snapshots]", "every_minutes = 15", "at_unmount = true", "on_select = true"]
     lines += [f"keep_{k} = {v}" for k, v in DEFAULT_SNAPSHOT_KEEP.items()]
     lines += ["", "[versions]"] + [f"keep_{k} = {v}" for k, v in DEFAULT_VERSION_KEEP.items()]
+    lines += ["", "[space]", f"keep_free_percent = {DEFAULT_KEEP_FREE_PERCENT:g}"]
     for i, (name, rule) in enumerate(DEFAULT_TIERS, 1):
         lines += ["", "[[tiers]]", f'name = "{name}"', f'rule = "{rule}"',
-                  f"verify_days = {DEFAULT_VERIFY_DAYS.get(name, 30)}", f"sync_priority = {i}"]
+                  f"verify_days = {DEFAULT_VERIFY_DAYS.get(name, 30)}", f"sync_priority = {i}",
+                  f"evict = {'true' if name in EVICTABLE else 'false'}"]
     return "\n".join(lines) + "\n"
 
 
@@ -102,6 +114,11 @@ def load(store_path: Path) -> Policy:
     if not isinstance(on_select, bool):
         raise StoreError(f"{path}: snapshots.on_select must be true or false")
     p.snapshot_on_select = on_select
+    keep_free = doc.get("space", {}).get("keep_free_percent", DEFAULT_KEEP_FREE_PERCENT)
+    if isinstance(keep_free, bool) or not isinstance(keep_free, (int, float)) or \
+            not 0 <= keep_free < 100:
+        raise StoreError(f"{path}: space.keep_free_percent must be a number from 0 to 99")
+    p.keep_free_percent = float(keep_free)
     p.snapshot_keep = _rules(path, "snapshots", snaps, DEFAULT_SNAPSHOT_KEEP)
     p.version_keep = _rules(path, "versions", versions, DEFAULT_VERSION_KEEP)
     tiers = doc.get("tiers", [dict(name=n, rule=r) for n, r in DEFAULT_TIERS])
@@ -114,7 +131,7 @@ def load(store_path: Path) -> Policy:
                          f'"..", no "/") and a rule = "..."')
     p.tiers = [(t["name"], t.get("rule", "true")) for t in tiers]
     for i, t in enumerate(tiers):
-        unknown = set(t) - {"name", "rule", "verify_days", "sync_priority"}
+        unknown = set(t) - {"name", "rule", "verify_days", "sync_priority", "evict"}
         if unknown:
             raise StoreError(f"{path}: tier {t['name']}: {', '.join(sorted(unknown))} "
                              f"is not something this vaultfs does (yet)")
@@ -124,8 +141,13 @@ def load(store_path: Path) -> Policy:
             raise StoreError(f"{path}: tier {t['name']}: verify_days must be a number >= 0")
         if isinstance(prio, bool) or not isinstance(prio, int):
             raise StoreError(f"{path}: tier {t['name']}: sync_priority must be a whole number")
-        p.tier_policies[t["name"]] = TierPolicy(float(days), prio)
-    p.tier_policies.setdefault("general", TierPolicy(30.0, len(tiers) + 1))
+        evict = t.get("evict", t["name"] in EVICTABLE)
+        if not isinstance(evict, bool):
+            raise StoreError(f"{path}: tier {t['name']}: evict must be true or false")
+        if evict and t["name"] == "select":
+            raise StoreError(f"{path}: tier select: a select is never evicted (evict = false)")
+        p.tier_policies[t["name"]] = TierPolicy(float(days), prio, evict)
+    p.tier_policies.setdefault("general", TierPolicy(30.0, len(tiers) + 1, True))
     return p
 
 

@@ -31,7 +31,7 @@ def check(store: Store, chunk_ids: Iterable[bytes], duty: float = DUTY,
         t0 = time.perf_counter()
         with store.reader() as tx:
             rec = tx.chunk_record(chunk_id)
-            if rec is None:
+            if rec is None or rec.offline:  # (freed meanwhile; evicted: a peer holds it)
                 continue
             why = check_chunk(tx.chunk_data(chunk_id), chunk_id, rec)
         chunks += 1

@@ -17,9 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..store import Store, StoreError, Txn, codec, history, policy, treeops
 from ..store.format import INBOX_INO
-from . import tree
+from . import tree, wire
 
-PROTOCOL = 1
 OFFLINE = "offline"  # what `extents` says of a file whose bytes were evicted here
 MAX_PATH = 4096
 MAX_CHUNK = 64 * 1024 * 1024  # far above what the chunker makes; bounds what a peer can ask for
@@ -78,7 +77,7 @@ class Endpoint:
 
     # ---- what the other side may call (remote.CALLS) ----------------------------------------
     def hello(self) -> dict:
-        return {"id": self.id, "name": self.name, "protocol": PROTOCOL}
+        return {"id": self.id, "name": self.name, "protocol": wire.PROTOCOL}
 
     def listing(self) -> dict[bytes, list]:
         return {path: e.wire() for path, e in tree.listing(self.store).items()}

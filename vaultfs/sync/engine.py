@@ -20,6 +20,7 @@ from ..store import StoreError
 from . import plan as P
 from . import tree
 from .endpoint import OFFLINE
+from .wire import MAX_ATTACHMENTS
 from .tree import Entry
 
 BATCH_SECONDS = 1.0            # aim for a round trip of chunks this long: little is in flight
@@ -69,11 +70,7 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
     `bwlimit` caps the chunk bytes sent, per second (they are nearly all of the traffic)."""
     started = time.monotonic()
     ends = (local, remote)
-    hello = [e.hello() for e in ends]
-    ids = (hello[0]["id"], hello[1]["id"])
-    names = (hello[0]["name"], hello[1]["name"])
-    if ids[0] == ids[1]:
-        raise StoreError("both sides are the same vault")
+    ids, names = _meet(local, remote)
     report = Report(names[0], names[1])
     trees = tuple({p: Entry.from_wire(w) for p, w in e.listing().items()} for e in ends)
     bases = (local.base(ids[1]), remote.base(ids[0]))
@@ -115,10 +112,7 @@ def fetch(local, remote, paths: list[bytes] | None = None, *, bwlimit: int = 0,
     all), where the remote holds the very same content. Neither tree changes: the chunks come
     back online. Returns what was fetched and what the remote could not give."""
     started = time.monotonic()
-    hello = [e.hello() for e in (local, remote)]
-    ids, names = (hello[0]["id"], hello[1]["id"]), (hello[0]["name"], hello[1]["name"])
-    if ids[0] == ids[1]:
-        raise StoreError("both sides are the same vault")
+    ids, names = _meet(local, remote)
     wanted = local.offline(paths)
     extents: dict[bytes, list | str] = {}
     for part in _parts(list(wanted), EXTENT_PATHS_PER_CALL):
@@ -138,6 +132,18 @@ def fetch(local, remote, paths: list[bytes] | None = None, *, bwlimit: int = 0,
     return {"local": names[0], "remote": names[1], "fetched": [_text(p) for p in there],
             "not_on_peer": sorted(_text(p) for p in wanted.keys() - set(there)),
             "sent": sent, "seconds": round(time.monotonic() - started, 3)}
+
+
+def _meet(local, remote) -> tuple[tuple[bytes, bytes], tuple[str, str]]:
+    """The two vaults' ids and names, once they are known to be two and to speak alike."""
+    hello = [e.hello() for e in (local, remote)]
+    ids, names = (hello[0]["id"], hello[1]["id"]), (hello[0]["name"], hello[1]["name"])
+    if ids[0] == ids[1]:
+        raise StoreError("both sides are the same vault")
+    if hello[0]["protocol"] != hello[1]["protocol"]:
+        raise StoreError(f"{names[1]} speaks sync protocol {hello[1]['protocol']}, this vaultfs "
+                         f"{hello[0]['protocol']}: run the same vaultfs release on both")
+    return ids, names
 
 
 def _chosen(ops: list[P.Op], only_tier: str | None, tree: dict[bytes, Entry],
@@ -303,10 +309,12 @@ class _Run:
         without waiting for the receiver; None when none is left."""
         batch: dict[int, list[bytes]] = {}
         size = 0
+        count = 0
         for h, (length, src) in queue:
             batch.setdefault(src, []).append(h)
             size += length
-            if size >= self.batch:
+            count += 1
+            if size >= self.batch or count >= MAX_ATTACHMENTS:
                 break
         if not batch:
             return None

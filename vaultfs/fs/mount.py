@@ -34,6 +34,7 @@ SELECT_CHECK_S = 10.0  # how often the catalogue is rebuilt to look for new sele
 SELECT_SNAPSHOT_GAP_S = 60.0  # new selects in a culling session: one snapshot a minute at most
 SCRUB_CHECK_S = 60.0  # how often the tiers' scrub schedules are looked at
 SPACE_CHECK_S = 5.0  # how often free space is held against the floor (a statvfs and a stat)
+SPACE_STUCK_S = 60.0  # when nothing more could be evicted (only a sync or a new tier changes it)
 
 
 class MountError(Exception):
@@ -211,9 +212,9 @@ def _scrub_tier(store: Store, ops: VaultOperations, tier: str) -> None:
 async def _space(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:
     """Under the free-space floor (space.keep_free_percent), evict files of the tiers that
     allow it whose bytes a peer holds, oldest first, until back above it."""
-    stuck = False  # (said once, not every turn)
+    stuck = False  # (said once, not every turn; and looked at again less often)
     while True:
-        await trio.sleep(SPACE_CHECK_S)
+        await trio.sleep(SPACE_STUCK_S if stuck else SPACE_CHECK_S)
         try:
             short = await trio.to_thread.run_sync(_make_room, store, ops, rules)
             if short and not stuck:

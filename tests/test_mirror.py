@@ -152,6 +152,25 @@ def test_a_file_the_mirror_cannot_take_is_not_safe(make_mount, store_path, mirro
     m.stop(expect_errors=True)
 
 
+def test_a_mirror_whose_disk_goes_away_is_left_alone_until_it_is_back(make_mount, store_path,
+                                                                       mirror):
+    m = make_mount()
+    day1 = _select_folder(m.path, "day1")
+    (day1 / "before.NEF").write_bytes(os.urandom(MB))
+    _until(lambda: Vault(m.path).safe("day1/before.NEF")["copies"] == 2)
+    away = mirror.with_name("unplugged")
+    mirror.rename(away)  # (the disk is gone from where the vault knows it)
+    (day1 / "after.NEF").write_bytes(os.urandom(MB))
+    _until(lambda: "is gone (its disk unplugged?)" in (store_path / "vaultfs.log").read_text())
+    answer = Vault(m.path).safe("day1/after.NEF")
+    assert answer["verified"] and not answer["safe"] and answer["copies"] == 1
+    m.stop(expect_errors=True)
+    away.rename(mirror)
+    m = make_mount()  # back: what it missed is mirrored first
+    _until(lambda: Vault(m.path).safe("day1/after.NEF")["safe"])
+    m.stop()
+
+
 def test_the_scrub_mends_each_copy_from_the_other(make_mount, store_path, mirror):
     set_policy(store_path, "tiers", verify_days="0.00002")  # every tier, every ~2 s
     m = make_mount()

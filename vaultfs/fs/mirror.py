@@ -184,6 +184,8 @@ class Mirror:
         self._failed: dict[int, tuple[str, int]] = {}  # ino -> (path, version) not mirrored
         self._retry_at = 0.0  # after a failure of the mirror itself
         self._wake = trio.Event()
+        self._file = _identity(store)
+        self.gone = False  # its disk went away: nothing touches it until the next mount
 
     @classmethod
     def open(cls, vault: Store, rules: policy.Policy, mountpoint: Path) -> "Mirror":
@@ -197,6 +199,17 @@ class Mirror:
     def close(self) -> None:
         self.store.close()
 
+    def present(self) -> bool:
+        """Whether the mirror's database is still the file the mount opened. LMDB maps it:
+        reading pages of a disk that was unplugged would end the process (SIGBUS), so a
+        mirror whose file is gone is left alone, and said so once."""
+        if not self.gone and _identity(self.store) != self._file:
+            self.gone = True
+            log.error("the mirror %s is gone (its disk unplugged?): files of tiers with 2 "
+                      "copies are not safe until it is back and the vault is mounted again",
+                      self.store.path)
+        return not self.gone
+
     # ---- copying ------------------------------------------------------------------------------
     async def run(self, ops: "VaultOperations") -> None:
         """Mirror what the catalogue puts in 2-copy tiers and the mirror lacks: the backlog
@@ -206,7 +219,7 @@ class Mirror:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ops.events.listen, self._note_event)
             seen = None
-            while not ops.stopping.is_set():
+            while not ops.stopping.is_set() and self.present():
                 self._wake = trio.Event()
                 now = self.vault.env.info()["last_txnid"]
                 if now != seen and time.monotonic() >= self._retry_at:
@@ -352,6 +365,8 @@ class Mirror:
     def mend(self, chunk_id: bytes, path: str) -> bool:
         """A read met a damaged chunk of the vault: rewrite it from the mirror's copy. Whether
         it reads right now."""
+        if not self.present():
+            return False
         path = path.lstrip("/")
         repaired, failed = scrub.repair(self.vault, [chunk_id], self.store)
         if chunk_id in failed:
@@ -364,11 +379,14 @@ class Mirror:
         return True
 
     def scrub(self, tier: str, owners: dict[bytes, list[str]], bad: dict[bytes, str],
-              stop: threading.Event) -> tuple[set[bytes], dict]:
+              stop: threading.Event) -> tuple[set[bytes], dict | None]:
         """After the scrub of a tier found `bad` among the vault's chunks of `owners` (chunk ->
         paths): mend them from the mirror, then scrub the mirror's copies of the same chunks and
         mend those from the vault (blocking, paced as the scrub). The vault's chunks mended, and
-        what the mirror's scrub found ({"chunks", "bytes", "damaged", "repaired"}: paths)."""
+        what the mirror's scrub found ({"chunks", "bytes", "damaged", "repaired"}: paths;
+        None when the mirror is gone)."""
+        if not self.present():
+            return set(), None
         repaired, _ = scrub.repair(self.vault, bad, self.store)
         theirs: dict[bytes, bytes] = {}  # the mirror's id of a chunk (found by digests) -> ours
         with self.vault.reader() as tx, self.store.reader() as mtx:
@@ -394,6 +412,14 @@ class Mirror:
                  "%d chunks repaired", tier, chunks, len(damaged), len(mended))
         return repaired, {"chunks": chunks, "bytes": nbytes, "damaged": damaged,
                           "repaired": sorted({p for c in mended for p in owners[theirs[c]]})}
+
+
+def _identity(store: Store) -> tuple[int, int] | None:
+    try:
+        st = os.stat(store.path / "lmdb" / "data.mdb")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _repair(chunk_id: bytes, paths: list[str], copy: str, by: str) -> dict:

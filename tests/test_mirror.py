@@ -80,7 +80,9 @@ def test_select_files_are_mirrored_and_safe_only_then(make_mount, store_path, mi
     # A general file that becomes a select when it is rated, later.
     shutil.copy(CORPUS / "jpeg" / "medium" / "mongolels.jpg", m.path / "rated.jpg")
     vault = Vault(m.path)
-    while "DSC_0001.NEF" not in {p.rsplit("/", 1)[-1] for p in _events(got, "mirrored")}:
+    deadline = time.monotonic() + 30
+    while "day1/DSC_0001.NEF" not in _events(got, "mirrored"):
+        assert time.monotonic() < deadline, "not mirrored within 30 s"
         answer = vault.safe("day1/DSC_0001.NEF")  # never safe on one copy of a select
         assert answer["copies_wanted"] == 2
         if answer["safe"]:
@@ -274,8 +276,13 @@ def test_what_cannot_be_a_mirror_is_refused(tmp_path, store_path):
     toml = store_path / "vault.toml"
     toml.write_text(toml.read_text().replace('name = "general"', 'name = "general"\ncopies = 2'))
     assert "asks for copies = 2 and no mirror is configured" in refused()
+    ssd = str(tmp_path / "ssd2")
+    assert "a tier kept in two copies is not evicted" in refused("--mirror", ssd)
+    toml.write_text(toml.read_text().replace("copies = 2\n", "copies = 3\n"))
+    assert "tier general: copies must be 1 or 2" in refused("--mirror", ssd)
+    assert not (tmp_path / "ssd2").exists()  # (nothing made for a mount that did not start)
     # The command line's mirror wins over vault.toml's, and is created on first use.
-    toml.write_text(toml.read_text().replace("copies = 2\n", ""))
+    toml.write_text(toml.read_text().replace("copies = 3\n", ""))
     r = vaultfs("mount", store_path, mnt, "--mirror", tmp_path / "ssd2")
     assert f"created the mirror store {tmp_path / 'ssd2'}" in r.stdout
     vaultfs("umount", mnt)

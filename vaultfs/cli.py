@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .store import Store, StoreBusy, StoreError, policy, scrub
+from .store import Store, StoreBusy, StoreError, policy
 
 log = logging.getLogger("vaultfs")
 
@@ -62,11 +62,17 @@ def cmd_mount(args) -> int:
         _log_to(store_path, also_stderr=True, debug=args.debug)
         with Store.open(store_path, writable=True, branch=args.branch.encode()) as store:
             fsmount.run(store, mountpoint, allow_other="allow_other" in options,
-                        vault_visible="vault_visible" in options)
+                        vault_visible="vault_visible" in options, mirror=args.mirror)
         return 0
 
-    Store.open(store_path, branch=args.branch.encode()).close()  # a clear error now,
-    policy.load(store_path)                                       # not in a daemon's log
+    with Store.open(store_path, branch=args.branch.encode()) as store:  # a clear error now,
+        rules = policy.load(store_path, mirror=args.mirror)              # not in a daemon's log
+        if rules.mirror is not None:
+            from .fs.mirror import open_store
+            mirror, created = open_store(store, rules.mirror, mountpoint)
+            mirror.close()
+            if created:
+                print(f"created the mirror store {mirror.path}")
     log_file = store_path / "vaultfs.log"
     start = log_file.stat().st_size if log_file.exists() else 0
     cmd = [sys.executable, "-m", "vaultfs", "mount", "--foreground", str(store_path),
@@ -75,6 +81,8 @@ def cmd_mount(args) -> int:
         cmd += ["-o", ",".join(sorted(options))]
     if args.branch != "main":
         cmd += ["--branch", args.branch]
+    if args.mirror is not None:
+        cmd += ["--mirror", str(rules.mirror)]
     if args.debug:
         cmd.append("--debug")
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
@@ -109,11 +117,12 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .fs.mirror import figures as copies_figures
     from .store import evict
 
     with Store.open(args.store) as store:
         figures = store.figures()
-        figures["tiers"] = _catalog(store).tier_figures(scrub.results(store))
+        figures.update(copies_figures(store, _catalog(store)))
         with store.reader() as tx:
             figures["offline"] = evict.offline_files(tx)
     if _json(args, figures):
@@ -128,12 +137,14 @@ def cmd_status(args) -> int:
         ("compression ratio", f"{figures['compression_ratio']:.2f}x"),
         ("free on disk", _size(figures["free_bytes"])),
     ]
+    if figures["mirror"]:
+        rows.append(("mirror", figures["mirror"]["path"]))
     for name, t in sorted(figures["tiers"].items()):
-        last = t.get("last_scrub")
-        checked = "never scrubbed" if last is None else (
-            f"scrubbed {_when(last['finished_ns'])}"
-            + (f", {len(last['damaged'])} DAMAGED" if last["damaged"] else ", clean"))
-        rows.append((f"tier {name}", f"{t['files']:,} files, {_size(t['bytes'])}, {checked}"))
+        rows.append((f"tier {name}", _tier_line(t)))
+    for r in figures["repairs"][-5:]:
+        mended = f"{r['copy']}'s copy, from the {'mirror' if r['copy'] == 'vault' else 'vault'}"
+        rows.append(("repaired", f"{', '.join(r['paths'])}: the {mended} ({r['by']}, "
+                                 f"{_when(r['at'])})"))
     for c in figures["conflicts"]:
         rows.append(("conflict", f"{c['path']}: {c['vault']}'s version is {c['kept_as']}"))
     for f in figures["offline"]:
@@ -143,6 +154,30 @@ def cmd_status(args) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _tier_line(t: dict) -> str:
+    """'120 files, 2.9 GiB, 2 copies: 118, mirroring 2, scrubbed <when>, clean'"""
+    line = f"{t['files']:,} files, {_size(t['bytes'])}"
+    if t.get("copies", 1) > 1:
+        line += f", 2 copies: {t['mirrored']:,}" + (f", mirroring {t['mirroring']:,}"
+                                                    if t["mirroring"] else "")
+    elif t.get("mirrored"):
+        line += f", the mirror holds {t['mirrored']:,}"
+    last = t.get("last_scrub")
+    if last is None:
+        return line + ", never scrubbed"
+    line += f", scrubbed {_when(last['finished_ns'])}" + (
+        f", {len(last['damaged'])} DAMAGED" if last["damaged"] else ", clean")
+    if last.get("repaired"):
+        line += f", {len(last['repaired'])} repaired from the mirror"
+    theirs = last.get("mirror")
+    if theirs:
+        line += "; the mirror's copies " + (f"{len(theirs['damaged'])} DAMAGED"
+                                            if theirs["damaged"] else "clean")
+        if theirs["repaired"]:
+            line += f", {len(theirs['repaired'])} repaired from the vault"
+    return line
 
 
 def cmd_verify(args) -> int:
@@ -249,8 +284,9 @@ def cmd_safe(args) -> int:
                for p in args.paths]
     if not _json(args, answers):
         for a in answers:
+            wanted = f" of {a['copies_wanted']}" if a.get("copies_wanted", 1) > 1 else ""
             print(f"{a['path']}: {'safe' if a['safe'] else 'NOT YET SAFE'} "
-                  f"({a['copies']} cop{'y' if a['copies'] == 1 else 'ies'})")
+                  f"({a['copies']} cop{'y' if a['copies'] == 1 else 'ies'}{wanted})")
     return 0 if all(a["safe"] for a in answers) else 1
 
 
@@ -719,13 +755,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", dest="options", action="append", default=[],
                    help="allow_other, vault_visible")
     s.add_argument("--debug", action="store_true", help="log every detail")
+    s.add_argument("--mirror", metavar="PATH",
+                   help="a second copy of the tiers that ask for one, on another disk "
+                        "(created when missing; default: [mirror] path in vault.toml)")
     s.set_defaults(fn=cmd_mount)
 
     s = sub.add_parser("events", help="what happens to files, as JSON lines, as it happens")
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_events)
 
-    s = sub.add_parser("safe", help="whether files are committed and verified yet")
+    s = sub.add_parser("safe", help="whether files are committed, verified (and mirrored) yet")
     s.add_argument("paths", nargs="+", metavar="FILE", help="files under a vaultfs mount")
     s.add_argument("--mountpoint", required=True)
     s.add_argument("--json", action="store_true")

@@ -24,6 +24,7 @@ from ..store import Store, admin, evict, history, policy, scrub
 from . import control
 from ..media.catalog import tier_rules
 from .analysis import Analyzer
+from .mirror import Mirror, note as note_mirror
 from .operations import VaultOperations
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,24 @@ def unmount(mountpoint: Path, lazy: bool = False) -> None:
 
 
 def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
-        vault_visible: bool = False) -> None:
-    """Serve the mount until it is unmounted or the process gets SIGTERM/SIGINT."""
-    rules = policy.load(store.path)  # a bad vault.toml stops the mount before it starts
+        vault_visible: bool = False, mirror: str | Path | None = None) -> None:
+    """Serve the mount until it is unmounted or the process gets SIGTERM/SIGINT; with a
+    mirror (`mirror`, else vault.toml's), hold it open for as long."""
+    # A bad vault.toml, or a mirror that cannot be, stops the mount before it starts.
+    rules = policy.load(store.path, mirror=mirror)
     ops = VaultOperations(store, vault_visible=vault_visible, rules=tier_rules(rules))
+    ops.mirror = Mirror.open(store, rules, mountpoint) if rules.mirror is not None else None
+    if ops.mirror is None:
+        note_mirror(store, None)
+    try:
+        _serve(store, ops, rules, mountpoint, allow_other)
+    finally:
+        if ops.mirror is not None:
+            ops.mirror.close()
+
+
+def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint: Path,
+           allow_other: bool) -> None:
     ops.analyzer = Analyzer(store, ops.cache)
     ops.analyzer.on_analysed = lambda ino, record: ops.events.publish(
         "analysed", ops.event_path(ino), **{k: record[k] for k in ("kind", "rating", "label",
@@ -106,6 +121,8 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                 nursery.start_soon(ops.analyzer.run)
                 nursery.start_soon(ops.keep_catalog)
                 nursery.start_soon(_scrubs, store, ops, rules)
+                if ops.mirror is not None:
+                    nursery.start_soon(ops.mirror.run, ops)
                 if rules.keep_free_percent:
                     nursery.start_soon(_space, store, ops, rules)
                 if rules.snapshot_on_select:
@@ -199,13 +216,17 @@ def _scrub_tier(store: Store, ops: VaultOperations, tier: str) -> None:
             for _, chunk_id, _ in tx.extents(entry.node.content):
                 owners.setdefault(chunk_id, []).append(entry.path)
     chunks, nbytes, bad = scrub.check(store, owners, stop=ops.stopping)
+    # Damage in one copy is mended from the other; the mirror's copies are scrubbed too.
+    repaired, mirrored = ops.mirror.scrub(tier, owners, bad, ops.stopping) if ops.mirror \
+        else (set(), None)
     if ops.stopping.is_set():
         return  # unmounting: the scrub is done again at the next mount
-    damaged = sorted({p for c in bad for p in owners[c]})
-    for chunk_id, why in bad.items():
+    damaged = sorted({p for c in bad.keys() - repaired for p in owners[c]})
+    for chunk_id in bad.keys() - repaired:
         log.error("scrub of tier %s: chunk %s of %s: %s", tier, chunk_id.hex(),
-                  ", ".join(owners[chunk_id]), why)
-    scrub.record(store, tier, chunks, nbytes, damaged)
+                  ", ".join(owners[chunk_id]), bad[chunk_id])
+    scrub.record(store, tier, chunks, nbytes, damaged,
+                 sorted({p for c in repaired for p in owners[c]}), mirrored)
     log.info("scrubbed tier %s: %d chunks, %d damaged files", tier, chunks, len(damaged))
 
 

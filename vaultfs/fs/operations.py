@@ -32,12 +32,13 @@ from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
 from ..media.tiers import Tiers
-from ..store import policy, scrub
+from ..store import policy
 from .analysis import Analyzer
 from ..media.catalog import Catalog
 from ..media.catalog import build as build_catalog
 from ..store.verify import check_chunk
 from .events import Events
+from .mirror import Mirror, figures as copies_figures
 from .views import VAULT_INO, VAULT_NAME, Views, inode_attrs
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class VaultOperations(pyfuse3.Operations):
         self._catalog_lock = threading.Lock()
         self._catalog_wanted = False  # catalog() was called since the last rebuild
         self.analyzer: Analyzer | None = None  # set by mount.run
+        self.mirror: Mirror | None = None  # set by mount.run when the vault has a mirror
         self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
                            self.catalog, self.rules.names)
         self._limiter = trio.CapacityLimiter(workers)
@@ -246,7 +248,7 @@ class VaultOperations(pyfuse3.Operations):
         dirty = [of.dirty_since for of in self._open.values() if of.dirty]
         figures["uncommitted_files"] = len(dirty)
         figures["oldest_uncommitted_s"] = round(time.monotonic() - min(dirty), 3) if dirty else 0
-        figures["tiers"] = self.catalog().tier_figures(scrub.results(self.store))
+        figures.update(copies_figures(self.store, self.catalog()))
         return figures
 
     # ---- lookups and attributes ---------------------------------------------------------------
@@ -743,9 +745,9 @@ class VaultOperations(pyfuse3.Operations):
             return node.content, None
 
     def safety(self, path: str) -> dict:
-        """Is the file at `path` safe yet: committed, read back and verified (and how many
-        copies the vault holds of it: one, until mirrors come). A file committed before this
-        mount is read back now (blocking: runs in a worker thread)."""
+        """Is the file at `path` safe yet: committed, read back and verified, and mirrored
+        where its tier asks for two copies; and how many copies there are. A file committed
+        before this mount is read back now (blocking: runs in a worker thread)."""
         with self.store.reader() as tx:
             ino = tx.resolve(path)
             node = tx.inode(ino) if ino is not None else None
@@ -760,8 +762,10 @@ class VaultOperations(pyfuse3.Operations):
                 self._verified[ino] = version
         verified = committed and (self._verified.get(ino) == node.content if node.content
                                   else node.size == 0)
-        return {"path": path, "committed": committed, "verified": verified,
-                "safe": verified, "copies": 1 if verified else 0, "version": node.content}
+        answer = {"path": path, "committed": committed, "verified": verified,
+                  "safe": verified, "copies": 1 if verified else 0, "version": node.content}
+        return answer if self.mirror is None else \
+            self.mirror.judge(answer, ino, self.refresh_catalog())
 
     def _drop_open(self, of: OpenInode) -> None:
         of.close_spool()
@@ -782,8 +786,16 @@ class VaultOperations(pyfuse3.Operations):
         return await self._thread(self._read_committed, ino, off, size)
 
     def _read_committed(self, ino: int, off: int, size: int) -> bytes:
-        with self.store.reader(buffers=True) as tx:  # size and extents from one snapshot
-            return read_range(tx, self.cache, self._inode(tx, ino), off, size)
+        mended: set[bytes] = set()
+        while True:
+            try:
+                with self.store.reader(buffers=True) as tx:  # size and extents from one snapshot
+                    return read_range(tx, self.cache, self._inode(tx, ino), off, size)
+            except DamagedChunk as e:  # the mirror's copy mends it, when it has a good one
+                if self.mirror is None or e.chunk_id in mended or \
+                        not self.mirror.mend(e.chunk_id, self.path_of(ino)):
+                    raise
+                mended.add(e.chunk_id)
 
     @handler
     async def write(self, fh, off, buf):

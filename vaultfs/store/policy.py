@@ -18,12 +18,18 @@
     [space]
     keep_free_percent = 20   # under this, files a peer holds are evicted (0: never)
 
+    [mirror]
+    path = "/media/ssd2/vault"   # a second copy on another device (relative: to the store's
+                                 # folder); `vaultfs mount --mirror PATH` wins over it
+
     [[tiers]]            # priority tiers, in order: the first rule that holds names the tier
     name = "select"      # (rules: media/tiers.py)
     rule = "rating >= 4 or pick or label == 'red'"
     verify_days = 7      # a mount re-reads and re-hashes the tier's chunks this often (0: never)
     sync_priority = 1    # the order in which tiers leave the vault when it syncs
     evict = false        # whether its files may be evicted once a peer holds them
+    copies = 2           # 2: a file is safe once the mirror holds it too (fs/mirror.py); the
+                         # default is 2 for select where a mirror is configured, else 1
     [[tiers]]
     name = "reject"
     rule = "reject"
@@ -33,12 +39,15 @@
     rule = "true"
     evict = true
 
-A missing key takes the default above; `vaultfs init` writes them all, so they can be read and
-changed in one place. Snapshots made by hand are never pruned by policy.
+A missing key takes the default above; `vaultfs init` writes them all (the mirror's path and
+`copies` as comments: their defaults depend on each other), so they can be read and changed in
+one place. Snapshots made by hand are never pruned by policy. A tier that asks for 2 copies
+without a mirror, or for 2 copies and eviction, is an error: never silently one copy.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +68,7 @@ DEFAULT_TIERS = (("select", "rating >= 4 or pick or label == 'red'"),
 DEFAULT_VERIFY_DAYS = {"select": 7, "reject": 0}
 EVICTABLE = ("general", "reject")  # by default; a select is never evicted
 DEFAULT_KEEP_FREE_PERCENT = 20.0
+MIRRORED = ("select",)  # the tiers kept in two copies by default where a mirror is configured
 
 
 @dataclass
@@ -66,6 +76,7 @@ class TierPolicy:
     verify_days: float   # re-read and re-hash the tier's chunks this often; 0: never
     sync_priority: int   # lower leaves first when the vault syncs (issue 6)
     evict: bool = False  # its files may be evicted once a peer holds them
+    copies: int = 1      # 2: safe only once the mirror holds the file too
 
 
 @dataclass
@@ -78,6 +89,7 @@ class Policy:
     version_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_VERSION_KEEP))
     tier_policies: dict[str, TierPolicy] = field(default_factory=dict)
     keep_free_percent: float = DEFAULT_KEEP_FREE_PERCENT
+    mirror: Path | None = None  # the mirror store's path, when one is configured
 
 
 def default_toml() -> str:
@@ -86,6 +98,8 @@ def default_toml() -> str:
     lines += [f"keep_{k} = {v}" for k, v in DEFAULT_SNAPSHOT_KEEP.items()]
     lines += ["", "[versions]"] + [f"keep_{k} = {v}" for k, v in DEFAULT_VERSION_KEEP.items()]
     lines += ["", "[space]", f"keep_free_percent = {DEFAULT_KEEP_FREE_PERCENT:g}"]
+    lines += ["", "[mirror]", '# path = "/media/ssd2/vault"   # a second copy of the tiers with '
+              'copies = 2', "# (select, by default, once a mirror is set: copies = 2)"]
     for i, (name, rule) in enumerate(DEFAULT_TIERS, 1):
         lines += ["", "[[tiers]]", f'name = "{name}"', f'rule = "{rule}"',
                   f"verify_days = {DEFAULT_VERIFY_DAYS.get(name, 30)}", f"sync_priority = {i}",
@@ -93,8 +107,9 @@ def default_toml() -> str:
     return "\n".join(lines) + "\n"
 
 
-def load(store_path: Path) -> Policy:
-    """The policy of a store; a bad value is an error that names it."""
+def load(store_path: Path, mirror: str | os.PathLike | None = None) -> Policy:
+    """The policy of a store; a bad value is an error that names it. `mirror` (the mount's
+    --mirror) wins over the mirror vault.toml names."""
     path = store_path / "vault.toml"
     try:
         doc = tomllib.loads(path.read_text())
@@ -119,6 +134,7 @@ def load(store_path: Path) -> Policy:
             not 0 <= keep_free < 100:
         raise StoreError(f"{path}: space.keep_free_percent must be a number from 0 to 99")
     p.keep_free_percent = float(keep_free)
+    p.mirror = _mirror(path, doc, mirror)
     p.snapshot_keep = _rules(path, "snapshots", snaps, DEFAULT_SNAPSHOT_KEEP)
     p.version_keep = _rules(path, "versions", versions, DEFAULT_VERSION_KEEP)
     tiers = doc.get("tiers", [dict(name=n, rule=r) for n, r in DEFAULT_TIERS])
@@ -131,7 +147,7 @@ def load(store_path: Path) -> Policy:
                          f'"..", no "/") and a rule = "..."')
     p.tiers = [(t["name"], t.get("rule", "true")) for t in tiers]
     for i, t in enumerate(tiers):
-        unknown = set(t) - {"name", "rule", "verify_days", "sync_priority", "evict"}
+        unknown = set(t) - {"name", "rule", "verify_days", "sync_priority", "evict", "copies"}
         if unknown:
             raise StoreError(f"{path}: tier {t['name']}: {', '.join(sorted(unknown))} "
                              f"is not something this vaultfs does (yet)")
@@ -146,9 +162,32 @@ def load(store_path: Path) -> Policy:
             raise StoreError(f"{path}: tier {t['name']}: evict must be true or false")
         if evict and t["name"] == "select":
             raise StoreError(f"{path}: tier select: a select is never evicted (evict = false)")
-        p.tier_policies[t["name"]] = TierPolicy(float(days), prio, evict)
+        copies = t.get("copies", 2 if p.mirror and t["name"] in MIRRORED else 1)
+        if type(copies) is not int or copies not in (1, 2):
+            raise StoreError(f"{path}: tier {t['name']}: copies must be 1 or 2")
+        if copies == 2 and p.mirror is None:
+            raise StoreError(f"{path}: tier {t['name']} asks for copies = 2 and no mirror is "
+                             f"configured: mount with --mirror PATH, or set path in [mirror]")
+        if copies == 2 and evict:
+            raise StoreError(f"{path}: tier {t['name']}: a tier kept in two copies is not "
+                             f"evicted (evict = false, or copies = 1)")
+        p.tier_policies[t["name"]] = TierPolicy(float(days), prio, evict, copies)
     p.tier_policies.setdefault("general", TierPolicy(30.0, len(tiers) + 1, True))
     return p
+
+
+def _mirror(path: Path, doc: dict, given: str | os.PathLike | None) -> Path | None:
+    """The mirror's path: the mount's --mirror, else [mirror] path (relative to the store's
+    folder), else none."""
+    if given is not None:
+        return Path(given).expanduser().absolute()
+    table = doc.get("mirror", {})
+    named = table.get("path") if isinstance(table, dict) else None
+    if named is None:
+        return None
+    if not isinstance(named, str) or not named.strip():
+        raise StoreError(f'{path}: mirror.path must be a path, like "/media/ssd2/vault"')
+    return (path.parent / Path(named).expanduser()).absolute()
 
 
 def _rules(path: Path, section: str, table: dict, default: dict[str, int]) -> dict[str, int]:

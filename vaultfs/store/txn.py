@@ -551,6 +551,18 @@ class Txn:
         self.bump(F.STAT_OFFLINE, rec.raw_len)
         return rec.stored_len
 
+    def repair_chunk(self, chunk_id: bytes, stored: bytes) -> None:
+        """Replace a damaged chunk's stored value with another stored form of the same bytes
+        (a good copy from the mirror, which the caller has checked against both digests and
+        the length: scrub.repair). Its references stay; only its stored size may change."""
+        rec = self.chunk_record(chunk_id)
+        if rec is None or rec.offline:  # (an offline chunk is evicted, not damaged)
+            raise StoreError(f"chunk {chunk_id.hex()} has no stored bytes to repair")
+        self.txn.put(chunk_id, stored, db=self.dbs[F.DB_CHUNKDATA])
+        self.txn.put(chunk_id, ChunkRecord(rec.refcount, rec.raw_len, len(stored) - 1,
+                                           rec.blake3).pack(), db=self.dbs[F.DB_CHUNKS])
+        self.bump(F.STAT_STORED, len(stored) - 1 - rec.stored_len)
+
     def incref(self, chunk_id: bytes) -> None:
         rec = self.chunk_record(chunk_id)
         if rec is None:

@@ -101,7 +101,9 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
                 ops.nursery = nursery
                 nursery.start_soon(_raise_read_ahead, mountpoint)
                 await nursery.start(control.serve, store, admin.OPERATIONS,
-                                    {"safe": ops.safety}, {"events": ops.events.listen})
+                                    {"safe": ops.safety, "import-file": ops.import_file,
+                                     "analysing": lambda: ops.analyzer.busy},
+                                    {"events": ops.events.listen})
                 nursery.start_soon(_policies, store, ops, rules)
                 nursery.start_soon(ops.analyzer.run)
                 nursery.start_soon(ops.keep_catalog)

@@ -29,6 +29,7 @@ from pyfuse3 import FUSEError
 from ..store import ROOT_INO, Inode, Store, Txn
 from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_range
 from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
+from . import importfile
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
 from ..media.tiers import Tiers
@@ -697,15 +698,60 @@ class VaultOperations(pyfuse3.Operations):
                                     error=f"commit failed: {getattr(e, 'strerror', None) or e}")
             raise
         self._failed.discard(of.ino)
-        self.changed = True
-        self.events.publish("committed", self.event_path(of.ino), size=of.size)
-        if self.nursery is not None:
-            self.nursery.start_soon(self._verify, of.ino)
-        if self.analyzer is not None:
-            self.analyzer.enqueue(of.ino)
+        self._committed(of.ino, of.size)
         # From here on, a write below done_to invalidates the ingest; appends go on from it.
         of.stream_ok, of.stream_end = True, ingest.done_to
         of.dirty = False
+
+    def _committed(self, ino: int, size: int) -> None:
+        """A file's new content is in the store: say so, read it back, read its metadata."""
+        self.changed = True
+        self.events.publish("committed", self.event_path(ino), size=size)
+        if self.nursery is not None:
+            self.nursery.start_soon(self._verify, ino)
+        if self.analyzer is not None:
+            self.analyzer.enqueue(ino)
+
+    def import_file(self, source: str, dest: str) -> dict:
+        """Commit the file at `source` (outside the mount: a camera card) as a new file at
+        `dest` in the live tree, through the same ingest, read-back and analysis as a file
+        written through the mount (importfile.py). Runs in a worker thread (a control op).
+        A source that cannot be read is an answer, not a failure of the mount."""
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            return {"error": e.strerror or str(e), "errno": e.errno}
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return {"error": "not a regular file"}
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            ino, chain, new = importfile.import_file(self.store, fd, st.st_size, st.st_mtime_ns,
+                                                     os.fsencode(dest.strip("/")))
+        except OSError as e:  # EIO from a failing card, ENOSPC from the store's disk...
+            if e.errno is None:  # (a short read: where does reading fail?)
+                e = importfile.read_error(fd, st.st_size) or e
+            log.warning("importing %s failed: %s", source, e)
+            return {"error": e.strerror or str(e), "errno": e.errno}
+        finally:
+            os.close(fd)
+        # The kernel may hold a negative entry for the first new name on the path (looked up
+        # before it existed), and the attributes of the folder it is in: drop them.
+        parent, name, _ = chain[new]
+        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        with contextlib.suppress(OSError):  # (a folder the kernel does not know)
+            pyfuse3.invalidate_inode(parent, attr_only=True)
+
+        def announce() -> None:
+            for parent, name, child in chain:  # for the paths of its events
+                self._names.setdefault(child, (parent, name))
+            self._committed(ino, st.st_size)
+
+        trio.from_thread.run_sync(announce)
+        path = b"/".join(name for _, name, _ in chain).decode(errors="surrogateescape")
+        with self.store.reader() as tx:
+            version = tx.inode(ino).content
+        return {"path": path, "version": version, "size": st.st_size}
 
     async def _verify(self, ino: int) -> None:
         """Read a committed file back from the store and match every chunk against its

@@ -92,6 +92,44 @@ def make_dirs(tx: Txn, path: bytes, now: int, folder: Callable[[bytes], Item]) -
     return ino
 
 
+def link_unnamed(tx: Txn, path: bytes, ino: int, now: int, folder: Callable[[bytes], Item]
+                 ) -> tuple[list[tuple[int, bytes, int]], int]:
+    """Give the unnamed file `ino` (nlink 0, just committed) its first name: `path`, or, when
+    that is taken, the first free `<stem>-N<ext>` (N = 2, 3, ...) beside it; nothing already in
+    the tree is replaced. Returns (parent, name, ino) of every part of the path it now has,
+    and the index in that list of the first part that is new (a folder made, or the file)."""
+    parent_path, name = split(path)
+    folders = list(filter(None, parent_path.split(b"/")))
+    at: int | None = F.ROOT_INO
+    existing = 0
+    for part in folders:
+        at = tx.lookup(at, part)
+        if at is None:
+            break
+        existing += 1
+    parent = make_dirs(tx, parent_path, now, folder)
+    stem, ext = posixpath.splitext(name)
+    n = 1
+    while tx.lookup(parent, name) is not None:
+        n += 1
+        name = stem + b"-%d" % n + ext
+    node = tx.inode(ino)
+    if node is None or node.nlink:
+        raise StoreError(f"inode {ino} is not an unnamed file")
+    node.nlink, node.ctime_ns = 1, now
+    tx.put_inode(node)
+    tx.add_entry(parent, name, ino)
+    p = tx.inode(parent)
+    p.mtime_ns = p.ctime_ns = now
+    tx.put_inode(p)
+    chain, at = [], F.ROOT_INO
+    for part in [*folders, name]:
+        child = tx.lookup(at, part)
+        chain.append((at, part, child))
+        at = child
+    return chain, existing
+
+
 def place(tx: Txn, path: bytes, item: Item, now: int,
           folder: Callable[[bytes], Item]) -> F.Inode:
     """Make `path` hold `item`: a file there gets a new version, a folder its attributes;

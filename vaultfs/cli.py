@@ -59,6 +59,7 @@ def cmd_mount(args) -> int:
         raise CliError(str(e)) from None
 
     if args.foreground:
+        fsmount.limit_malloc_arenas()
         _log_to(store_path, also_stderr=True, debug=args.debug)
         with Store.open(store_path, writable=True, branch=args.branch.encode()) as store:
             fsmount.run(store, mountpoint, allow_other="allow_other" in options,
@@ -67,15 +68,15 @@ def cmd_mount(args) -> int:
 
     Store.open(store_path, branch=args.branch.encode()).close()  # a clear error now,
     policy.load(store_path)                                       # not in a daemon's log
-    pid = _start_daemon(store_path, mountpoint, options, args.branch, args.debug)
-    print(f"mounted {store_path} on {mountpoint} (daemon pid {pid})")
+    daemon = _start_daemon(store_path, mountpoint, options, args.branch, args.debug)
+    print(f"mounted {store_path} on {mountpoint} (daemon pid {daemon.pid})")
     return 0
 
 
 def _start_daemon(store_path: Path, mountpoint: Path, options: set[str], branch: str = "main",
-                  debug: bool = False) -> int:
-    """Mount in a daemon of its own (`mount --foreground` in a new session); return its pid
-    once the mount answers."""
+                  debug: bool = False) -> subprocess.Popen:
+    """Mount in a daemon of its own (`mount --foreground` in a new session), returned once the
+    mount answers."""
     from .fs import mount as fsmount
 
     log_file = store_path / "vaultfs.log"
@@ -95,7 +96,7 @@ def _start_daemon(store_path: Path, mountpoint: Path, options: set[str], branch:
     while time.monotonic() < deadline:
         if os.path.ismount(mountpoint):  # answered: the kernel has the daemon's INIT reply
             fsmount.raise_read_ahead(mountpoint)
-            return child.pid
+            return child
         if child.poll() is not None:
             tail = log_file.read_bytes()[start:].decode(errors="replace").strip().splitlines()
             errors = [line.removeprefix("vaultfs: error: ") for line in tail
@@ -281,7 +282,7 @@ def cmd_import(args) -> int:
         mountpoint = None  # mounted: the mount imports
     if mountpoint is not None:  # mounted for the import, by a daemon as `vaultfs mount` does
         try:
-            _start_daemon(store_path, mountpoint, set())
+            daemon = _start_daemon(store_path, mountpoint, set())
         except BaseException:
             mountpoint.rmdir()
             raise
@@ -299,6 +300,7 @@ def cmd_import(args) -> int:
         if mountpoint is not None:
             try:
                 fsmount.unmount_vault(mountpoint)
+                daemon.wait()
             finally:
                 mountpoint.rmdir()
     if _json(args, report.as_dict()):

@@ -20,11 +20,14 @@ import time
 
 from ..store import Store
 from ..store import treeops
-from .ingest import commit_spool
+from .ingest import FileIngest
 
 FILE_MODE = 0o644
 FOLDER_MODE = 0o755
-READ_STEP = 8 << 20
+READ_STEP = 8 << 20  # bytes of the card read and ingested at a time
+# The daemon's umask, read once while it starts (reading it means setting it, for the process).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def import_file(store: Store, fd: int, size: int, mtime_ns: int, dest: bytes
@@ -32,13 +35,20 @@ def import_file(store: Store, fd: int, size: int, mtime_ns: int, dest: bytes
     """Commit the first `size` bytes of the open file `fd` as a new file at `dest` (relative to
     the root; a free `-N` name beside it when taken). Returns the new inode, the (parent, name,
     inode) of each part of the path it got, and the index there of the first new part."""
-    uid, gid = os.getuid(), os.getgid()
-    umask = os.umask(0)
-    os.umask(umask)
+    uid, gid, umask = os.getuid(), os.getgid(), _UMASK
     now = time.time_ns()
     node = store.write(lambda tx: tx.new_inode(stat.S_IFREG | FILE_MODE & ~umask, uid, gid, now))
+    ingest = FileIngest(store, node.ino)
     try:
-        commit_spool(store, node.ino, fd, size, mtime_ns, now)
+        try:
+            # In steps, as a file written through the mount is ingested while it grows: memory
+            # stays bounded by the step, whatever the file's size.
+            for end in range(READ_STEP, size, READ_STEP):
+                ingest.advance(fd, end, final=False)
+            ingest.commit(fd, size, mtime_ns, now)
+        except BaseException:
+            ingest.abandon()
+            raise
 
         def folder(_: bytes) -> treeops.Item:
             return treeops.Item(stat.S_IFDIR | FOLDER_MODE & ~umask, now, uid, gid)

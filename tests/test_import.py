@@ -42,8 +42,8 @@ def corpus_card(root: Path, folder: str = "100CANON") -> Path:
     return make_card(root, {f"DCIM/{folder}/{p.name}": p for p in SHOTS})
 
 
-def import_json(store: Path, *cards: Path, expect: int = 0) -> dict:
-    r = vaultfs("import", "--json", store, *cards, check=False)
+def import_json(store: Path, *args, expect: int = 0) -> dict:
+    r = vaultfs("import", "--json", store, *args, check=False)
     assert r.returncode == expect, r.stdout + r.stderr
     return json.loads(r.stdout)
 
@@ -198,3 +198,15 @@ def test_a_card_with_read_errors_loses_nothing_read_before(failing_card, store_p
             assert (folder / os.path.basename(rel)).read_bytes() == body
     status = json.loads(vaultfs("status", "--json", store_path).stdout)
     assert status["files"] == 6  # nothing half-written: no unnamed or partial file left
+
+
+def test_into_places_the_card_and_refuses_paths_outside_the_vault(tmp_path, store_path,
+                                                                   make_mount):
+    card = make_card(tmp_path / "card", {"DCIM/100CANON/IMG_0001.CR2": SHOTS[0]})
+    r = vaultfs("import", store_path, card, "--into", "../elsewhere", check=False)
+    assert r.returncode == 2 and "give a folder inside the vault" in r.stderr
+    report = import_json(store_path, card, "--into", "weddings/{date} Ana & Tom")
+    assert report["files"][0]["vault_path"] == f"weddings/{DAY} Ana & Tom/100CANON/IMG_0001.CR2"
+    m = make_mount()
+    assert (m.path / "weddings" / f"{DAY} Ana & Tom" / "100CANON" / "IMG_0001.CR2"
+            ).read_bytes() == SHOTS[0].read_bytes()

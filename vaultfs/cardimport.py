@@ -130,8 +130,10 @@ def destination(rel: str, mtime_ns: int, into: str) -> str:
     if len(parts) > 1 and parts[0].upper() == "DCIM":
         parts = parts[1:]
     date = time.strftime("%Y-%m-%d", time.localtime(mtime_ns / 1e9))
-    base = into.replace("{date}", date).strip("/")
-    return posixpath.join(base, *parts) if base else posixpath.join(*parts)
+    base = [p for p in into.replace("{date}", date).split("/") if p]
+    if any(p in (".", "..") for p in base) or base[:1] == [".vault"]:
+        raise StoreError(f"--into {into}: give a folder inside the vault, without . or ..")
+    return "/".join(base + parts)
 
 
 def plan(cards: list[str], into: str = DEFAULT_INTO) -> Report:
@@ -169,10 +171,13 @@ def run(store: Store, request: Request, report: Report,
         if progress is not None:
             progress(f.size)
 
-    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="vaultfs-import") as pool:
+    pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="vaultfs-import")
+    try:
         list(pool.map(one, todo))
         list(pool.map(lambda f: _check(request, f),
                       [f for f in report.files if f.state in ("imported", "held")]))
+    finally:  # (Ctrl-C: the files under way finish, the others are not begun)
+        pool.shutdown(cancel_futures=True)
 
 
 def _held(store: Store, f: CardFile, held: dict[int, list[Held]],
@@ -196,9 +201,17 @@ def _held(store: Store, f: CardFile, held: dict[int, list[Held]],
         os.close(fd)
 
 
+def _ask(request: Request, op: str, **args: Any) -> Any:
+    """A request to the mount; a lost connection is the mount's failure, not the card's."""
+    try:
+        return request(op, **args)
+    except OSError as e:
+        raise StoreError(f"the mount did not answer: {e.strerror or e}") from None
+
+
 def _import(request: Request, f: CardFile) -> None:
-    answer = request("import-file", source=os.path.abspath(os.path.join(f.card, f.path)),
-                     dest=f.dest)
+    answer = _ask(request, "import-file",
+                  source=os.path.abspath(os.path.join(f.card, f.path)), dest=f.dest)
     if "error" in answer:
         f.state = "unreadable" if answer.get("errno") in _READ_ERRORS else "failed"
         f.why = (f"cannot be read from the card: {answer['error']}" if f.state == "unreadable"
@@ -213,7 +226,7 @@ _READ_ERRORS = {errno.EIO, errno.ENXIO, errno.ENODEV, errno.ENOENT}  # (ENODEV: 
 def _check(request: Request, f: CardFile) -> None:
     """Is the vault path still holding the matched version, read back and verified?"""
     try:
-        answer = request("safe", path=f.vault_path)
+        answer = _ask(request, "safe", path=f.vault_path)
     except StoreError as e:
         f.why = f"not verified: {e}"
         return

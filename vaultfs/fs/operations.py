@@ -717,6 +717,10 @@ class VaultOperations(pyfuse3.Operations):
         `dest` in the live tree, through the same ingest, read-back and analysis as a file
         written through the mount (importfile.py). Runs in a worker thread (a control op).
         A source that cannot be read is an answer, not a failure of the mount."""
+        parts = dest.split("/")
+        if any(p in ("", ".", "..") or len(os.fsencode(p)) > NAME_MAX for p in parts) \
+                or parts[0] == VAULT_NAME.decode():
+            raise ValueError(f"{dest!r} is not a path for a file in the vault")
         try:
             fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as e:
@@ -727,7 +731,7 @@ class VaultOperations(pyfuse3.Operations):
                 return {"error": "not a regular file"}
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             ino, chain, new = importfile.import_file(self.store, fd, st.st_size, st.st_mtime_ns,
-                                                     os.fsencode(dest.strip("/")))
+                                                     os.fsencode(dest))
         except OSError as e:  # EIO from a failing card, ENOSPC from the store's disk...
             if e.errno is None:  # (a short read: where does reading fail?)
                 e = importfile.read_error(fd, st.st_size) or e

@@ -30,11 +30,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def import_file(store: Store, fd: int, size: int, mtime_ns: int, dest: bytes
-                ) -> tuple[int, list[tuple[int, bytes, int]], int]:
+def import_file(store: Store, fd: int, size: int, mtime_ns: int, dest: bytes,
+                exclusive: bool = False) -> tuple[int, treeops.Chain, int]:
     """Commit the first `size` bytes of the open file `fd` as a new file at `dest` (relative to
-    the root; a free `-N` name beside it when taken). Returns the new inode, the (parent, name,
-    inode) of each part of the path it got, and the index there of the first new part."""
+    the root; a free `-N` name beside it when taken, or with `exclusive` FileExistsError).
+    Returns the new inode, the (parent, name, inode) of each part of the path it got, and the
+    index there of the first new part."""
     uid, gid, umask = os.getuid(), os.getgid(), _UMASK
     now = time.time_ns()
     node = store.write(lambda tx: tx.new_inode(stat.S_IFREG | FILE_MODE & ~umask, uid, gid, now))
@@ -50,11 +51,8 @@ def import_file(store: Store, fd: int, size: int, mtime_ns: int, dest: bytes
             ingest.abandon()
             raise
 
-        def folder(_: bytes) -> treeops.Item:
-            return treeops.Item(stat.S_IFDIR | FOLDER_MODE & ~umask, now, uid, gid)
-
         chain, new = store.write(
-            lambda tx: treeops.link_unnamed(tx, dest, node.ino, now, folder))
+            lambda tx: treeops.link_unnamed(tx, dest, node.ino, now, new_folder, exclusive))
     except BaseException:
         def drop(tx) -> None:
             unnamed = tx.inode(node.ino)
@@ -64,6 +62,12 @@ def import_file(store: Store, fd: int, size: int, mtime_ns: int, dest: bytes
             store.write(drop)
         raise
     return node.ino, chain, new
+
+
+def new_folder(_: bytes) -> treeops.Item:
+    """How a folder that an import or a capture policy needs is made: as `mkdir` would."""
+    now = time.time_ns()
+    return treeops.Item(stat.S_IFDIR | FOLDER_MODE & ~_UMASK, now, os.getuid(), os.getgid())
 
 
 def read_error(fd: int, size: int) -> OSError | None:

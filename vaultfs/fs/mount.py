@@ -24,6 +24,7 @@ from ..store import Store, admin, evict, history, policy, scrub
 from . import control
 from ..media.catalog import tier_rules
 from .analysis import Analyzer
+from .capture import CapturePolicies
 from .operations import VaultOperations
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,9 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
     rules = policy.load(store.path)  # a bad vault.toml stops the mount before it starts
     ops = VaultOperations(store, vault_visible=vault_visible, rules=tier_rules(rules))
     ops.analyzer = Analyzer(store, ops.cache)
-    ops.analyzer.on_analysed = lambda ino, record: ops.events.publish(
-        "analysed", ops.event_path(ino), **{k: record[k] for k in ("kind", "rating", "label",
-                                                                     "error") if k in record})
+    ops.analyzer.on_analysed = ops.analysed
+    if rules.capture:
+        ops.capture = CapturePolicies(store, rules.capture, ops.rules)
     store.mounted = True
     logging.getLogger("pyfuse3").addFilter(_dropped_replies)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes

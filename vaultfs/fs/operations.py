@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -30,6 +31,7 @@ from ..store import ROOT_INO, Inode, Store, Txn
 from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_range
 from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
 from . import importfile
+from .capture import CapturePolicies
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
 from ..media.tiers import Tiers
@@ -140,6 +142,9 @@ class VaultOperations(pyfuse3.Operations):
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None  # for background ingest; set by mount.run
         self.changed = False  # the tree changed since the last automatic snapshot
+        self.capture: CapturePolicies | None = None  # set by mount.run when vault.toml has some
+        # Files committed for the first time, not yet analysed: whether a policy may rename it.
+        self._fresh: dict[int, bool] = {}
 
     # ---- helpers ------------------------------------------------------------------------------
     async def _write(self, fn: Callable[[Txn], T]) -> T:
@@ -703,8 +708,14 @@ class VaultOperations(pyfuse3.Operations):
         of.stream_ok, of.stream_end = True, ingest.done_to
         of.dirty = False
 
-    def _committed(self, ino: int, size: int) -> None:
+    def _committed(self, ino: int, size: int, imported: bool = False) -> None:
         """A file's new content is in the store: say so, read it back, read its metadata."""
+        if self.capture is not None:
+            with self.store.reader() as tx:
+                if len(list(itertools.islice(tx.versions(ino), 2))) == 1:
+                    # Its first version: a capture, for the policies (an import has its
+                    # own layout: --into, so no rename).
+                    self._fresh[ino] = not imported
         self.changed = True
         self.events.publish("committed", self.event_path(ino), size=size)
         if self.nursery is not None:
@@ -739,23 +750,58 @@ class VaultOperations(pyfuse3.Operations):
             return {"error": e.strerror or str(e), "errno": e.errno}
         finally:
             os.close(fd)
-        # The kernel may hold a negative entry for the first new name on the path (looked up
-        # before it existed), and the attributes of the folder it is in: drop them.
-        parent, name, _ = chain[new]
-        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
-        with contextlib.suppress(OSError):  # (a folder the kernel does not know)
-            pyfuse3.invalidate_inode(parent, attr_only=True)
-
-        def announce() -> None:
-            for parent, name, child in chain:  # for the paths of its events
-                self._names.setdefault(child, (parent, name))
-            self._committed(ino, st.st_size)
-
-        trio.from_thread.run_sync(announce)
+        self._uncache(chain, new)
+        trio.from_thread.run_sync(lambda: self._placed(chain, ino, st.st_size, imported=True))
         path = b"/".join(name for _, name, _ in chain).decode(errors="surrogateescape")
         with self.store.reader() as tx:
             version = tx.inode(ino).content
         return {"path": path, "version": version, "size": st.st_size}
+
+    @staticmethod
+    def _uncache(chain: list[tuple[int, bytes, int]], new: int,
+                 left: tuple[int, bytes] | None = None) -> None:
+        """After a change made behind the kernel's back (an import, a capture policy): drop
+        what it may cache of the first new name on the path (a negative entry, from a lookup
+        before it existed), of the name a file left, and of the folders' attributes. Blocking:
+        from a worker thread."""
+        for parent, name in [chain[new][:2]] + ([left] if left else []):
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+            with contextlib.suppress(OSError):  # (a folder the kernel does not know)
+                pyfuse3.invalidate_inode(parent, attr_only=True)
+
+    def _placed(self, chain: list[tuple[int, bytes, int]], ino: int, size: int | None,
+                was: str = "", imported: bool = False) -> None:
+        """A file has a new path: committed as a new file (`size`), or moved from `was`. Note
+        the names for its events, and announce it."""
+        for parent, name, child in chain[:-1]:
+            self._names.setdefault(child, (parent, name))
+        self._names[ino] = chain[-1][:2]
+        if size is not None:
+            self._committed(ino, size, imported)
+        else:
+            self.events.publish("renamed", self.event_path(ino), **{"from": was})
+
+    def analysed(self, ino: int, record: dict) -> None:
+        """The analyser has read a file's metadata: say so, and apply the capture policies to
+        an image captured in this mount."""
+        self.events.publish("analysed", self.event_path(ino),
+                            **{k: record[k] for k in ("kind", "rating", "label", "error")
+                               if k in record})
+        rename = self._fresh.pop(ino, None)
+        path = self.event_path(ino)
+        if rename is not None and record.get("kind") == "image" and not path.startswith("<") \
+                and self.nursery is not None:
+            self.nursery.start_soon(self._capture, ino, path, record, rename)
+
+    async def _capture(self, ino: int, path: str, record: dict, rename: bool) -> None:
+        try:
+            placed = await self._thread(self.capture.apply, ino, path, record, rename)
+            for p in placed:
+                await self._thread(self._uncache, p.chain, p.new, p.left)
+                self._placed(p.chain, p.ino, p.size, p.was)
+        except Exception as e:
+            log.exception("the capture policy for %s failed", path)
+            self.events.publish("error", path, error=f"capture policy: {e}")
 
     async def _verify(self, ino: int) -> None:
         """Read a committed file back from the store and match every chunk against its

@@ -3,9 +3,10 @@
 Each file on the card goes to `INTO/<its path on the card>`, where the `DCIM/` level is left
 out (`DCIM/100CANON/IMG_0001.CR2` -> `2026-11-24/100CANON/IMG_0001.CR2`) and `{date}` in INTO
 is the local date of the file's modification time (a camera sets it to the capture time). A
-file the vault already holds, at that path or any other, is not copied again: candidates are
-the vault's files of the same size, its own destination and same-named files first, and the
-card's bytes are matched against the store's chunk digests (store/compare.py). The others are
+file the vault already holds, at that path or any other, is not copied again: the candidates
+are the vault's files of its size at its destination or of its name and time, and the others
+of its size whose first chunk is its own (as the mount cuts it); the card's bytes are matched
+against the store's chunk digests (store/compare.py). The others are
 committed by the mount itself, read straight from the card (the `import-file` op: the same
 ingest, read-back and analysis as a tethered capture). At the end every file's vault path is
 asked for `safe` (read back from the store and matched), and the report says, per card, whether
@@ -28,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chunking import MAX_SIZE, boundaries, is_zero, split
 from .store import Store, StoreError
-from .store.compare import Held, find, live_files
+from .store.codec import xxh3
+from .store.compare import Held, Holdings, matches
 
 # Left out of an import: what operating systems leave on a card, not what a camera wrote.
 IGNORED = {"System Volume Information", "$RECYCLE.BIN", ".Trashes", ".Spotlight-V100",
@@ -150,20 +153,19 @@ def run(store: Store, request: Request, report: Report,
     the mount) and check every one: the report then says what is safe."""
     todo = [f for f in report.files if f.state == "pending"]
     with store.reader() as tx:
-        held = live_files(tx, {f.size for f in todo})
+        holdings = Holdings.of(tx, {f.size for f in todo})
     lock = threading.Lock()
 
     def one(f: CardFile) -> None:
         try:
-            match = _held(store, f, held, lock)
+            match = _held(store, f, holdings, lock)
             if match is not None:
                 f.state, f.vault_path, f.version = "held", match.path, match.version
             else:
                 _import(request, f)
-                if f.state == "imported":
-                    with lock:
-                        held.setdefault(f.size, []).append(
-                            Held(f.vault_path, f.version, f.size, f.mtime_ns))
+                if f.state == "imported":  # (the same bytes on another card are held)
+                    with lock, store.reader() as tx:
+                        holdings.add(tx, f.vault_path, f.version, f.size, f.mtime_ns)
         except OSError as e:
             f.state, f.why = "unreadable", f"cannot be read from the card: {e.strerror or e}"
         except StoreError as e:
@@ -180,25 +182,46 @@ def run(store: Store, request: Request, report: Report,
         pool.shutdown(cancel_futures=True)
 
 
-def _held(store: Store, f: CardFile, held: dict[int, list[Held]],
+def _held(store: Store, f: CardFile, holdings: Holdings,
           lock: threading.Lock) -> Held | None:
-    """The vault file that holds this card file's bytes, if any (reading the card file once,
-    front to back, only when the vault has files of its size)."""
+    """The vault file that holds this card file's bytes, if any. The cheap guesses (its own
+    destination, a file of the same name and time) are compared whole; any other file of its
+    size only if its first chunk is the card file's, as the mount would cut it. The card file
+    is read front to back, once, and only when the vault has files of its size."""
     with lock:
-        candidates = list(held.get(f.size, ()))
-    if not candidates:
+        sized = holdings.sized(f.size)
+    if not sized:
         return None
     name = posixpath.basename(f.path)
-    # Cheap guesses first: its own destination, then the same name and time, then the name.
-    candidates.sort(key=lambda h: (h.path != f.dest, posixpath.basename(h.path) != name,
-                                   h.mtime_ns != f.mtime_ns))
+    likely = sorted((h for h in sized if h.path == f.dest or (
+        posixpath.basename(h.path) == name and h.mtime_ns == f.mtime_ns)),
+        key=lambda h: h.path != f.dest)
     fd = os.open(os.path.join(f.card, f.path), os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+        def read(off: int, n: int) -> bytes:
+            return os.pread(fd, n, off)
+
         with store.reader() as tx:
-            return find(tx, candidates, f.size, lambda off, n: os.pread(fd, n, off))
+            for h in likely:
+                if matches(tx, h.version, f.size, read):
+                    return h
+            with lock:
+                others = [h for h in holdings.headed(f.size, _first_chunk(read, f.size))
+                          if h not in likely]
+            return next((h for h in others if matches(tx, h.version, f.size, read)), None)
     finally:
         os.close(fd)
+
+
+def _first_chunk(read: Callable[[int, int], bytes], size: int) -> bytes:
+    """The XXH3-128 of the first chunk the mount cuts of a file (b"" for a hole): between the
+    format's cut points, content-defined, decided within the first MAX_SIZE bytes."""
+    end = min([b for b in boundaries(read, size) if b > 0] + [size])
+    data = read(0, min(end, MAX_SIZE))
+    length = next(split(data), (0, 0))[1]
+    return xxh3(data[:length]) if length and not is_zero(data[:length]) else b""
 
 
 def _ask(request: Request, op: str, **args: Any) -> Any:

@@ -23,42 +23,48 @@ ZERO_STEP = 4 << 20  # holes are compared in pieces of this size
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A live file of the store: where it is, and the version its bytes are."""
+    """A live file of the store: where it is, the version its bytes are, and the XXH3-128 of
+    its first chunk (b"" when it has none)."""
     path: str
     version: int
     size: int
     mtime_ns: int
+    head: bytes
 
 
-def live_files(tx: Txn, sizes: Iterable[int]) -> dict[int, list[Held]]:
-    """The live tree's regular files of the given sizes, by size (one walk of the tree)."""
-    wanted = set(sizes)
-    out: dict[int, list[Held]] = {}
-    for path, node in tx.walk():
-        if stat.S_ISREG(node.mode) and node.size in wanted:
-            out.setdefault(node.size, []).append(
-                Held(path.decode(errors="surrogateescape"), node.content, node.size,
-                     node.mtime_ns))
-    return out
+class Holdings:
+    """The live tree's files of some sizes, by size and by (size, first chunk): a camera's
+    uncompressed RAWs are all one size, and their first chunks (the header, with the time
+    and the serial) tell them apart without reading them."""
 
+    def __init__(self) -> None:
+        self._by_size: dict[int, list[Held]] = {}
+        self._by_head: dict[tuple[int, bytes], list[Held]] = {}
 
-def find(tx: Txn, candidates: Iterable[Held], size: int, read: Read) -> Held | None:
-    """The first of `candidates` (files of `size` bytes, best guesses first) whose bytes are
-    those that `read` gives. Most candidates of a common size (a camera's uncompressed RAWs
-    are all one size) are ruled out by their first extent's XXH3 alone, hashing the outside
-    file's bytes once per distinct first extent; the rest are compared whole."""
-    heads: dict[tuple[int, int], bytes] = {}
-    for held in candidates:
-        first = next(iter(tx.extents(held.version)), None)
-        if first is not None:
-            off, chunk_id, length = first
-            if (off, length) not in heads:
-                heads[(off, length)] = xxh3(read(off, length))
-            if heads[(off, length)] != bytes(chunk_id[:HASH_LEN]):
-                continue
-        if matches(tx, held.version, size, read):
-            return held
-    return None
+    @classmethod
+    def of(cls, tx: Txn, sizes: Iterable[int]) -> "Holdings":
+        """The files of these sizes (one walk of the tree)."""
+        wanted = set(sizes)
+        out = cls()
+        for path, node in tx.walk():
+            if stat.S_ISREG(node.mode) and node.size in wanted:
+                out.add(tx, path.decode(errors="surrogateescape"), node.content, node.size,
+                        node.mtime_ns)
+        return out
+
+    def add(self, tx: Txn, path: str, version: int, size: int, mtime_ns: int) -> None:
+        first = next(iter(tx.extents(version)), None)
+        head = bytes(first[1][:HASH_LEN]) if first is not None and first[0] == 0 else b""
+        held = Held(path, version, size, mtime_ns, head)
+        self._by_size.setdefault(size, []).append(held)
+        self._by_head.setdefault((size, head), []).append(held)
+
+    def sized(self, size: int) -> list[Held]:
+        return list(self._by_size.get(size, ()))
+
+    def headed(self, size: int, head: bytes) -> list[Held]:
+        """Files of `size` whose first chunk has the XXH3-128 `head`."""
+        return list(self._by_head.get((size, head), ())) if head else []
 
 
 def matches(tx: Txn, version: int, size: int, read: Read) -> bool:

@@ -11,7 +11,8 @@ import subprocess
 import time
 
 from conftest import CORPUS, needs_fuse, vaultfs
-from test_events import _listen, _until
+from test_events import _until
+from test_import import listening
 
 pytestmark = needs_fuse
 
@@ -70,8 +71,7 @@ rename = "{date}/{camera}_{seq}{ext}"
 creator = "Ana Lima"
 ''')
     mnt = make_mount().path
-    proc, got = _listen(mnt)
-    time.sleep(1.0)
+    proc, got = listening(mnt)
     (mnt / "tethered").mkdir()
     (mnt / "tethered" / "IMG_0042.xmp").write_text("<x:xmpmeta xmlns:x='adobe:ns:meta/'/>")
     shutil.copyfile(JPEG, mnt / "tethered" / "IMG_0042.jpg")

@@ -116,7 +116,7 @@ def scan(card: str, into: str = DEFAULT_INTO) -> list[CardFile]:
             try:
                 st = os.stat(full, follow_symlinks=False)
             except OSError as e:
-                f.state, f.why = "unreadable", e.strerror or str(e)
+                f.state, f.why = "unreadable", f"cannot be read from the card: {e.strerror}"
                 out.append(f)
                 continue
             if not os.path.isfile(full) or os.path.islink(full):

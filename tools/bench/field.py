@@ -146,8 +146,9 @@ def main() -> int:
     C.row("  again (everything held)", f"{(cpu_again + daemon2.cpu_used) / gb:8.1f} s",
           f"import {cpu_again / gb:.1f}, daemon {daemon2.cpu_used / gb:.1f}")
     C.row("peak RSS: daemon / import", f"{daemon.peak / 2**20:8.0f} MiB",
-          f"{importer.peak / 2**20:.0f} MiB   (daemon RssAnon {daemon.anon / 2**20:.0f} MiB, "
-          f"RssFile {daemon.file / 2**20:.0f} MiB: the mmapped LMDB pages)")
+          f"{importer.peak / 2**20:.0f} MiB   (RssAnon {daemon.anon / 2**20:.0f} / "
+          f"{importer.anon / 2**20:.0f} MiB; the rest is file pages, mostly the mmapped LMDB "
+          f"file's)")
     C.row("  again", f"{daemon2.peak / 2**20:8.0f} MiB", f"{importer2.peak / 2**20:.0f} MiB")
     C.row("cp -r into a mount + umount", f"{r_mount:8.1f} MB/s",
           f"{t_mount:6.1f} s   {r_mount / r_cp:.2f} of cp; import is {r_imp / r_mount:.2f}x it;"

@@ -59,6 +59,7 @@ def cmd_mount(args) -> int:
         raise CliError(str(e)) from None
 
     if args.foreground:
+        fsmount.limit_malloc_arenas()
         _log_to(store_path, also_stderr=True, debug=args.debug)
         with Store.open(store_path, writable=True, branch=args.branch.encode()) as store:
             fsmount.run(store, mountpoint, allow_other="allow_other" in options,
@@ -73,17 +74,29 @@ def cmd_mount(args) -> int:
             mirror.close()
             if created:
                 print(f"created the mirror store {mirror.path}")
+    daemon = _start_daemon(store_path, mountpoint, options, args.branch, args.debug,
+                           rules.mirror if args.mirror is not None else None)
+    print(f"mounted {store_path} on {mountpoint} (daemon pid {daemon.pid})")
+    return 0
+
+
+def _start_daemon(store_path: Path, mountpoint: Path, options: set[str], branch: str = "main",
+                  debug: bool = False, mirror: Path | None = None) -> subprocess.Popen:
+    """Mount in a daemon of its own (`mount --foreground` in a new session), returned once the
+    mount answers."""
+    from .fs import mount as fsmount
+
     log_file = store_path / "vaultfs.log"
     start = log_file.stat().st_size if log_file.exists() else 0
     cmd = [sys.executable, "-m", "vaultfs", "mount", "--foreground", str(store_path),
            str(mountpoint)]
     if options:
         cmd += ["-o", ",".join(sorted(options))]
-    if args.branch != "main":
-        cmd += ["--branch", args.branch]
-    if args.mirror is not None:
-        cmd += ["--mirror", str(rules.mirror)]
-    if args.debug:
+    if branch != "main":
+        cmd += ["--branch", branch]
+    if mirror is not None:
+        cmd += ["--mirror", str(mirror)]
+    if debug:
         cmd.append("--debug")
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
         child = subprocess.Popen(cmd, stdin=devnull, stdout=out, stderr=out,
@@ -92,8 +105,7 @@ def cmd_mount(args) -> int:
     while time.monotonic() < deadline:
         if os.path.ismount(mountpoint):  # answered: the kernel has the daemon's INIT reply
             fsmount.raise_read_ahead(mountpoint)
-            print(f"mounted {store_path} on {mountpoint} (daemon pid {child.pid})")
-            return 0
+            return child
         if child.poll() is not None:
             tail = log_file.read_bytes()[start:].decode(errors="replace").strip().splitlines()
             errors = [line.removeprefix("vaultfs: error: ") for line in tail
@@ -288,6 +300,64 @@ def cmd_safe(args) -> int:
             print(f"{a['path']}: {'safe' if a['safe'] else 'NOT YET SAFE'} "
                   f"({a['copies']} cop{'y' if a['copies'] == 1 else 'ies'}{wanted})")
     return 0 if all(a["safe"] for a in answers) else 1
+
+
+def cmd_import(args) -> int:
+    import tempfile
+
+    from . import cardimport
+    from .fs import control
+    from .fs import mount as fsmount
+
+    store_path = Path(args.store).expanduser().absolute()
+    report = cardimport.plan([os.path.abspath(c) for c in args.cards], args.into)
+    try:
+        Store.open(store_path, writable=True).close()
+        policy.load(store_path)
+        mountpoint: Path | None = Path(tempfile.mkdtemp(prefix="vaultfs-import-"))
+    except StoreBusy:
+        mountpoint = None  # mounted: the mount imports
+    if mountpoint is not None:  # mounted for the import, by a daemon as `vaultfs mount` does
+        try:
+            daemon = _start_daemon(store_path, mountpoint, set())
+        except BaseException:
+            mountpoint.rmdir()
+            raise
+    try:
+        with Store.open(store_path) as store:
+            def request(op: str, **kw):
+                return control.request(store, op, **kw)
+
+            with _progress(args, sum(f.size for f in report.files), "importing") as bar:
+                cardimport.run(store, request, report, progress=bar.update)
+            if mountpoint is not None and not cardimport.wait_analysed(request):
+                print("vaultfs: the metadata of some files is still to be read; the next "
+                      "mount reads it", file=sys.stderr)
+    finally:
+        if mountpoint is not None:
+            try:
+                fsmount.unmount_vault(mountpoint)
+                daemon.wait()
+            finally:
+                mountpoint.rmdir()
+    if _json(args, report.as_dict()):
+        return 0 if report.safe() else 1
+    for card in report.as_dict()["cards"]:
+        print(f"{card['card']}: {card['files']:,} files ({_size(card['bytes'])}): "
+              f"{card['imported']:,} imported, {card['held']:,} already in the vault")
+        unsafe = [f for f in report.card_files(card["card"]) if not f.safe]
+        if not unsafe:
+            print("  SAFE TO FORMAT: every file on it is in the vault, read back and matched")
+        else:
+            print(f"  NOT SAFE TO FORMAT: {len(unsafe):,} file{'s are' if len(unsafe) > 1 else ' is'}"
+                  f" not safely in the vault:")
+            for f in unsafe:
+                print(f"    {f.path}: {f.why}")
+        if args.list:
+            for f in report.card_files(card["card"]):
+                if f.safe:
+                    print(f"    {f.path} -> {f.vault_path} ({f.state})")
+    return 0 if report.safe() else 1
 
 
 def cmd_find(args) -> int:
@@ -769,6 +839,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mountpoint", required=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_safe)
+
+    s = _command(sub, "import", cmd_import,
+                 "copy camera cards into the vault; say whether each is safe to format",
+                 json=True)
+    s.add_argument("cards", nargs="+", metavar="CARD", help="a card's mount point (or folder)")
+    s.add_argument("--into", default="{date}", metavar="PATH",
+                   help="where in the vault: {date} is each file's date (default %(default)s)")
+    s.add_argument("--list", action="store_true", help="show where every file is in the vault")
 
     s = sub.add_parser("umount", help="commit and unmount")
     s.add_argument("mountpoint")

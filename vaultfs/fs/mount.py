@@ -24,6 +24,7 @@ from ..store import Store, admin, evict, history, policy, scrub
 from . import control
 from ..media.catalog import tier_rules
 from .analysis import Analyzer
+from .capture import CapturePolicies
 from .mirror import Mirror, note as note_mirror
 from .operations import VaultOperations
 
@@ -36,6 +37,7 @@ SELECT_SNAPSHOT_GAP_S = 60.0  # new selects in a culling session: one snapshot a
 SCRUB_CHECK_S = 60.0  # how often the tiers' scrub schedules are looked at
 SPACE_CHECK_S = 5.0  # how often free space is held against the floor (a statvfs and a stat)
 SPACE_STUCK_S = 60.0  # when nothing more could be evicted (only a sync or a new tier changes it)
+M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
 
 
 class MountError(Exception):
@@ -58,6 +60,19 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory")
     if any(mountpoint.iterdir()):
         raise MountError(f"mount point {mountpoint} is not empty")
+
+
+def limit_malloc_arenas() -> None:
+    """Let the daemon's threads share two malloc arenas instead of glibc's default of eight per
+    core: each arena keeps what its threads freed, and the daemon's threads pass large buffers
+    around (measured, a 2 GB card import: peak anonymous memory 540-610 -> 323 MiB, same CPU
+    time). Call before threads start; a libc without mallopt is left as it is."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        pass
 
 
 def unmount(mountpoint: Path, lazy: bool = False) -> None:
@@ -87,9 +102,9 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
 def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint: Path,
            allow_other: bool) -> None:
     ops.analyzer = Analyzer(store, ops.cache)
-    ops.analyzer.on_analysed = lambda ino, record: ops.events.publish(
-        "analysed", ops.event_path(ino), **{k: record[k] for k in ("kind", "rating", "label",
-                                                                     "error") if k in record})
+    ops.analyzer.on_analysed = ops.analysed
+    if rules.capture:
+        ops.capture = CapturePolicies(store, rules.capture, ops.rules)
     store.mounted = True
     logging.getLogger("pyfuse3").addFilter(_dropped_replies)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -116,7 +131,9 @@ def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint:
                 ops.nursery = nursery
                 nursery.start_soon(_raise_read_ahead, mountpoint)
                 await nursery.start(control.serve, store, admin.OPERATIONS,
-                                    {"safe": ops.safety}, {"events": ops.events.listen})
+                                    {"safe": ops.safety, "import-file": ops.import_file,
+                                     "analysing": lambda: ops.analyzer.busy},
+                                    {"events": ops.events.listen})
                 nursery.start_soon(_policies, store, ops, rules)
                 nursery.start_soon(ops.analyzer.run)
                 nursery.start_soon(ops.keep_catalog)

@@ -39,6 +39,15 @@
     rule = "true"
     evict = true
 
+    [[capture]]          # on-capture policies: what a new file gets, after its metadata is read
+    folder = "weddings"  # files captured under this folder of the vault (or: tier = "select")
+    copyright = "(c) 2026 Ana Lima"     # written as an XMP sidecar, never into the file
+    creator = "Ana Lima"
+    keywords = ["wedding"]
+    session = "Ana & Tom"               # (XMP photoshop:TransmissionReference, IPTC Job Id)
+    rename = "{date}/{camera}_{seq}{ext}"   # only when given: the file's new path, from its
+                                            # folder ({date} {camera} {seq} {name} {ext})
+
 A missing key takes the default above; `vaultfs init` writes them all (the mirror's path and
 `copies` as comments: their defaults depend on each other), so they can be read and changed in
 one place. Snapshots made by hand are never pruned by policy. A tier that asks for 2 copies
@@ -48,6 +57,7 @@ without a mirror, or for 2 copies and eviction, is an error: never silently one 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +89,18 @@ class TierPolicy:
     copies: int = 1      # 2: safe only once the mirror holds the file too
 
 
+CAPTURE_METADATA = ("copyright", "creator", "keywords", "session")
+RENAME_FIELDS = ("date", "camera", "seq", "name", "ext")
+
+
+@dataclass
+class CapturePolicy:
+    folder: str | None   # files captured under this folder ('' is the whole vault)...
+    tier: str | None     # ...or files of this tier when captured
+    metadata: dict       # copyright, creator, session (strings), keywords (strings)
+    rename: str | None   # the template of a new path, relative to the file's folder
+
+
 @dataclass
 class Policy:
     tiers: list[tuple[str, str]] = field(default_factory=lambda: list(DEFAULT_TIERS))
@@ -90,6 +112,7 @@ class Policy:
     tier_policies: dict[str, TierPolicy] = field(default_factory=dict)
     keep_free_percent: float = DEFAULT_KEEP_FREE_PERCENT
     mirror: Path | None = None  # the mirror store's path, when one is configured
+    capture: list[CapturePolicy] = field(default_factory=list)
 
 
 def default_toml() -> str:
@@ -173,6 +196,10 @@ def load(store_path: Path, mirror: str | os.PathLike | None = None) -> Policy:
                              f"evicted (evict = false, or copies = 1)")
         p.tier_policies[t["name"]] = TierPolicy(float(days), prio, evict, copies)
     p.tier_policies.setdefault("general", TierPolicy(30.0, len(tiers) + 1, True))
+    capture = doc.get("capture", [])
+    if not isinstance(capture, list) or not all(isinstance(c, dict) for c in capture):
+        raise StoreError(f"{path}: capture policies are [[capture]] tables")
+    p.capture = [_capture(path, c, p.tier_policies) for c in capture]
     return p
 
 
@@ -188,6 +215,39 @@ def _mirror(path: Path, doc: dict, given: str | os.PathLike | None) -> Path | No
     if not isinstance(named, str) or not named.strip():
         raise StoreError(f'{path}: mirror.path must be a path, like "/media/ssd2/vault"')
     return (path.parent / Path(named).expanduser()).absolute()
+
+
+def _capture(path: Path, c: dict, tiers: dict) -> CapturePolicy:
+    where = f"{path}: [[capture]] {c.get('folder', c.get('tier', ''))!r}"
+    unknown = set(c) - {"folder", "tier", "rename", *CAPTURE_METADATA}
+    if unknown:
+        raise StoreError(f"{where}: {', '.join(sorted(unknown))} is not something this vaultfs "
+                         f"does (keys: folder or tier, {', '.join(CAPTURE_METADATA)}, rename)")
+    if ("folder" in c) == ("tier" in c):
+        raise StoreError(f'{where}: give folder = "..." or tier = "...", one of them')
+    folder, tier = c.get("folder"), c.get("tier")
+    if folder is not None and (not isinstance(folder, str) or
+                               any(part in (".", "..") for part in folder.split("/"))):
+        raise StoreError(f"{where}: folder must be a path in the vault, without . or ..")
+    if tier is not None and tier not in tiers:
+        raise StoreError(f"{where}: there is no tier {tier!r} (tiers: {', '.join(tiers)})")
+    for key in ("copyright", "creator", "session", "rename"):
+        if key in c and (not isinstance(c[key], str) or not c[key].strip()):
+            raise StoreError(f"{where}: {key} must be a string")
+    keywords = c.get("keywords", [])
+    if not isinstance(keywords, list) or not all(isinstance(k, str) and k for k in keywords):
+        raise StoreError(f'{where}: keywords must be a list of strings: ["eagle", "nest"]')
+    rename = c.get("rename")
+    if rename is not None:
+        fields = re.findall(r"\{([^{}]*)\}", rename)
+        if set(fields) - set(RENAME_FIELDS) or "seq" not in fields or rename.startswith("/") \
+                or any(part in ("", ".", "..") for part in rename.split("/")):
+            raise StoreError(f"{where}: rename {rename!r} must be a relative path made of "
+                             f"{{{'}, {'.join(RENAME_FIELDS)}}} and text, with {{seq}} "
+                             f"(so that no two files get one name)")
+    metadata = {k: c[k] for k in CAPTURE_METADATA if k in c and c[k]}
+    return CapturePolicy(folder.strip("/") if folder is not None else None, tier, metadata,
+                         rename)
 
 
 def _rules(path: Path, section: str, table: dict, default: dict[str, int]) -> dict[str, int]:

@@ -174,6 +174,8 @@ def codecs(store: Path) -> dict[int, tuple[int, int, int]]:
         records = tx.txn.cursor(db=s.dbs[F.DB_CHUNKS])
         for key, rec in records:
             value = tx.chunk_data(bytes(key))
+            if value is None:  # offline: evicted, its bytes on a peer only
+                continue
             r = F.ChunkRecord.unpack(bytes(rec))
             tally = out.setdefault(value[0], [0, 0, 0])
             tally[0] += 1

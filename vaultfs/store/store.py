@@ -32,6 +32,8 @@ from .writer import Writer
 
 log = logging.getLogger(__name__)
 
+# Format 2 stores are upgraded in place by a writable open; format 1 had no snapshots.
+UPGRADABLE_FROM = 2
 MAP_SIZE = 1 << 42  # 4 TiB of address space; the file grows with the data, not with this
 LOCK_FILE_BYTES = 64 * 1024  # more than LMDB's reader table for max_readers=256 needs
 
@@ -137,15 +139,14 @@ class Store:
         if type(version) is int and version > F.FORMAT_VERSION:  # (a bool is no version)
             raise StoreError(f"{p} has store format {version}, newer than this vaultfs "
                              f"understands ({F.FORMAT_VERSION}); upgrade vaultfs to use it")
-        if type(version) is int and 0 < version < F.OLDEST_FORMAT:
+        if type(version) is int and 0 < version < UPGRADABLE_FROM:
             raise StoreError(f"{p} has store format {version}, from a development version of "
-                             f"vaultfs before snapshots; this vaultfs reads formats "
-                             f"{F.OLDEST_FORMAT}-{F.FORMAT_VERSION} and cannot upgrade it: read "
-                             f"its files with the vaultfs that wrote it, and copy them into a "
-                             f"new store")
-        if type(version) is not int or not F.OLDEST_FORMAT <= version <= F.FORMAT_VERSION:
+                             f"vaultfs before snapshots; this vaultfs reads format "
+                             f"{F.FORMAT_VERSION} and cannot upgrade it: read its files with the "
+                             f"vaultfs that wrote it, and copy them into a new store")
+        if type(version) is not int or not UPGRADABLE_FROM <= version <= F.FORMAT_VERSION:
             raise StoreError(f"{p / 'vault.toml'} names store format {version!r}; "
-                             f"this vaultfs reads formats {F.OLDEST_FORMAT}-{F.FORMAT_VERSION}")
+                             f"this vaultfs reads format {F.FORMAT_VERSION}")
         lock_fd = _take_lock(p) if writable else None
         try:
             if writable:
@@ -159,40 +160,22 @@ class Store:
         store = cls(p, env, dbs, lock_fd, branch)
         try:
             with store.reader() as tx:
-                found = tx.meta(F.META_FORMAT)
-                inner = F.from_u64(found) if found else None
-                # vault.toml is upgraded first: a newer version there than in meta is an
-                # upgrade cut short between its two steps.
-                if inner is None or not (inner == version or
-                                         F.OLDEST_FORMAT <= inner < version):
+                inner = tx.meta(F.META_FORMAT)
+                inner = F.from_u64(inner) if inner is not None else None
+                # (an upgrade cut between its two steps leaves the database one ahead)
+                if inner != version and not (inner == F.FORMAT_VERSION and writable):
                     raise StoreError(f"{p} holds a database of store format "
-                                     f"{inner or 'unknown'}, not {version} as its vault.toml "
-                                     f"says")
+                                     f"{inner if inner else 'unknown'}, not {version}")
                 tx.epoch  # noqa: B018 - the branch must exist
             if writable:
                 _check_tmpfile(store.spool_dir)
-                store._upgrade(version, inner)
+                if version != F.FORMAT_VERSION:
+                    store._upgrade(version)
                 store._recover()
         except BaseException:
             store.close()
             raise
         return store
-
-    def _upgrade(self, version: int, inner: int) -> None:
-        """Bring an older store to this format, in place. Format 3 only adds a codec (§4.3 of
-        docs/store-format.md), so a format-2 store is a valid format-3 store once it says so:
-        vault.toml first, then meta, each durably; an open after a crash between the two
-        finishes the job (and a read-only open reads the store meanwhile)."""
-        if version < F.FORMAT_VERSION:
-            toml = self.path / "vault.toml"
-            text, n = re.subn(r"(?m)^format_version\s*=\s*\d+[ \t]*$",
-                              f"format_version = {F.FORMAT_VERSION}", toml.read_text(), count=1)
-            if n != 1:
-                raise StoreError(f"{toml}: cannot find its format_version line to upgrade")
-            write_durably(toml, text)
-        if inner < F.FORMAT_VERSION:
-            self.write(lambda tx: tx.put_meta(F.META_FORMAT, F.u64(F.FORMAT_VERSION)))
-            log.warning("upgraded the store from format %d to %d", inner, F.FORMAT_VERSION)
 
     @staticmethod
     def compact(path: str | os.PathLike) -> tuple[int, int]:
@@ -239,6 +222,26 @@ class Store:
             raise StoreError("store was opened read-only")
         return self.writer.call(fn)
 
+    # ---- upgrades -----------------------------------------------------------------------------
+    def _upgrade(self, version: int) -> None:
+        """Format 3 added offline chunks and the `held` database, which a writable open has
+        created, format 4 the predictor codec, which only new chunks use: nothing to rewrite
+        but the two copies of the version, the database's first (an upgrade cut between the two
+        is finished by the next writable open)."""
+        self.write(lambda tx: tx.put_meta(F.META_FORMAT, F.u64(F.FORMAT_VERSION)))
+        toml = self.path / "vault.toml"
+        text = re.sub(r"(?m)^format_version\s*=\s*\d+", f"format_version = {F.FORMAT_VERSION}",
+                      toml.read_text(), count=1)
+        tmp = toml.with_name("vault.toml.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, toml)
+        gc.fsync_path(self.path)
+        log.warning("upgraded %s from store format %d to %d", self.path, version,
+                    F.FORMAT_VERSION)
+
     # ---- crash recovery -----------------------------------------------------------------------
     def _recover(self) -> None:
         """Undo what a crashed mount left half done: pending chunk references of unfinished
@@ -271,7 +274,7 @@ class Store:
         with self.reader() as tx:
             c = tx.counters()
             conflicts = tx.conflicts(still_open=True)
-            version = F.from_u64(tx.meta(F.META_FORMAT))
+            version = F.from_u64(tx.meta(F.META_FORMAT))  # an older one, opened read-only
         store_id = self.id
         st = os.statvfs(self.path)
         logical, unique, stored = c["logical_bytes"], c["unique_bytes"], c["stored_bytes"]
@@ -284,6 +287,7 @@ class Store:
             "logical_bytes": logical,
             "unique_bytes": unique,
             "stored_bytes": stored,
+            "offline_bytes": c["offline_bytes"],
             "dedup_ratio": round(logical / unique, 3) if unique else 1.0,
             "compression_ratio": round(unique / stored, 3) if stored else 1.0,
             "store_file_bytes": (self.path / "lmdb" / "data.mdb").stat().st_size,
@@ -291,23 +295,6 @@ class Store:
             "disk_bytes": st.f_blocks * st.f_frsize,
             "conflicts": conflicts,
         }
-
-
-def write_durably(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace a small file whole: a temporary file, fsynced, renamed over it, the directory
-    fsynced. A crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _check_store(p: Path) -> None:

@@ -9,11 +9,11 @@ pairing does not need the store's writer, and a copy of the store's data is not 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from ..store import StoreError
-from ..store.store import write_durably
 
 FILE = "peers.json"
 
@@ -38,4 +38,15 @@ def add(store_path: Path, peer: bytes, name: str, key: bytes) -> None:
     """Remember a pairing (replacing an earlier one with the same vault), durably."""
     doc = {k.hex(): v for k, v in load(store_path).items()}
     doc[peer.hex()] = {"name": name, "secret": key.hex(), "paired_ns": time.time_ns()}
-    write_durably(store_path / FILE, json.dumps(doc, indent=1), 0o600)
+    tmp = store_path / (FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, store_path / FILE)
+    dfd = os.open(store_path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -143,7 +143,8 @@ class Layout:
         return v.astype(">u8").view(np.uint8).reshape(-1, 8)[:, :g].tobytes()
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """The residuals of samples `x`: each minus its prediction, wrapping around (uint8 or uint16)."""
+        """The residuals of samples `x`: each minus its prediction, wrapping around (as uint8
+        or uint16)."""
         r = x.copy()
         head = len(x) if self.stride == 0 else min(self.stride, len(x))
         r[head:] -= x[:len(x) - head]

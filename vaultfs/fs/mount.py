@@ -70,9 +70,7 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
     rules = policy.load(store.path)  # a bad vault.toml stops the mount before it starts
     ops = VaultOperations(store, vault_visible=vault_visible, rules=tier_rules(rules))
     ops.analyzer = Analyzer(store, ops.cache)
-    ops.analyzer.on_analysed = lambda ino, record: ops.events.publish(
-        "analysed", ops.event_path(ino), **{k: record[k] for k in ("kind", "rating", "label",
-                                                                     "error") if k in record})
+    ops.analyzer.on_analysed = lambda ino, record: _analysed(ops, ino, record)
     store.mounted = True
     logging.getLogger("pyfuse3").addFilter(_dropped_replies)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -121,6 +119,19 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
         # After fusermount -u the session is already gone; after a signal we unmount here.
         pyfuse3.close(unmount=stopped_by_signal)
         log.info("unmounted %s", mountpoint)
+
+
+def _analysed(ops: VaultOperations, ino: int, record: dict) -> None:
+    """Tell listeners what the analyser found; a fingerprint may complete a group."""
+    path = ops.event_path(ino)
+    ops.events.publish("analysed", path, **{k: record[k] for k in ("kind", "rating", "label",
+                                                                     "error") if k in record})
+    if "fingerprint" in record:
+        ops.events.publish("fingerprinted", path, preview="preview" in record,
+                           **record["fingerprint"])
+        ops.want_catalog()
+    elif "fingerprint_error" in record:
+        ops.events.publish("fingerprinted", path, error=record["fingerprint_error"])
 
 
 async def _policies(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:

@@ -31,6 +31,7 @@ class Analyzer:
         self._working = True  # (until the backlog is queued)
         self.analysed = 0  # records written
         self.on_analysed: Callable[[int, dict], None] | None = None  # called on the loop
+        self.name_of: Callable[[int], str | None] = lambda ino: None  # a file's name, if known
 
     @property
     def busy(self) -> bool:
@@ -92,7 +93,7 @@ class Analyzer:
             node = tx.inode(ino)
             if node is None or not node.content or not pending(tx.media(node.content)):
                 return None
-            what = metadata.sniff(read_range(tx, self.cache, node, 0, 512))
+            what = metadata.sniff(read_range(tx, self.cache, node, 0, 512), self.name_of(ino))
             if what is not None and node.size <= MAX_BYTES:
                 data = read_range(tx, self.cache, node, 0, node.size)
         # (The bytes are read; the decoding needs no transaction held open.)

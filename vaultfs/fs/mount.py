@@ -71,6 +71,7 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
     ops = VaultOperations(store, vault_visible=vault_visible, rules=tier_rules(rules))
     ops.analyzer = Analyzer(store, ops.cache)
     ops.analyzer.on_analysed = lambda ino, record: _analysed(ops, ino, record)
+    ops.analyzer.name_of = lambda ino: ops.event_path(ino).rsplit("/", 1)[-1]
     store.mounted = True
     logging.getLogger("pyfuse3").addFilter(_dropped_replies)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes

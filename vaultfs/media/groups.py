@@ -10,7 +10,9 @@ Each kind of group is a connected set of files under one relation:
                same capture second (or no capture time)
     near       the same picture: fingerprints at most NEAR apart and the same capture (capture
                times and cameras agree where both files have them): exports, resizes and
-               re-encodings in any format, and the members of a pair
+               re-encodings in any format, and the members of a pair. A connected set is
+               held to its original (the largest picture, a RAW first): what is not within
+               NEAR of it (an export of an export that drifted away) forms groups of its own
     burst      consecutive captures of one camera (serial, else make and model), each at most
                BURST_GAP after the one before, whose pictures are alike (BURST_SIMILAR)
     bracket    consecutive captures of one camera whose exposure steps (bias, or a stop or more
@@ -18,7 +20,8 @@ Each kind of group is a connected set of files under one relation:
                a set ends where an exposure comes back (the next bracket starts)
     edit       XMP (xmpMM:DerivedFrom or OriginalDocumentID naming the other's DocumentID, or
                a shared OriginalDocumentID), or the other's name plus a suffix ("IMG_1-Edit",
-               "IMG_1_01", "IMG_1 copy") with a picture still alike (EDIT_SIMILAR)
+               "IMG_1_01", "IMG_1 copy") with a picture changed (more than NEAR: else it is
+               the same picture, a near-duplicate) but still alike (EDIT_SIMILAR)
 
 Bursts and brackets link captures, not files: a RAW and its JPEG (or an export that kept the
 capture time) are one capture and sit in its group together.
@@ -68,6 +71,7 @@ class Item:
     phash: int | None = None
     whash: int | None = None
     format: str | None = None
+    pixels: int = 0               # of the picture fingerprinted
     time: float | None = None     # capture time, seconds (camera's clock, no zone)
     timekey: str | None = None    # the capture time as recorded
     subsec: bool = False
@@ -108,8 +112,12 @@ def item(key: int, path: str, version: int, record: dict) -> Item | None:
     model = " ".join(p for p in (record.get("make"), record.get("model")) if p) or None
     camera = f"{model or ''} #{serial}" if serial else model
     text = lambda k: record.get(k) if isinstance(record.get(k), str) else None  # noqa: E731
+    picture = record.get("picture")
+    pixels = picture[0] * picture[1] if isinstance(picture, list) and len(picture) == 2 and \
+        all(isinstance(n, int) for n in picture) else 0
     return Item(key, path, version, text("digest"), _hex(fp.get("phash")), _hex(fp.get("whash")),
-                text("format"), when, record.get("capture_time") if when is not None else None,
+                text("format"), pixels, when,
+                record.get("capture_time") if when is not None else None,
                 subsec, camera, exposure, ev, _bias(record),
                 text("document_id"), text("original_document_id"), text("derived_from"))
 
@@ -304,7 +312,7 @@ class GroupIndex:
         for key in named:
             other = self.items[key]
             d = distance(it, other)
-            if d is not None and d <= EDIT_SIMILAR and (not it.digest or it.digest != other.digest):
+            if _within(d, EDIT_SIMILAR) and not _within(d, NEAR):
                 yield key
 
     # ---- captures on a camera's timeline ------------------------------------------------------
@@ -371,7 +379,7 @@ class GroupIndex:
         if _steps(ea, eb) and gap <= (ea[0] or 0) + BRACKET_GAP and \
                 (alike is None or alike <= BRACKET_SIMILAR):
             return "bracket"
-        if gap <= BURST_GAP and alike is not None and alike <= BURST_SIMILAR:
+        if gap <= BURST_GAP and _within(alike, BURST_SIMILAR):
             return "burst"
         return None
 
@@ -402,16 +410,31 @@ class GroupIndex:
                             self._cameras[c[0]].files[c[1]], key=lambda k: self.items[k].path)]
                         out.append(self._group(kind, keys))
                 else:
-                    keys = sorted(part, key=lambda k: (self.items[k].time or 0,
-                                                       self.items[k].path))
-                    out.append(self._group(kind, keys))
-        out.sort(key=lambda g: (g.name, g.kind))
+                    for members in (self._anchored(part) if kind == "near" else [part]):
+                        keys = sorted(members, key=lambda k: (self.items[k].time or 0,
+                                                              self.items[k].path))
+                        out.append(self._group(kind, keys))
+        out.sort(key=lambda g: (g.name, g.kind, g.paths))
         seen: dict[str, int] = {}
         for g in out:  # names unique across kinds and files with the same first name
             n = seen[g.name] = seen.get(g.name, 0) + 1
             if n > 1:
                 g.name = f"{g.name}~{n}"
         return out
+
+    def _anchored(self, part: set[int]) -> Iterator[set[int]]:
+        """A connected set of near-duplicates held to its original (the largest picture, a
+        RAW first): what drifted further than NEAR from it is grouped apart."""
+        part = set(part)
+        while len(part) > 1:
+            anchor = self.items[max(part, key=lambda k: (self.items[k].format == RAW,
+                                                        self.items[k].pixels,
+                                                        -k))]
+            members = {k for k in part if k == anchor.key
+                       or _within(distance(anchor, self.items[k]), NEAR)}
+            if len(members) > 1:
+                yield members
+            part -= members
 
     def _sets(self, kind: str, part: set) -> Iterator[list[tuple[str, str]]]:
         """A linked run of captures in time order; a bracket run is cut where an exposure
@@ -443,6 +466,10 @@ class GroupIndex:
             when = datetime.fromisoformat(first.timekey[:19]).strftime("%Y-%m-%d_%H%M%S")
         name = f"{when}_{kind}_{posixpath.basename(first.path).rsplit('.', 1)[0]}"[:200]
         return Group(kind, name, keys, [self.items[k].path for k in keys])
+
+
+def _within(d: int | None, limit: int) -> bool:
+    return d is not None and d <= limit
 
 
 def _components(edges: dict) -> Iterator[set]:

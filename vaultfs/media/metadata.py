@@ -36,8 +36,17 @@ class MetadataError(Exception):
     """The bytes are not something whose metadata can be read; the message says why."""
 
 
-def sniff(head: bytes) -> str | None:
-    """'image', 'xmp' or 'pp3' from a file's first bytes, or None (not analysed)."""
+# Names that say "image" where the bytes do not (a damaged or unknown file is still an image
+# whose failure to read is worth saying).
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .mpo .heic .heif .hif .avif .png .webp .tif .tiff .dng .nef .nrw .cr2 "
+    ".cr3 .crw .arw .srf .sr2 .raf .orf .rw2 .rwl .pef .srw .x3f .3fr .iiq .erf .mef .mos .mrw "
+    ".gpr .raw".split())
+
+
+def sniff(head: bytes, name: str | None = None) -> str | None:
+    """'image', 'xmp' or 'pp3' from a file's first bytes (or, for an image, from its name),
+    or None (not analysed)."""
     if head.startswith((b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"IIRO", b"IIU\x00",
                         b"FUJIFILM", b"\x00MRM", b"FOVb", b"II\x1a\x00\x00\x00HEAPCCDR",
                         b"\x89PNG", b"\xff\x01Exiv2")):
@@ -49,6 +58,8 @@ def sniff(head: bytes) -> str | None:
         return "xmp"
     if stripped.startswith(b"[Version]") and b"AppVersion" in head[:200]:
         return "pp3"
+    if name and "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+        return "image"
     return None
 
 

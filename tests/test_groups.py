@@ -78,31 +78,32 @@ def _distance(a: dict, b: dict) -> int:
 
 
 def test_the_group_index_is_the_same_however_it_was_reached():
-    """Files added and taken out in any order leave the groups a fresh index finds."""
+    """Files added, moved and taken out in any order leave the groups a fresh index finds."""
     rng = random.Random(5)
-    items, t = [], 1.8e9
-    for i in range(120):
-        scene = rng.randrange(6)
-        h = random.Random(scene).getrandbits(64)
-        noise = 1 << rng.randrange(64)
+    files, t = [], 1.8e9
+    for i in range(160):
+        scene = random.Random(rng.randrange(6)).getrandbits(64)
         t += rng.choice((0.2, 0.2, 0.2, 40)) if i % 2 == 0 else 0  # RAW+JPEG: one capture
-        items.append(groups.Item(i, f"d{i % 3}/IMG_{i // 2:04d}.{'NEF' if i % 2 else 'JPG'}",
-                                 i, f"{i % 97:032x}", h ^ noise, h, "raw" if i % 2 else "jpeg",
-                                 1000, t, similarity._iso(t), True, f"cam{i // 60}",
-                                 1 / 250, 12.0 + (i % 3 == 0), 0.0))
+        raw = bool(i % 2)
+        record = {"kind": "image", "digest": f"{i % 97:032x}", "format": "raw" if raw else "jpeg",
+                  "fingerprint": {"phash": f"{scene ^ (1 << rng.randrange(64)):016x}",
+                                  "whash": f"{scene:016x}"},
+                  "picture": [6000, 4000], "capture_time": similarity._iso(t),
+                  "make": "VaultCam", "model": f"VC-{i // 80}", "exposure_time": "1/250",
+                  "fnumber": 8, "iso": 100, "exposure_bias": [0, -1, 1][i // 2 % 3]
+                  if 40 <= i < 60 else 0}
+        files.append((i, f"d{i // 2 % 3}/IMG_{i // 2:04d}.{'NEF' if raw else 'JPG'}", i, record))
     fresh = groups.GroupIndex()
-    fresh.update(items)
+    fresh.update(files)
     churned = groups.GroupIndex()
-    order = items[:]
-    rng.shuffle(order)
-    for it in order:
-        churned.add(it)
-    for it in rng.sample(items, 40):
-        churned.remove(it.key)
-    churned.update(items)  # puts back what was taken out
+    churned.update([(k, p, v, {}) for k, p, v, r in files])  # committed, not analysed yet
+    churned.update(rng.sample(files, 100))
+    moved = [(k, f"elsewhere/{k}.JPG", v + 1000, r) for k, p, v, r in rng.sample(files, 60)]
+    churned.update(moved + rng.sample(files, 50))
+    churned.update(files)
     assert [(g.kind, g.paths) for g in churned.groups()] == \
         [(g.kind, g.paths) for g in fresh.groups()]
-    assert {g.kind for g in fresh.groups()} >= {"duplicate", "burst", "bracket", "near"}
+    assert {g.kind for g in fresh.groups()} >= {"duplicate", "pair", "burst", "bracket", "near"}
 
 
 # ---- through a mount ---------------------------------------------------------------------------

@@ -559,7 +559,7 @@ def _group_index(cat):
     from .media.groups import GroupIndex
 
     index = GroupIndex()
-    index.update(cat.group_items())
+    index.update(cat.group_files())
     return index
 
 

@@ -228,8 +228,8 @@ class VaultOperations(pyfuse3.Operations):
                 if self._catalog is None or self._catalog[0] != txn_id:
                     t0 = time.monotonic()
                     cat = build_catalog(tx, self.rules)
-                    self.groups.update(cat.group_items())
-                    cat.groups = self.groups.groups()
+                    self.groups.update(cat.group_files())
+                    cat.groups = [g for k in SEQUENCES for g in self.groups.groups(k)]
                     if self._catalog is not None:
                         self._note_joined(self._catalog[1], cat)
                     self._catalog = (txn_id, cat)

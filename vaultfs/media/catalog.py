@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..store import ROOT_INO, Inode, StoreError, Txn
 from ..store import policy
 from . import sidecars, tiers
-from .groups import Group, Item, item
+from .groups import Group
 from ..store.tags import TIER_XATTR
 
 FINGERPRINT_KEYS = ("digest", "fingerprint", "fingerprint_error", "picture", "format", "preview")
@@ -40,14 +40,12 @@ class Catalog:
     # ("tier", name) / ("rating", 0..5) / ("label", colour) / ("preview", "") -> file inos,
     # and the folders that hold them somewhere below
     folders: dict[tuple, set[int]] = field(default_factory=lambda: defaultdict(set))
-    groups: list[Group] = field(default_factory=list)  # set by whoever keeps a GroupIndex
+    groups: list[Group] = field(default_factory=list)  # bursts and brackets (a mount's)
 
-    def group_items(self) -> Iterator[Item]:
-        """The images of the tree, as grouping sees them (media/groups.py)."""
+    def group_files(self) -> Iterator[tuple[int, str, int, dict]]:
+        """What GroupIndex.update takes: (inode, path, version, own record) of every file."""
         for ino, e in self.files.items():
-            it = item(ino, e.path, e.node.content, e.own)
-            if it is not None:
-                yield it
+            yield ino, e.path, e.node.content, e.own
 
     def tier_figures(self, scrubs: dict[str, dict]) -> dict[str, dict]:
         """Per tier: its files and their bytes, and its last scrub (`vaultfs status`)."""

@@ -34,12 +34,14 @@ resizes, re-encodings, exposure shifts up to 14, 5% crops up to 18.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import posixpath
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
 import numpy as np
 
@@ -83,11 +85,11 @@ class Item:
     original_document_id: str | None = None
     derived_from: str | None = None
 
-    @property
+    @cached_property
     def folder(self) -> str:
         return posixpath.dirname(self.path)
 
-    @property
+    @cached_property
     def stem(self) -> str:
         name = posixpath.basename(self.path)
         return name.rsplit(".", 1)[0].lower() if "." in name[1:] else name.lower()
@@ -131,9 +133,10 @@ def distance(a: Item, b: Item) -> int | None:
 @dataclass
 class Group:
     kind: str
-    name: str
+    base: str            # the name it would have alone; `name` is made unique among all
     keys: list[int]      # files, in capture order
     paths: list[str]
+    name: str = ""
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "name": self.name, "files": self.paths}
@@ -202,6 +205,7 @@ class _Camera:
 class GroupIndex:
     def __init__(self) -> None:
         self.items: dict[int, Item] = {}
+        self._seen: dict[int, tuple] = {}  # what update() was given last
         self._edges: dict[str, dict[int, set[int]]] = {k: defaultdict(set) for k in KINDS}
         self._digests: dict[str, set[int]] = defaultdict(set)
         self._seconds: dict[int, set[int]] = defaultdict(set)
@@ -212,22 +216,36 @@ class GroupIndex:
         self._all = _Fingerprints()
         self._undated = _Fingerprints()  # fingerprinted files with no capture time
         self._cameras: dict[str, _Camera] = defaultdict(_Camera)
-        self._groups: list[Group] | None = None
+        # Groups are kept per connected part of each kind's links, and only the parts whose
+        # nodes were touched since are found again.
+        self._dirty: dict[str, set] = {k: set() for k in KINDS}
+        self._parts: dict[str, dict[int, list[Group]]] = {k: {} for k in KINDS}
+        self._part_nodes: dict[str, dict[int, set]] = {k: {} for k in KINDS}
+        self._part_of: dict[str, dict] = {k: {} for k in KINDS}
+        self._tokens = itertools.count()
+        self._sorted: dict[str, list[Group] | None] = {k: None for k in KINDS}
 
     # ---- keeping up ---------------------------------------------------------------------------
-    def update(self, items: Iterable[Item]) -> None:
-        """Make the index hold exactly these items (changed ones are taken out and put back)."""
-        fresh = {it.key: it for it in items}
-        for key in [k for k in self.items if k not in fresh]:
-            self.remove(key)
-        for key, it in fresh.items():
-            if self.items.get(key) != it:
+    def update(self, files: Iterable[tuple[int, str, int, dict]]) -> None:
+        """Make the index hold exactly these files, (key, path, version, record) each: only
+        those whose path, version or record (analysed since) changed are read again, taken
+        out and put back."""
+        fresh: dict[int, tuple] = {}
+        for key, path, version, record in files:
+            state = (path, version, record.get("kind"), record.get("digest"))
+            was = fresh.get(key, self._seen.get(key))
+            fresh[key] = state
+            if was != state:
                 self.remove(key)
-                self.add(it)
+                it = item(key, path, version, record)
+                if it is not None:
+                    self.add(it)
+        for key in [k for k in self._seen if k not in fresh]:
+            self.remove(key)
+        self._seen = fresh
 
     def add(self, it: Item) -> None:
         self.items[it.key] = it
-        self._groups = None
         if it.digest:
             self._link_all("duplicate", it, self._digests[it.digest])
             self._digests[it.digest].add(it.key)
@@ -255,9 +273,10 @@ class GroupIndex:
         it = self.items.pop(key, None)
         if it is None:
             return
-        self._groups = None
-        for edges in self._edges.values():
+        for kind, edges in self._edges.items():
+            self._touch(kind, key)
             for other in edges.pop(key, ()):
+                self._touch(kind, other)
                 edges[other].discard(key)
                 if not edges[other]:
                     del edges[other]
@@ -281,6 +300,11 @@ class GroupIndex:
             if other != it.key:
                 edges[it.key].add(other)
                 edges[other].add(it.key)
+                self._touch(kind, it.key, other)
+
+    def _touch(self, kind: str, *nodes) -> None:
+        self._dirty[kind].update(nodes)
+        self._sorted[kind] = None
 
     def _pair(self, it: Item, key: int) -> bool:
         other = self.items[key]
@@ -356,6 +380,7 @@ class GroupIndex:
             return
         a, b = ((camera, cam.times[i][1]), (camera, cam.times[j][1]))
         for kind in SEQUENCES:
+            self._touch(kind, a, b)
             self._edges[kind].get(a, set()).discard(b)
             self._edges[kind].get(b, set()).discard(a)
             for node in (a, b):
@@ -365,7 +390,6 @@ class GroupIndex:
         if kind is not None:
             self._edges[kind][a].add(b)
             self._edges[kind][b].add(a)
-        self._groups = None
 
     def _sequence(self, cam: _Camera, i: int, j: int) -> str | None:
         """'bracket', 'burst' or None for two consecutive captures of a camera."""
@@ -385,10 +409,20 @@ class GroupIndex:
 
     # ---- groups -------------------------------------------------------------------------------
     def groups(self, kind: str | None = None) -> list[Group]:
-        """Every group (of one kind), in capture order; computed once per change."""
-        if self._groups is None:
-            self._groups = self._compute()
-        return [g for g in self._groups if kind is None or g.kind == kind]
+        """Every group (of one kind), sorted by name; what changed is found again."""
+        if kind is None:
+            return sorted((g for k in KINDS for g in self.groups(k)),
+                          key=lambda g: (g.name, g.kind))
+        if self._sorted[kind] is None:
+            self._regroup(kind)
+            out = sorted((g for gs in self._parts[kind].values() for g in gs),
+                         key=lambda g: (g.base, g.paths))
+            seen: dict[str, int] = {}
+            for g in out:  # names unique among files with the same first name
+                n = seen[g.base] = seen.get(g.base, 0) + 1
+                g.name = g.base if n == 1 else f"{g.base}~{n}"
+            self._sorted[kind] = out
+        return self._sorted[kind]
 
     def groups_of(self, key: int) -> list[Group]:
         return [g for g in self.groups() if key in g.keys]
@@ -400,27 +434,45 @@ class GroupIndex:
             return []
         return sorted((d, k) for d, k in self._all.within(it, limit) if k != it.key)
 
-    def _compute(self) -> list[Group]:
-        out: list[Group] = []
-        for kind in KINDS:
-            for part in _components(self._edges[kind]):
-                if kind in SEQUENCES:
-                    for captures in self._sets(kind, part):
-                        keys = [k for c in captures for k in sorted(
-                            self._cameras[c[0]].files[c[1]], key=lambda k: self.items[k].path)]
-                        out.append(self._group(kind, keys))
-                else:
-                    for members in (self._anchored(part) if kind == "near" else [part]):
-                        keys = sorted(members, key=lambda k: (self.items[k].time or 0,
-                                                              self.items[k].path))
-                        out.append(self._group(kind, keys))
-        out.sort(key=lambda g: (g.name, g.kind, g.paths))
-        seen: dict[str, int] = {}
-        for g in out:  # names unique across kinds and files with the same first name
-            n = seen[g.name] = seen.get(g.name, 0) + 1
-            if n > 1:
-                g.name = f"{g.name}~{n}"
-        return out
+    def _regroup(self, kind: str) -> None:
+        """Find again the parts of a kind's links that hold a touched node: a part that
+        joined another, or split, is dropped whole and its nodes are looked at again."""
+        edges, part_of = self._edges[kind], self._part_of[kind]
+        parts, nodes_of = self._parts[kind], self._part_nodes[kind]
+        work, self._dirty[kind] = self._dirty[kind], set()
+        done: set = set()
+
+        def drop(node) -> None:
+            token = part_of.pop(node, None)
+            if token is not None:
+                del parts[token]
+                for n in nodes_of.pop(token):
+                    part_of.pop(n, None)
+                    work.add(n)
+
+        while work:
+            node = work.pop()
+            if node in done:
+                continue
+            part = _component(edges, node)
+            done |= part
+            for n in part:
+                drop(n)
+            if len(part) > 1:
+                token = next(self._tokens)
+                parts[token], nodes_of[token] = list(self._groups_in(kind, part)), part
+                for n in part:
+                    part_of[n] = token
+
+    def _groups_in(self, kind: str, part: set) -> Iterator[Group]:
+        if kind in SEQUENCES:
+            for captures in self._sets(kind, part):
+                yield self._group(kind, [k for c in captures for k in sorted(
+                    self._cameras[c[0]].files[c[1]], key=lambda k: self.items[k].path)])
+            return
+        for members in (self._anchored(part) if kind == "near" else [part]):
+            yield self._group(kind, sorted(members, key=lambda k: (self.items[k].time or 0,
+                                                                   self.items[k].path)))
 
     def _anchored(self, part: set[int]) -> Iterator[set[int]]:
         """A connected set of near-duplicates held to its original (the largest picture, a
@@ -472,20 +524,15 @@ def _within(d: int | None, limit: int) -> bool:
     return d is not None and d <= limit
 
 
-def _components(edges: dict) -> Iterator[set]:
-    seen: set = set()
-    for start in edges:
-        if start in seen:
-            continue
-        part, todo = set(), [start]
-        while todo:
-            node = todo.pop()
-            if node in part:
-                continue
+def _component(edges: dict, start) -> set:
+    """The nodes linked to `start`, itself included."""
+    part, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node not in part:
             part.add(node)
             todo.extend(edges.get(node, ()))
-        seen |= part
-        yield part
+    return part
 
 
 def _prefixes(stem: str) -> list[str]:

@@ -11,6 +11,7 @@ their image (sidecars.py) and kept like any file.
 from __future__ import annotations
 
 import configparser
+import math
 import re
 from fractions import Fraction
 
@@ -186,8 +187,10 @@ def number(value) -> float | None:
     numbers: '1e20000000' would make Fraction build a huge integer, holding the GIL."""
     if isinstance(value, list):
         value = value[0] if value else None
-    if value is None:
+    if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, (int, float)):  # (read back from the index: a number already)
+        return value if math.isfinite(value) else None
     text = str(value).strip().split(" ")[0]
     if not _NUMBER.fullmatch(text):
         return None

@@ -125,8 +125,10 @@ class Analyzer:
         return out
 
     def _path(self, ino: int) -> str:
+        """A file's path for the log: bytes that are not UTF-8 as escapes (\\xe9)."""
         with self.store.reader() as tx:
-            return tx.path_of(ino) or f"inode {ino}"
+            path = tx.path_of(ino) or f"inode {ino}"
+        return path.encode(errors="surrogateescape").decode(errors="backslashreplace")
 
 
 def pending(record: dict | None) -> bool:

@@ -304,17 +304,17 @@ def cmd_similar(args) -> int:
         except OSError as e:
             raise CliError(f"{args.file} is neither a file in the vault nor a readable file: "
                            f"{e.strerror}") from None
+        if metadata.sniff(data[:512], Path(args.file).name) != "image":
+            raise CliError(f"{args.file} is neither a file in the vault nor an image")
         try:
             record = metadata.read(data)
         except metadata.MetadataError:
             record = {"kind": "image"}
         record.update(fingerprint.image_record(data))
         target = groups.item(-1, os.path.abspath(args.file), 0, record)
-        if target is None or not target.fingerprinted and not target.digest:
-            raise CliError(f"{args.file}: {record.get('fingerprint_error', 'not an image')}")
         index.add(target)
-    elif not target.fingerprinted:
-        print(f"vaultfs: {path} has no fingerprint; only its groups are listed",
+    if not target.fingerprinted:
+        print(f"vaultfs: {target.path} has no fingerprint; only its groups are listed",
               file=sys.stderr)
     found: dict[int, dict] = {}
     for d, key in index.similar(target):

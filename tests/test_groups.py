@@ -123,9 +123,11 @@ def test_labelled_set_is_grouped_as_measured(make_mount, store_path, tmp_path):
             pass
 
     threading.Thread(target=listen, daemon=True).start()
-    time.sleep(0.5)
+    probe = m.path / "probe.txt"  # written until the listener hears of it: it listens
+    _wait(lambda: probe.write_text("x") and any(e["path"] == "probe.txt" for e in events),
+          "the listener")
     subprocess.run(["cp", "-a", f"{tmp_path / 'set'}/.", str(m.path)], check=True)
-    _analysed(store_path, len(files))
+    _analysed(store_path, len(files) + 1)
     found = json.loads(vaultfs("groups", store_path, "--json").stdout)
     scores = similarity.score(labels, found)
     for kind, (precision, recall) in MEASURED.items():

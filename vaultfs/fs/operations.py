@@ -251,7 +251,12 @@ class VaultOperations(pyfuse3.Operations):
     async def keep_catalog(self) -> None:
         """Rebuild the catalogue in a worker thread when the store has moved on and views or
         status have asked for it since, at most CATALOG_REFRESH_S apart: views follow changes
-        within about a second (a view a second time after a change shows it)."""
+        within about a second (a view a second time after a change shows it). The first is
+        built at once: what joins a burst from then on is announced."""
+        try:
+            await self.fresh_catalog()
+        except Exception:
+            log.exception("building the catalogue failed; trying again")
         while True:
             # (A walk of a large tree is not free, ~2 s per 100,000 files: at most a fifth of
             # the time goes to it.)

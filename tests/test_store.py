@@ -153,7 +153,8 @@ def test_cli_refuses_a_missing_store_in_one_sentence(tmp_path, command):
 
 def test_cli_refuses_a_newer_store_format_and_leaves_it_alone(store_path, tmp_path):
     toml = store_path / "vault.toml"
-    toml.write_text(toml.read_text().replace("format_version = 2", "format_version = 99"))
+    current = f"format_version = {F.FORMAT_VERSION}"
+    toml.write_text(toml.read_text().replace(current, "format_version = 99"))
     before = _digest(store_path / "lmdb" / "data.mdb")
     (tmp_path / "mnt").mkdir()
     for args in (["status", store_path], ["mount", store_path, tmp_path / "mnt"]):
@@ -161,7 +162,27 @@ def test_cli_refuses_a_newer_store_format_and_leaves_it_alone(store_path, tmp_pa
         assert r.returncode != 0
         assert "newer than this vaultfs understands" in r.stderr
     assert _digest(store_path / "lmdb" / "data.mdb") == before
-    toml.write_text(toml.read_text().replace("format_version = 99", "format_version = 2"))
+    toml.write_text(toml.read_text().replace("format_version = 99", current))
+
+
+def test_a_format_2_store_is_upgraded_by_a_writable_open(tmp_path):
+    path = tmp_path / "old"
+    Store.init(path)
+    # What format 2 wrote: the version 2 in both places, and no `held` database.
+    with Store.open(path, writable=True) as store:
+        def downgrade(tx):
+            tx.put_meta(b"format_version", (2).to_bytes(8, "big"))
+            tx.txn.drop(store.dbs[b"held"], delete=True)
+        store.write(downgrade)
+    toml = path / "vault.toml"
+    toml.write_text(toml.read_text().replace("format_version = 3", "format_version = 2"))
+    with Store.open(path) as store:  # a reader leaves it as it is
+        assert store.figures()["files"] == 0
+    assert "format_version = 2" in toml.read_text()
+    with Store.open(path, writable=True):
+        pass
+    assert "format_version = 3" in toml.read_text()
+    assert_clean(path)
 
 
 def test_cli_refuses_a_mount_point_that_is_not_empty(store_path, tmp_path):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .store import Store, StoreBusy, StoreError, policy, scrub
+from .store import Store, StoreBusy, StoreError, policy
 
 log = logging.getLogger("vaultfs")
 
@@ -59,23 +59,44 @@ def cmd_mount(args) -> int:
         raise CliError(str(e)) from None
 
     if args.foreground:
+        fsmount.limit_malloc_arenas()
         _log_to(store_path, also_stderr=True, debug=args.debug)
         with Store.open(store_path, writable=True, branch=args.branch.encode()) as store:
             fsmount.run(store, mountpoint, allow_other="allow_other" in options,
-                        vault_visible="vault_visible" in options)
+                        vault_visible="vault_visible" in options, mirror=args.mirror)
         return 0
 
-    Store.open(store_path, branch=args.branch.encode()).close()  # a clear error now,
-    policy.load(store_path)                                       # not in a daemon's log
+    with Store.open(store_path, branch=args.branch.encode()) as store:  # a clear error now,
+        rules = policy.load(store_path, mirror=args.mirror)              # not in a daemon's log
+        if rules.mirror is not None:
+            from .fs.mirror import open_store
+            mirror, created = open_store(store, rules.mirror, mountpoint)
+            mirror.close()
+            if created:
+                print(f"created the mirror store {mirror.path}")
+    daemon = _start_daemon(store_path, mountpoint, options, args.branch, args.debug,
+                           rules.mirror if args.mirror is not None else None)
+    print(f"mounted {store_path} on {mountpoint} (daemon pid {daemon.pid})")
+    return 0
+
+
+def _start_daemon(store_path: Path, mountpoint: Path, options: set[str], branch: str = "main",
+                  debug: bool = False, mirror: Path | None = None) -> subprocess.Popen:
+    """Mount in a daemon of its own (`mount --foreground` in a new session), returned once the
+    mount answers."""
+    from .fs import mount as fsmount
+
     log_file = store_path / "vaultfs.log"
     start = log_file.stat().st_size if log_file.exists() else 0
     cmd = [sys.executable, "-m", "vaultfs", "mount", "--foreground", str(store_path),
            str(mountpoint)]
     if options:
         cmd += ["-o", ",".join(sorted(options))]
-    if args.branch != "main":
-        cmd += ["--branch", args.branch]
-    if args.debug:
+    if branch != "main":
+        cmd += ["--branch", branch]
+    if mirror is not None:
+        cmd += ["--mirror", str(mirror)]
+    if debug:
         cmd.append("--debug")
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
         child = subprocess.Popen(cmd, stdin=devnull, stdout=out, stderr=out,
@@ -84,8 +105,7 @@ def cmd_mount(args) -> int:
     while time.monotonic() < deadline:
         if os.path.ismount(mountpoint):  # answered: the kernel has the daemon's INIT reply
             fsmount.raise_read_ahead(mountpoint)
-            print(f"mounted {store_path} on {mountpoint} (daemon pid {child.pid})")
-            return 0
+            return child
         if child.poll() is not None:
             tail = log_file.read_bytes()[start:].decode(errors="replace").strip().splitlines()
             errors = [line.removeprefix("vaultfs: error: ") for line in tail
@@ -109,9 +129,14 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .fs.mirror import figures as copies_figures
+    from .store import evict
+
     with Store.open(args.store) as store:
         figures = store.figures()
-        figures["tiers"] = _catalog(store).tier_figures(scrub.results(store))
+        figures.update(copies_figures(store, _catalog(store)))
+        with store.reader() as tx:
+            figures["offline"] = evict.offline_files(tx)
     if _json(args, figures):
         return 0
     rows = [
@@ -124,18 +149,47 @@ def cmd_status(args) -> int:
         ("compression ratio", f"{figures['compression_ratio']:.2f}x"),
         ("free on disk", _size(figures["free_bytes"])),
     ]
+    if figures["mirror"]:
+        rows.append(("mirror", figures["mirror"]["path"]))
     for name, t in sorted(figures["tiers"].items()):
-        last = t.get("last_scrub")
-        checked = "never scrubbed" if last is None else (
-            f"scrubbed {_when(last['finished_ns'])}"
-            + (f", {len(last['damaged'])} DAMAGED" if last["damaged"] else ", clean"))
-        rows.append((f"tier {name}", f"{t['files']:,} files, {_size(t['bytes'])}, {checked}"))
+        rows.append((f"tier {name}", _tier_line(t)))
+    for r in figures["repairs"][-5:]:
+        mended = f"{r['copy']}'s copy, from the {'mirror' if r['copy'] == 'vault' else 'vault'}"
+        rows.append(("repaired", f"{', '.join(r['paths'])}: the {mended} ({r['by']}, "
+                                 f"{_when(r['at'])})"))
     for c in figures["conflicts"]:
         rows.append(("conflict", f"{c['path']}: {c['vault']}'s version is {c['kept_as']}"))
+    for f in figures["offline"]:
+        rows.append(("offline", f"{f['path']}: {_size(f['offline_bytes'])} evicted, held by "
+                                f"{', '.join(f['held_by']) or 'no peer on record'}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _tier_line(t: dict) -> str:
+    """'120 files, 2.9 GiB, 2 copies: 118, mirroring 2, scrubbed <when>, clean'"""
+    line = f"{t['files']:,} files, {_size(t['bytes'])}"
+    if t.get("copies", 1) > 1:
+        line += f", 2 copies: {t['mirrored']:,}" + (f", mirroring {t['mirroring']:,}"
+                                                    if t["mirroring"] else "")
+    elif t.get("mirrored"):
+        line += f", the mirror holds {t['mirrored']:,}"
+    last = t.get("last_scrub")
+    if last is None:
+        return line + ", never scrubbed"
+    line += f", scrubbed {_when(last['finished_ns'])}" + (
+        f", {len(last['damaged'])} DAMAGED" if last["damaged"] else ", clean")
+    if last.get("repaired"):
+        line += f", {len(last['repaired'])} repaired from the mirror"
+    theirs = last.get("mirror")
+    if theirs:
+        line += "; the mirror's copies " + (f"{len(theirs['damaged'])} DAMAGED"
+                                            if theirs["damaged"] else "clean")
+        if theirs["repaired"]:
+            line += f", {len(theirs['repaired'])} repaired from the vault"
+    return line
 
 
 def cmd_verify(args) -> int:
@@ -242,9 +296,68 @@ def cmd_safe(args) -> int:
                for p in args.paths]
     if not _json(args, answers):
         for a in answers:
+            wanted = f" of {a['copies_wanted']}" if a.get("copies_wanted", 1) > 1 else ""
             print(f"{a['path']}: {'safe' if a['safe'] else 'NOT YET SAFE'} "
-                  f"({a['copies']} cop{'y' if a['copies'] == 1 else 'ies'})")
+                  f"({a['copies']} cop{'y' if a['copies'] == 1 else 'ies'}{wanted})")
     return 0 if all(a["safe"] for a in answers) else 1
+
+
+def cmd_import(args) -> int:
+    import tempfile
+
+    from . import cardimport
+    from .fs import control
+    from .fs import mount as fsmount
+
+    store_path = Path(args.store).expanduser().absolute()
+    report = cardimport.plan([os.path.abspath(c) for c in args.cards], args.into)
+    try:
+        Store.open(store_path, writable=True).close()
+        policy.load(store_path)
+        mountpoint: Path | None = Path(tempfile.mkdtemp(prefix="vaultfs-import-"))
+    except StoreBusy:
+        mountpoint = None  # mounted: the mount imports
+    if mountpoint is not None:  # mounted for the import, by a daemon as `vaultfs mount` does
+        try:
+            daemon = _start_daemon(store_path, mountpoint, set())
+        except BaseException:
+            mountpoint.rmdir()
+            raise
+    try:
+        with Store.open(store_path) as store:
+            def request(op: str, **kw):
+                return control.request(store, op, **kw)
+
+            with _progress(args, sum(f.size for f in report.files), "importing") as bar:
+                cardimport.run(store, request, report, progress=bar.update)
+            if mountpoint is not None and not cardimport.wait_analysed(request):
+                print("vaultfs: the metadata of some files is still to be read; the next "
+                      "mount reads it", file=sys.stderr)
+    finally:
+        if mountpoint is not None:
+            try:
+                fsmount.unmount_vault(mountpoint)
+                daemon.wait()
+            finally:
+                mountpoint.rmdir()
+    if _json(args, report.as_dict()):
+        return 0 if report.safe() else 1
+    for card in report.as_dict()["cards"]:
+        print(f"{card['card']}: {card['files']:,} files ({_size(card['bytes'])}): "
+              f"{card['imported']:,} imported, {card['held']:,} already in the vault")
+        unsafe = [f for f in report.card_files(card["card"]) if not f.safe]
+        if not unsafe:
+            print("  SAFE TO FORMAT: every file on it is in the vault, read back and matched")
+        else:
+            print(f"  NOT SAFE TO FORMAT: {len(unsafe):,} file{'s are' if len(unsafe) > 1 else ' is'}"
+                  f" not safely in the vault:")
+            for f in unsafe:
+                print(f"    {f.path}: {f.why}")
+        if args.list:
+            for f in report.card_files(card["card"]):
+                if f.safe:
+                    print(f"    {f.path} -> {f.vault_path} ({f.state})")
+    return 0 if report.safe() else 1
 
 
 def cmd_find(args) -> int:
@@ -430,22 +543,17 @@ def cmd_sync(args) -> int:
             return engine.sync(local, peer, push=push, pull=pull, only_tier=args.only_tier,
                                dry_run=args.dry_run, bwlimit=_rate(args.bwlimit), progress=show)
 
-    def retrying(e: Exception, delay: float) -> None:
-        print(f"vaultfs: connection lost ({e}); resuming in {delay:.0f} s", file=sys.stderr)
-
-    try:
-        store = Store.open(args.store, writable=True)
-    except StoreBusy:
-        raise CliError(f"{args.store} is mounted; unmount it (vaultfs umount) to sync") from None
-    with store:
+    with _unmounted(args.store, "sync") as store:
         local = Endpoint(store)
         try:
-            report = with_retries(attempt, args.retries, retrying)
+            report = with_retries(attempt, args.retries, _reconnecting)
         finally:
             local.close()
             for bar in bars.values():
                 bar.close()
-    if _json(args, report.as_dict()):
+        # Under its free-space floor, a field vault makes room with what the peer now holds.
+        evicted = None if args.dry_run else _evict(store, None, dry_run=False, if_short=True)
+    if _json(args, dict(report.as_dict(), evicted=evicted)):
         return 0
     for direction, ops in report.plan.items():
         if args.dry_run:
@@ -462,7 +570,61 @@ def cmd_sync(args) -> int:
         print(f"conflict: {c['path']}: {c['vault']}'s version kept as {c['kept_as']}")
     for vault, name in report.snapshots.items():
         print(f"{vault}: the tree before this sync is snapshot {name}")
+    for path in report.offline:
+        print(f"not sent: {path} is offline where it was (evicted; fetch it there first)")
+    if evicted:
+        _print_evicted(evicted)
     return 0
+
+
+def cmd_evict(args) -> int:
+    result = _evict(args.store, args.paths or None, dry_run=args.dry_run,
+                    if_short=not args.paths)
+    if _json(args, result):
+        return 0
+    if result is None:
+        print("nothing to evict: the vault is above its free-space floor")
+        return 0
+    _print_evicted(result)
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .store import evict
+    from .sync import engine
+    from .sync.endpoint import Endpoint
+    from .sync.remote import open_peer, with_retries
+
+    roots = [p.strip("/") for p in args.paths]
+    with _unmounted(args.store, "fetch") as store:
+        with store.reader() as tx:
+            wanted = [f for f in evict.offline_files(tx) if not roots or any(
+                f["path"] == r or f["path"].startswith(r + "/") for r in roots)]
+        need = sum(f["offline_bytes"] for f in wanted)
+        room = evict.space(store, policy.load(store.path).keep_free_percent)
+        if need > room["free_bytes"] - room["floor_bytes"]:
+            raise CliError(f"fetching {_size(need)} would take the vault under its free-space "
+                           f"floor ({_size(room['free_bytes'])} free, the floor is "
+                           f"{_size(room['floor_bytes'])}); fetch fewer files, or lower "
+                           f"[space] keep_free_percent in vault.toml")
+        local = Endpoint(store)
+        with _progress(args, need, "fetch") as bar:
+            def attempt() -> dict:
+                with open_peer(args.peer, store, args.timeout) as peer:
+                    return engine.fetch(local, peer, [f["path"].encode(errors="surrogateescape")
+                                                      for f in wanted], bwlimit=_rate(args.bwlimit),
+                                        progress=lambda p: bar.update(p.bytes_done - bar.n))
+            try:
+                result = with_retries(attempt, args.retries, _reconnecting)
+            finally:
+                local.close()
+    if _json(args, result):
+        return 0 if not result["not_on_peer"] else 1
+    print(f"fetched {len(result['fetched']):,} files ({_size(result['sent']['raw_bytes'])}) "
+          f"from {result['remote']}")
+    for path in result["not_on_peer"]:
+        print(f"NOT FETCHED {path}: {result['remote']} does not hold this version")
+    return 0 if not result["not_on_peer"] else 1
 
 
 def cmd_serve(args) -> int:
@@ -544,6 +706,60 @@ def _admin(store_path: str, op: str, **args):
             return control.request(store, op, **args)
     with store:
         return admin.OPERATIONS[op](store, **args)
+
+
+def _unmounted(store_path: str, what: str) -> Store:
+    """The store opened for writing by this process, or one sentence: it is mounted."""
+    try:
+        return Store.open(store_path, writable=True)
+    except StoreBusy:
+        raise CliError(f"{store_path} is mounted; unmount it (vaultfs umount) to "
+                       f"{what}") from None
+
+
+def _reconnecting(e: Exception, delay: float) -> None:
+    print(f"vaultfs: connection lost ({e}); resuming in {delay:.0f} s", file=sys.stderr)
+
+
+def _evict(store: Store | str, paths: list[str] | None, dry_run: bool,
+           if_short: bool) -> dict | None:
+    """Evict files a peer holds: those at `paths`, or by policy (the tiers that allow it,
+    oldest first) until the vault is back above its free-space floor; with `if_short`, only
+    when it is under it (None when it is not). `store` is one this process holds for writing,
+    or the path of one to open (or to reach through its mount)."""
+    from .store import evict
+
+    def plan(s: Store) -> tuple:
+        rules = policy.load(s.path)
+        want = evict.space(s, rules.keep_free_percent)["short_bytes"] if if_short else None
+        cat = _catalog(s)
+        return (want if rules.keep_free_percent else 0), cat, cat.eviction_order(rules, paths)
+
+    if isinstance(store, Store):
+        want, cat, order = plan(store)
+    else:
+        with Store.open(store) as s:
+            want, cat, order = plan(s)
+    if if_short and not want:
+        return None
+    if isinstance(store, Store):
+        result = evict.evict(store, order, want, dry_run)
+    else:
+        result = _admin(store, "evict", candidates=order, want=want, dry_run=dry_run)
+    if paths is not None:
+        listed = {c[2] for c in order}
+        result["skipped"] += [{"path": e.path, "why": f"tier {e.tier} is not evicted"}
+                              for e in cat.under(paths) if e.path not in listed]
+    return result
+
+
+def _print_evicted(result: dict) -> None:
+    verb = "would evict" if result["dry_run"] else "evicted"
+    for e in result["evicted"]:
+        print(f"{verb} {e['path']} ({_size(e['bytes'])}; held by {', '.join(e['held_by'])})")
+    for e in result["skipped"]:
+        print(f"kept {e['path']}: {e['why']}")
+    print(f"{verb} {len(result['evicted']):,} files, {_size(result['freed_bytes'])} freed")
 
 
 def _catalog(store: Store):
@@ -706,17 +922,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", dest="options", action="append", default=[],
                    help="allow_other, vault_visible")
     s.add_argument("--debug", action="store_true", help="log every detail")
+    s.add_argument("--mirror", metavar="PATH",
+                   help="a second copy of the tiers that ask for one, on another disk "
+                        "(created when missing; default: [mirror] path in vault.toml)")
     s.set_defaults(fn=cmd_mount)
 
     s = sub.add_parser("events", help="what happens to files, as JSON lines, as it happens")
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_events)
 
-    s = sub.add_parser("safe", help="whether files are committed and verified yet")
+    s = sub.add_parser("safe", help="whether files are committed, verified (and mirrored) yet")
     s.add_argument("paths", nargs="+", metavar="FILE", help="files under a vaultfs mount")
     s.add_argument("--mountpoint", required=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_safe)
+
+    s = _command(sub, "import", cmd_import,
+                 "copy camera cards into the vault; say whether each is safe to format",
+                 json=True)
+    s.add_argument("cards", nargs="+", metavar="CARD", help="a card's mount point (or folder)")
+    s.add_argument("--into", default="{date}", metavar="PATH",
+                   help="where in the vault: {date} is each file's date (default %(default)s)")
+    s.add_argument("--list", action="store_true", help="show where every file is in the vault")
 
     s = sub.add_parser("umount", help="commit and unmount")
     s.add_argument("mountpoint")
@@ -803,6 +1030,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only-tier", metavar="TIER", help="only the files of this tier")
     s.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
     s.add_argument("--bwlimit", metavar="RATE", help="bytes per second each way: 200k, 5m")
+    s.add_argument("--retries", type=int, default=8, metavar="N",
+                   help="reconnect and resume this often when the link drops (default 8)")
+    s.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="a TCP link silent this long counts as lost (default 120)")
+
+    s = _command(sub, "evict", cmd_evict, "make room: drop the bytes of files a peer holds",
+                 json=True)
+    s.add_argument("paths", nargs="*", metavar="PATH",
+                   help="files or folders (default: by policy, until above the free-space floor)")
+    s.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+
+    s = _command(sub, "fetch", cmd_fetch, "bring back evicted files from a peer", json=True)
+    s.add_argument("peer", metavar="PEER",
+                   help="another store's path, tcp://host:port (vaultfs serve) or ssh://host/path")
+    s.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: all)")
+    s.add_argument("--bwlimit", metavar="RATE", help="bytes per second: 200k, 5m")
     s.add_argument("--retries", type=int, default=8, metavar="N",
                    help="reconnect and resume this often when the link drops (default 8)")
     s.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",

@@ -5,7 +5,8 @@ socket.
     from vaultfs.client import Vault
 
     vault = Vault("/home/me/Capture")
-    print(vault.safe("day1/DSC_0001.NEF"))   # {'committed': True, 'verified': True, 'safe': ...}
+    print(vault.safe("day1/DSC_0001.NEF"))   # {'committed': True, 'verified': True, 'safe': ...,
+                                              #  'copies': 2, 'copies_wanted': 2, 'mirrored': True}
     vault.tag(["day1/DSC_0001.NEF"], tier="select")
     for event in vault.events():              # blocks; one dict per event
         if event["event"] == "verified":
@@ -39,7 +40,9 @@ class Vault:
             yield from control.listen(store, "events")
 
     def safe(self, path: str) -> dict:
-        """Whether the file at `path` (relative to the mount) is committed and verified."""
+        """Whether the file at `path` (relative to the mount) is safe: committed, verified,
+        and mirrored where its tier wants two copies ({'safe', 'committed', 'verified',
+        'copies', 'version'}, and with a mirror 'copies_wanted' and 'mirrored')."""
         with self._store() as store:
             return control.request(store, "safe", path=path)
 

@@ -207,12 +207,12 @@ def init_store(store: Path) -> None:
     run([VAULTFS, "init", str(store)], stdout=subprocess.DEVNULL)
 
 
-def mount(store: Path, mnt: Path) -> int:
-    """Mount in the background; returns the daemon's pid."""
+def mount(store: Path, mnt: Path, *options: str) -> int:
+    """Mount in the background (with `vaultfs mount` options); returns the daemon's pid."""
     if os.path.ismount(mnt):
         unmount(mnt)
     mnt.mkdir(parents=True, exist_ok=True)
-    run([VAULTFS, "mount", str(store), str(mnt)], stdout=subprocess.DEVNULL)
+    run([VAULTFS, "mount", str(store), str(mnt), *options], stdout=subprocess.DEVNULL)
     return daemon_pid(store)
 
 

@@ -15,7 +15,7 @@ import trio
 
 from ..media import fingerprint, metadata
 from ..store import Store
-from ..store.reader import ChunkCache, read_range
+from ..store.reader import ChunkCache, OfflineData, read_range
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,13 @@ class Analyzer:
             node = tx.inode(ino)
             if node is None or not node.content or not pending(tx.media(node.content)):
                 return None
-            what = metadata.sniff(read_range(tx, self.cache, node, 0, 512), self.name_of(ino))
-            if what is not None and node.size <= MAX_BYTES:
-                data = read_range(tx, self.cache, node, 0, node.size)
+            try:
+                what = metadata.sniff(read_range(tx, self.cache, node, 0, 512),
+                                      self.name_of(ino))
+                if what is not None and node.size <= MAX_BYTES:
+                    data = read_range(tx, self.cache, node, 0, node.size)
+            except OfflineData:  # evicted: read when it is back (the next mount's backlog)
+                return None
         # (The bytes are read; the decoding needs no transaction held open.)
         if what is None:
             record: dict = {"kind": None}  # not a format with metadata to read

@@ -4,6 +4,7 @@
 
     committed   the file's new content is in the store (close, fsync, rename into place)
     verified    ...and has been read back from the store and matched its digests
+    mirrored    ...and the mirror holds it too (a tier with two copies; `version`, `copies`)
     analysed    its metadata is in the index (with its rating and label when it has them)
     fingerprinted  an image's fingerprint is in the index (`phash`, `whash`, and `preview`:
                 whether .vault/previews serves one), or `error` says why it has none

@@ -20,7 +20,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..chunking import boundaries, is_zero, split_file
+from ..chunking import MIN_SIZE, boundaries, is_zero, split_file
 from ..store import Store, StoreError, Txn
 from ..store.codec import Digests, digests, encode
 
@@ -61,27 +61,23 @@ class FileIngest:
 
     @classmethod
     def resume(cls, store: Store, tx: Txn, ino: int) -> "FileIngest":
-        """An ingest that keeps a committed file's chunks but for the last one (which may have
-        been cut only by the end of the file): appending then costs what is appended. Sound
-        because a content-defined cut depends only on the bytes before it."""
+        """An ingest that keeps a committed file's chunks (`appendable`): appending then costs
+        what is appended."""
         node = tx.inode(ino)
-        base = list(tx.extents(node.content)) if node is not None else []
-        if not base:
-            return cls(store, ino)
-        return cls(store, ino, base[:-1], base[-1][0])
+        return cls(store, ino, *appendable(list(tx.extents(node.content)) if node else []))
 
     def advance(self, fd: int, end: int, final: bool) -> None:
         """Store the chunks of bytes [done_to, end) of the spool `fd` as pending references.
         Unless `final`, the last chunk is held back: bytes after `end` may still change where
         it is cut."""
-        chunks, encs, _ = self._chunk(fd, end, final)
+        chunks, encs = self._chunk(fd, end, final)
         if chunks:
             self.extents.extend(self._store(chunks, _results(encs)).result())
 
     def commit(self, fd: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
         """Make the first `size` bytes of the spool `fd` the file's new version, atomically:
         the last batch of chunks is stored in the same transaction that adds the version."""
-        chunks, encs, last_cut = self._chunk(fd, size, final=True)
+        chunks, encs = self._chunk(fd, size, final=True)
         encoded = _results(encs)
         ino, base, extents = self.ino, self.base, self.extents
 
@@ -109,12 +105,9 @@ class FileIngest:
                 tx.drop_version(previous, ino)  # kept if a snapshot holds it
             return new, version.version
 
-        new, self.session_version = self.store.writer.call(finish) or (None, 0)
-        if new is None:
-            self.base, last_cut = [], 0
-        else:  # the last chunk was cut by the end of the file: it is cut again after an append
-            self.base = [e for e in new if e[0] < last_cut]
-        self.extents, self.done_to, self.holds_pending = [], last_cut, False
+        new, self.session_version = self.store.writer.call(finish) or ([], 0)
+        self.base, self.done_to = appendable(new)
+        self.extents, self.holds_pending = [], False
 
     def abandon(self) -> None:
         """Release what this ingest stored and start over: its view of the file is out of date."""
@@ -128,11 +121,9 @@ class FileIngest:
             # transaction, or by recovery), nothing of this view of the file is kept.
             self.base, self.extents, self.done_to, self.bounds = [], [], 0, None
 
-    def _chunk(self, fd: int, end: int, final: bool
-               ) -> tuple[list[Chunk], EncodeJobs, int]:
+    def _chunk(self, fd: int, end: int, final: bool) -> tuple[list[Chunk], EncodeJobs]:
         """Cut, hash and store bytes [done_to, end), but for the last batch, which is returned
-        (with its compression under way) for the caller to store, with where the last chunk
-        begins.
+        (with its compression under way) for the caller to store.
 
         A pipeline: this thread reads, cuts and hashes; the encoder pool compresses the chunks
         the store lacks; the writer commits. Up to PIPELINE batches wait in each stage, so the
@@ -141,7 +132,7 @@ class FileIngest:
         storing: deque[Future[list[Extent]]] = deque()
         batch: list[Chunk] = []
         nbytes = 0
-        last_cut = last = self.done_to
+        last = self.done_to
 
         def drain(keep: int) -> None:
             while len(encoding) > keep:
@@ -154,7 +145,7 @@ class FileIngest:
             self.bounds = boundaries(lambda off, n: os.pread(fd, n, off), end)
         try:
             for off, data in split_file(fd, self.done_to, end, final, self.bounds or ()):
-                last_cut, last = off, off + len(data)
+                last = off + len(data)
                 if is_zero(data):
                     continue  # a hole: stored as no extent at all
                 batch.append((off, data, digests(data)))
@@ -163,7 +154,7 @@ class FileIngest:
                     encoding.append((batch, self._encode_missing(batch)))
                     batch, nbytes = [], 0
                     drain(PIPELINE)
-            tail = (batch, self._encode_missing(batch), last_cut)
+            tail = (batch, self._encode_missing(batch))
             drain(0)
         finally:
             for fut in storing:
@@ -188,6 +179,21 @@ class FileIngest:
 
         self.holds_pending = True
         return self.store.writer.submit(put)
+
+
+def appendable(extents: list[Extent]) -> tuple[list[Extent], int]:
+    """What a later append keeps of a committed version's extents, and where cutting starts
+    again. Its last chunk was cut by the end of the file, not by its content: kept when it is a
+    full one (at least MIN_SIZE), so that appending stores and sends only what is appended;
+    else its bytes are cut again with what follows, so that a logger's many small appends do
+    not leave a trail of tiny chunks. (Sound either way: a content-defined cut depends only on
+    the bytes since the previous one.)"""
+    if not extents:
+        return [], 0
+    off, _, length = extents[-1]
+    if length >= MIN_SIZE:
+        return extents, off + length
+    return extents[:-1], off
 
 
 def _results(encs: EncodeJobs) -> dict[int, bytes]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -27,18 +28,21 @@ import trio
 from pyfuse3 import FUSEError
 
 from ..store import ROOT_INO, Inode, Store, Txn
-from ..store.reader import ChunkCache, DamagedChunk, read_range
+from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_range
 from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
+from . import importfile
+from .capture import CapturePolicies
 from .ingest import FileIngest, commit_spool
 from .spool import OpenInode, open_spool
 from ..media.tiers import Tiers
-from ..store import policy, scrub
+from ..store import policy
 from .analysis import Analyzer
 from ..media.catalog import Catalog
 from ..media.groups import SEQUENCES, Group, GroupIndex
 from ..media.catalog import build as build_catalog
 from ..store.verify import check_chunk
 from .events import Events
+from .mirror import Mirror, figures as copies_figures
 from .views import VAULT_INO, VAULT_NAME, Views, inode_attrs
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,9 @@ def handler(fn):
         except DamagedChunk as e:
             log.error("damaged data in %s: %s", self.path_of(e.ino), e)
             raise FUSEError(errno.EIO) from None
+        except OfflineData as e:  # "Object is remote": `vaultfs fetch` brings it back
+            log.warning("%s is offline (evicted, held by a peer): %s", self.path_of(e.ino), e)
+            raise FUSEError(errno.EREMOTE) from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 log.warning("%s: %s", fn.__name__, e)
@@ -123,6 +130,7 @@ class VaultOperations(pyfuse3.Operations):
         self.groups = GroupIndex()  # kept up to date with each rebuild (under its lock)
         self._joined: list[tuple[str, Group]] = []  # files that joined a burst or bracket
         self.analyzer: Analyzer | None = None  # set by mount.run
+        self.mirror: Mirror | None = None  # set by mount.run when the vault has a mirror
         self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
                            self.catalog, self.rules.names)
         self._limiter = trio.CapacityLimiter(workers)
@@ -140,6 +148,9 @@ class VaultOperations(pyfuse3.Operations):
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None  # for background ingest; set by mount.run
         self.changed = False  # the tree changed since the last automatic snapshot
+        self.capture: CapturePolicies | None = None  # set by mount.run when vault.toml has some
+        # Files committed for the first time, not yet analysed: whether a policy may rename it.
+        self._fresh: dict[int, bool] = {}
 
     # ---- helpers ------------------------------------------------------------------------------
     async def _write(self, fn: Callable[[Txn], T]) -> T:
@@ -280,7 +291,7 @@ class VaultOperations(pyfuse3.Operations):
         dirty = [of.dirty_since for of in self._open.values() if of.dirty]
         figures["uncommitted_files"] = len(dirty)
         figures["oldest_uncommitted_s"] = round(time.monotonic() - min(dirty), 3) if dirty else 0
-        figures["tiers"] = self.catalog().tier_figures(scrub.results(self.store))
+        figures.update(copies_figures(self.store, self.catalog()))
         return figures
 
     # ---- lookups and attributes ---------------------------------------------------------------
@@ -731,15 +742,112 @@ class VaultOperations(pyfuse3.Operations):
                                     error=f"commit failed: {getattr(e, 'strerror', None) or e}")
             raise
         self._failed.discard(of.ino)
-        self.changed = True
-        self.events.publish("committed", self.event_path(of.ino), size=of.size)
-        if self.nursery is not None:
-            self.nursery.start_soon(self._verify, of.ino)
-        if self.analyzer is not None:
-            self.analyzer.enqueue(of.ino)
+        self._committed(of.ino, of.size)
         # From here on, a write below done_to invalidates the ingest; appends go on from it.
         of.stream_ok, of.stream_end = True, ingest.done_to
         of.dirty = False
+
+    def _committed(self, ino: int, size: int, imported: bool = False) -> None:
+        """A file's new content is in the store: say so, read it back, read its metadata."""
+        if self.capture is not None:
+            with self.store.reader() as tx:
+                if len(list(itertools.islice(tx.versions(ino), 2))) == 1:
+                    # Its first version: a capture, for the policies (an import has its
+                    # own layout: --into, so no rename).
+                    self._fresh[ino] = not imported
+        self.changed = True
+        self.events.publish("committed", self.event_path(ino), size=size)
+        if self.nursery is not None:
+            self.nursery.start_soon(self._verify, ino)
+        if self.analyzer is not None:
+            self.analyzer.enqueue(ino)
+
+    def import_file(self, source: str, dest: str) -> dict:
+        """Commit the file at `source` (outside the mount: a camera card) as a new file at
+        `dest` in the live tree, through the same ingest, read-back and analysis as a file
+        written through the mount (importfile.py). Runs in a worker thread (a control op).
+        A source that cannot be read is an answer, not a failure of the mount."""
+        parts = dest.split("/")
+        if any(p in ("", ".", "..") or len(os.fsencode(p)) > NAME_MAX for p in parts) \
+                or parts[0] == VAULT_NAME.decode():
+            raise ValueError(f"{dest!r} is not a path for a file in the vault")
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            return {"error": e.strerror or str(e), "errno": e.errno}
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return {"error": "not a regular file"}
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            ino, chain, new = importfile.import_file(self.store, fd, st.st_size, st.st_mtime_ns,
+                                                     os.fsencode(dest))
+        except OSError as e:  # EIO from a failing card, ENOSPC from the store's disk...
+            if e.errno is None:  # (a short read: where does reading fail?)
+                e = importfile.read_error(fd, st.st_size) or e
+            log.warning("importing %s failed: %s", source, e)
+            return {"error": e.strerror or str(e), "errno": e.errno}
+        finally:
+            os.close(fd)
+        self._uncache(chain, new)
+        trio.from_thread.run_sync(lambda: self._placed(chain, ino, st.st_size, imported=True))
+        path = b"/".join(name for _, name, _ in chain).decode(errors="surrogateescape")
+        with self.store.reader() as tx:
+            version = tx.inode(ino).content
+        return {"path": path, "version": version, "size": st.st_size}
+
+    @staticmethod
+    def _uncache(chain: list[tuple[int, bytes, int]], new: int,
+                 left: tuple[int, bytes] | None = None) -> None:
+        """After a change made behind the kernel's back (an import, a capture policy): drop
+        what it may cache of the first new name on the path (a negative entry, from a lookup
+        before it existed), of the name a file left, and of the folders' attributes. Blocking:
+        from a worker thread."""
+        for parent, name in [chain[new][:2]] + ([left] if left else []):
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+            with contextlib.suppress(OSError):  # (a folder the kernel does not know)
+                pyfuse3.invalidate_inode(parent, attr_only=True)
+
+    def _placed(self, chain: list[tuple[int, bytes, int]], ino: int, size: int | None,
+                was: str = "", imported: bool = False) -> None:
+        """A file has a new path: committed as a new file (`size`), or moved from `was`. Note
+        the names for its events, and announce it."""
+        for parent, name, child in chain[:-1]:
+            self._names.setdefault(child, (parent, name))
+        self._names[ino] = chain[-1][:2]
+        if size is not None:
+            self._committed(ino, size, imported)
+        else:
+            self.events.publish("renamed", self.event_path(ino), **{"from": was})
+
+    def analysed(self, ino: int, record: dict) -> None:
+        """The analyser has read a file's metadata (and fingerprint): say so, and apply the
+        capture policies to an image captured in this mount. A fingerprint may complete a
+        burst: the catalogue is rebuilt to see."""
+        path = self.event_path(ino)
+        self.events.publish("analysed", path, **{k: record[k] for k in ("kind", "rating",
+                                                                        "label", "error")
+                                                 if k in record})
+        if "fingerprint" in record:
+            self.events.publish("fingerprinted", path, preview="preview" in record,
+                                **record["fingerprint"])
+            self.want_catalog()
+        elif "fingerprint_error" in record:
+            self.events.publish("fingerprinted", path, error=record["fingerprint_error"])
+        rename = self._fresh.pop(ino, None)
+        if rename is not None and record.get("kind") == "image" and not path.startswith("<") \
+                and self.nursery is not None:
+            self.nursery.start_soon(self._capture, ino, path, record, rename)
+
+    async def _capture(self, ino: int, path: str, record: dict, rename: bool) -> None:
+        try:
+            placed = await self._thread(self.capture.apply, ino, path, record, rename)
+            for p in placed:
+                await self._thread(self._uncache, p.chain, p.new, p.left)
+                self._placed(p.chain, p.ino, p.size, p.was)
+        except Exception as e:
+            log.exception("the capture policy for %s failed", path)
+            self.events.publish("error", path, error=f"capture policy: {e}")
 
     async def _verify(self, ino: int) -> None:
         """Read a committed file back from the store and match every chunk against its
@@ -777,9 +885,9 @@ class VaultOperations(pyfuse3.Operations):
             return node.content, None
 
     def safety(self, path: str) -> dict:
-        """Is the file at `path` safe yet: committed, read back and verified (and how many
-        copies the vault holds of it: one, until mirrors come). A file committed before this
-        mount is read back now (blocking: runs in a worker thread)."""
+        """Is the file at `path` safe yet: committed, read back and verified, and mirrored
+        where its tier asks for two copies; and how many copies there are. A file committed
+        before this mount is read back now (blocking: runs in a worker thread)."""
         with self.store.reader() as tx:
             ino = tx.resolve(path)
             node = tx.inode(ino) if ino is not None else None
@@ -794,8 +902,10 @@ class VaultOperations(pyfuse3.Operations):
                 self._verified[ino] = version
         verified = committed and (self._verified.get(ino) == node.content if node.content
                                   else node.size == 0)
-        return {"path": path, "committed": committed, "verified": verified,
-                "safe": verified, "copies": 1 if verified else 0, "version": node.content}
+        answer = {"path": path, "committed": committed, "verified": verified,
+                  "safe": verified, "copies": 1 if verified else 0, "version": node.content}
+        return answer if self.mirror is None else \
+            self.mirror.judge(answer, ino, self.refresh_catalog())
 
     def _drop_open(self, of: OpenInode) -> None:
         of.close_spool()
@@ -816,8 +926,16 @@ class VaultOperations(pyfuse3.Operations):
         return await self._thread(self._read_committed, ino, off, size)
 
     def _read_committed(self, ino: int, off: int, size: int) -> bytes:
-        with self.store.reader(buffers=True) as tx:  # size and extents from one snapshot
-            return read_range(tx, self.cache, self._inode(tx, ino), off, size)
+        mended: set[bytes] = set()
+        while True:
+            try:
+                with self.store.reader(buffers=True) as tx:  # size and extents from one snapshot
+                    return read_range(tx, self.cache, self._inode(tx, ino), off, size)
+            except DamagedChunk as e:  # the mirror's copy mends it, when it has a good one
+                if self.mirror is None or e.chunk_id in mended or \
+                        not self.mirror.mend(e.chunk_id, self.path_of(ino)):
+                    raise
+                mended.add(e.chunk_id)
 
     @handler
     async def write(self, fh, off, buf):

@@ -58,6 +58,25 @@ class Catalog:
             out.setdefault(tier, {"files": 0, "bytes": 0})["last_scrub"] = result
         return out
 
+    def eviction_order(self, rules: policy.Policy, under: list[str] | None = None
+                       ) -> list[list]:
+        """[ino, content version, path] of the files whose tier lets them be evicted once a
+        peer holds them (store/evict.py), oldest first; with `under`, only files at or below
+        those paths. Sidecars stay: they are small and hold the edits."""
+        tiers_ok = {name for name, tp in rules.tier_policies.items() if tp.evict}
+        files = [e for e in self.under(under) if e.tier in tiers_ok and e.node.content
+                 and not sidecars.is_sidecar(e.path.rsplit("/", 1)[-1])]
+        files.sort(key=lambda e: (e.node.mtime_ns, e.path))
+        return [[e.node.ino, e.node.content, e.path] for e in files]
+
+    def under(self, paths: list[str] | None) -> list[Entry]:
+        """The files at or below `paths` (relative to the root; None: all)."""
+        if paths is None:
+            return list(self.files.values())
+        roots = [p.strip("/") for p in paths]
+        return [e for e in self.files.values()
+                if any(not r or e.path == r or e.path.startswith(r + "/") for r in roots)]
+
     def add(self, key: tuple, ino: int, parents: list[int]) -> None:
         self.members[key].add(ino)
         self.folders[key].update(parents)

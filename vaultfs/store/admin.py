@@ -2,7 +2,7 @@
 opens, or sends them to the mount that holds the store (fs/control.py), which runs them with
 its own writer."""
 
-from . import branches, history, tags
+from . import branches, evict, history, tags
 
 OPERATIONS = {
     "snapshot": history.create_snapshot,
@@ -13,4 +13,5 @@ OPERATIONS = {
     "delete-branch": branches.delete_branch,
     "merge": branches.merge,
     "tag": tags.tag,
+    "evict": evict.evict,
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # Named LMDB databases inside the one environment.
 DB_META = b"meta"
@@ -28,12 +28,13 @@ DB_BRANCHES = b"branches"
 DB_SNAPSHOTS = b"snapshots"
 DB_MEDIA = b"media"
 DB_SYNCBASE = b"syncbase"
+DB_HELD = b"held"
 ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_EXTENTS, DB_XATTRS,
            DB_CHUNKS, DB_CHUNKDATA, DB_PENDING, DB_VERSIONS, DB_TIMELINES, DB_EPOCHS, DB_BRANCHES,
-           DB_SNAPSHOTS, DB_MEDIA, DB_SYNCBASE)
-# Added to format 2 after its first stores were made: a writable open creates them, a reader
-# that finds one missing sees it empty.
-LATER_DBS = (DB_MEDIA, DB_SYNCBASE)
+           DB_SNAPSHOTS, DB_MEDIA, DB_SYNCBASE, DB_HELD)
+# Added after a format's first stores were made: a writable open creates them, a reader that
+# finds one missing sees it empty.
+LATER_DBS = (DB_MEDIA, DB_SYNCBASE, DB_HELD)
 # Records of these databases are versioned by epoch (see "Epochs" below).
 VERSIONED_DBS = (DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_XATTRS)
 
@@ -58,7 +59,8 @@ STAT_LOGICAL = b"stat.logical_bytes"      # bytes of file data in extents (all v
 STAT_UNIQUE = b"stat.unique_bytes"        # raw bytes of distinct chunks
 STAT_STORED = b"stat.stored_bytes"        # bytes of chunk payloads as stored (compressed)
 STAT_CHUNKS = b"stat.chunks"              # distinct chunks
-COUNTERS = (STAT_FILES, STAT_LOGICAL, STAT_UNIQUE, STAT_STORED, STAT_CHUNKS)
+STAT_OFFLINE = b"stat.offline_bytes"      # raw bytes of chunks evicted (held by a peer only)
+COUNTERS = (STAT_FILES, STAT_LOGICAL, STAT_UNIQUE, STAT_STORED, STAT_CHUNKS, STAT_OFFLINE)
 
 U64 = struct.Struct(">Q")
 U64x2 = struct.Struct(">QQ")
@@ -93,6 +95,11 @@ class ChunkRecord:
     stored_len: int
     blake3: bytes
 
+    @property
+    def offline(self) -> bool:
+        """Evicted: its bytes are held by a peer only (no stored chunk is 0 bytes long)."""
+        return self.stored_len == 0
+
     def pack(self) -> bytes:
         return CHUNK_REC.pack(self.refcount, self.raw_len, self.stored_len, self.blake3)
 
@@ -102,6 +109,13 @@ class ChunkRecord:
 
 
 # chunkdata: id -> codec u8 + payload (the payload is the zstd frame, or the raw bytes).
+# An *offline* chunk (format 3) was evicted: its record stays, with stored length 0, and it has
+# no chunkdata; a peer holds its bytes (held, below) and a sync or fetch brings them back.
+
+# held: version u64 + peer vault id (16 bytes) -> confirmed ns i64 + the peer's name (UTF-8).
+# The peer was seen holding exactly this version's bytes when the two vaults last met: what
+# makes the version's chunks safe to evict. Dropped with the version.
+HELD_REC = struct.Struct(">q")
 
 # ---- epochs -------------------------------------------------------------------------------
 # The tree (inodes, directory entries, xattrs) is versioned by epoch, the way bcachefs versions

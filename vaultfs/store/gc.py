@@ -138,11 +138,11 @@ def compact(store_path: Path) -> tuple[int, int]:
         env.copy(str(new), compact=True)
     finally:
         env.close()
-    _fsync_file(new / "data.mdb")
-    _fsync_file(new)
+    fsync_path(new / "data.mdb")
+    fsync_path(new)
     os.rename(lmdb_dir, old)
     os.rename(new, lmdb_dir)
-    _fsync_file(store_path)
+    fsync_path(store_path)
     shutil.rmtree(old)
     return before, (lmdb_dir / "data.mdb").stat().st_size
 
@@ -160,7 +160,7 @@ def recover_compaction(store_path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

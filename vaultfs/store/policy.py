@@ -15,24 +15,49 @@
     keep_daily = 30
     keep_monthly = 12
 
+    [space]
+    keep_free_percent = 20   # under this, files a peer holds are evicted (0: never)
+
+    [mirror]
+    path = "/media/ssd2/vault"   # a second copy on another device (relative: to the store's
+                                 # folder); `vaultfs mount --mirror PATH` wins over it
+
     [[tiers]]            # priority tiers, in order: the first rule that holds names the tier
     name = "select"      # (rules: media/tiers.py)
     rule = "rating >= 4 or pick or label == 'red'"
     verify_days = 7      # a mount re-reads and re-hashes the tier's chunks this often (0: never)
     sync_priority = 1    # the order in which tiers leave the vault when it syncs
+    evict = false        # whether its files may be evicted once a peer holds them
+    copies = 2           # 2: a file is safe once the mirror holds it too (fs/mirror.py); the
+                         # default is 2 for select where a mirror is configured, else 1
     [[tiers]]
     name = "reject"
     rule = "reject"
+    evict = true
     [[tiers]]
     name = "general"
     rule = "true"
+    evict = true
 
-A missing key takes the default above; `vaultfs init` writes them all, so they can be read and
-changed in one place. Snapshots made by hand are never pruned by policy.
+    [[capture]]          # on-capture policies: what a new file gets, after its metadata is read
+    folder = "weddings"  # files captured under this folder of the vault (or: tier = "select")
+    copyright = "(c) 2026 Ana Lima"     # written as an XMP sidecar, never into the file
+    creator = "Ana Lima"
+    keywords = ["wedding"]
+    session = "Ana & Tom"               # (XMP photoshop:TransmissionReference, IPTC Job Id)
+    rename = "{date}/{camera}_{seq}{ext}"   # only when given: the file's new path, from its
+                                            # folder ({date} {camera} {seq} {name} {ext})
+
+A missing key takes the default above; `vaultfs init` writes them all (the mirror's path and
+`copies` as comments: their defaults depend on each other), so they can be read and changed in
+one place. Snapshots made by hand are never pruned by policy. A tier that asks for 2 copies
+without a mirror, or for 2 copies and eviction, is an error: never silently one copy.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +76,29 @@ DEFAULT_TIERS = (("select", "rating >= 4 or pick or label == 'red'"),
 
 
 DEFAULT_VERIFY_DAYS = {"select": 7, "reject": 0}
+EVICTABLE = ("general", "reject")  # by default; a select is never evicted
+DEFAULT_KEEP_FREE_PERCENT = 20.0
+MIRRORED = ("select",)  # the tiers kept in two copies by default where a mirror is configured
 
 
 @dataclass
 class TierPolicy:
     verify_days: float   # re-read and re-hash the tier's chunks this often; 0: never
     sync_priority: int   # lower leaves first when the vault syncs (issue 6)
+    evict: bool = False  # its files may be evicted once a peer holds them
+    copies: int = 1      # 2: safe only once the mirror holds the file too
+
+
+CAPTURE_METADATA = ("copyright", "creator", "keywords", "session")
+RENAME_FIELDS = ("date", "camera", "seq", "name", "ext")
+
+
+@dataclass
+class CapturePolicy:
+    folder: str | None   # files captured under this folder ('' is the whole vault)...
+    tier: str | None     # ...or files of this tier when captured
+    metadata: dict       # copyright, creator, session (strings), keywords (strings)
+    rename: str | None   # the template of a new path, relative to the file's folder
 
 
 @dataclass
@@ -68,6 +110,9 @@ class Policy:
     snapshot_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SNAPSHOT_KEEP))
     version_keep: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_VERSION_KEEP))
     tier_policies: dict[str, TierPolicy] = field(default_factory=dict)
+    keep_free_percent: float = DEFAULT_KEEP_FREE_PERCENT
+    mirror: Path | None = None  # the mirror store's path, when one is configured
+    capture: list[CapturePolicy] = field(default_factory=list)
 
 
 def default_toml() -> str:
@@ -75,14 +120,19 @@ def default_toml() -> str:
     lines = ["", "[snapshots]", "every_minutes = 15", "at_unmount = true", "on_select = true"]
     lines += [f"keep_{k} = {v}" for k, v in DEFAULT_SNAPSHOT_KEEP.items()]
     lines += ["", "[versions]"] + [f"keep_{k} = {v}" for k, v in DEFAULT_VERSION_KEEP.items()]
+    lines += ["", "[space]", f"keep_free_percent = {DEFAULT_KEEP_FREE_PERCENT:g}"]
+    lines += ["", "[mirror]", '# path = "/media/ssd2/vault"   # a second copy of the tiers with '
+              'copies = 2', "# (select, by default, once a mirror is set: copies = 2)"]
     for i, (name, rule) in enumerate(DEFAULT_TIERS, 1):
         lines += ["", "[[tiers]]", f'name = "{name}"', f'rule = "{rule}"',
-                  f"verify_days = {DEFAULT_VERIFY_DAYS.get(name, 30)}", f"sync_priority = {i}"]
+                  f"verify_days = {DEFAULT_VERIFY_DAYS.get(name, 30)}", f"sync_priority = {i}",
+                  f"evict = {'true' if name in EVICTABLE else 'false'}"]
     return "\n".join(lines) + "\n"
 
 
-def load(store_path: Path) -> Policy:
-    """The policy of a store; a bad value is an error that names it."""
+def load(store_path: Path, mirror: str | os.PathLike | None = None) -> Policy:
+    """The policy of a store; a bad value is an error that names it. `mirror` (the mount's
+    --mirror) wins over the mirror vault.toml names."""
     path = store_path / "vault.toml"
     try:
         doc = tomllib.loads(path.read_text())
@@ -102,6 +152,12 @@ def load(store_path: Path) -> Policy:
     if not isinstance(on_select, bool):
         raise StoreError(f"{path}: snapshots.on_select must be true or false")
     p.snapshot_on_select = on_select
+    keep_free = doc.get("space", {}).get("keep_free_percent", DEFAULT_KEEP_FREE_PERCENT)
+    if isinstance(keep_free, bool) or not isinstance(keep_free, (int, float)) or \
+            not 0 <= keep_free < 100:
+        raise StoreError(f"{path}: space.keep_free_percent must be a number from 0 to 99")
+    p.keep_free_percent = float(keep_free)
+    p.mirror = _mirror(path, doc, mirror)
     p.snapshot_keep = _rules(path, "snapshots", snaps, DEFAULT_SNAPSHOT_KEEP)
     p.version_keep = _rules(path, "versions", versions, DEFAULT_VERSION_KEEP)
     tiers = doc.get("tiers", [dict(name=n, rule=r) for n, r in DEFAULT_TIERS])
@@ -114,7 +170,7 @@ def load(store_path: Path) -> Policy:
                          f'"..", no "/") and a rule = "..."')
     p.tiers = [(t["name"], t.get("rule", "true")) for t in tiers]
     for i, t in enumerate(tiers):
-        unknown = set(t) - {"name", "rule", "verify_days", "sync_priority"}
+        unknown = set(t) - {"name", "rule", "verify_days", "sync_priority", "evict", "copies"}
         if unknown:
             raise StoreError(f"{path}: tier {t['name']}: {', '.join(sorted(unknown))} "
                              f"is not something this vaultfs does (yet)")
@@ -124,9 +180,74 @@ def load(store_path: Path) -> Policy:
             raise StoreError(f"{path}: tier {t['name']}: verify_days must be a number >= 0")
         if isinstance(prio, bool) or not isinstance(prio, int):
             raise StoreError(f"{path}: tier {t['name']}: sync_priority must be a whole number")
-        p.tier_policies[t["name"]] = TierPolicy(float(days), prio)
-    p.tier_policies.setdefault("general", TierPolicy(30.0, len(tiers) + 1))
+        evict = t.get("evict", t["name"] in EVICTABLE)
+        if not isinstance(evict, bool):
+            raise StoreError(f"{path}: tier {t['name']}: evict must be true or false")
+        if evict and t["name"] == "select":
+            raise StoreError(f"{path}: tier select: a select is never evicted (evict = false)")
+        copies = t.get("copies", 2 if p.mirror and t["name"] in MIRRORED else 1)
+        if type(copies) is not int or copies not in (1, 2):
+            raise StoreError(f"{path}: tier {t['name']}: copies must be 1 or 2")
+        if copies == 2 and p.mirror is None:
+            raise StoreError(f"{path}: tier {t['name']} asks for copies = 2 and no mirror is "
+                             f"configured: mount with --mirror PATH, or set path in [mirror]")
+        if copies == 2 and evict:
+            raise StoreError(f"{path}: tier {t['name']}: a tier kept in two copies is not "
+                             f"evicted (evict = false, or copies = 1)")
+        p.tier_policies[t["name"]] = TierPolicy(float(days), prio, evict, copies)
+    p.tier_policies.setdefault("general", TierPolicy(30.0, len(tiers) + 1, True))
+    capture = doc.get("capture", [])
+    if not isinstance(capture, list) or not all(isinstance(c, dict) for c in capture):
+        raise StoreError(f"{path}: capture policies are [[capture]] tables")
+    p.capture = [_capture(path, c, p.tier_policies) for c in capture]
     return p
+
+
+def _mirror(path: Path, doc: dict, given: str | os.PathLike | None) -> Path | None:
+    """The mirror's path: the mount's --mirror, else [mirror] path (relative to the store's
+    folder), else none."""
+    if given is not None:
+        return Path(given).expanduser().absolute()
+    table = doc.get("mirror", {})
+    named = table.get("path") if isinstance(table, dict) else None
+    if named is None:
+        return None
+    if not isinstance(named, str) or not named.strip():
+        raise StoreError(f'{path}: mirror.path must be a path, like "/media/ssd2/vault"')
+    return (path.parent / Path(named).expanduser()).absolute()
+
+
+def _capture(path: Path, c: dict, tiers: dict) -> CapturePolicy:
+    where = f"{path}: [[capture]] {c.get('folder', c.get('tier', ''))!r}"
+    unknown = set(c) - {"folder", "tier", "rename", *CAPTURE_METADATA}
+    if unknown:
+        raise StoreError(f"{where}: {', '.join(sorted(unknown))} is not something this vaultfs "
+                         f"does (keys: folder or tier, {', '.join(CAPTURE_METADATA)}, rename)")
+    if ("folder" in c) == ("tier" in c):
+        raise StoreError(f'{where}: give folder = "..." or tier = "...", one of them')
+    folder, tier = c.get("folder"), c.get("tier")
+    if folder is not None and (not isinstance(folder, str) or
+                               any(part in (".", "..") for part in folder.split("/"))):
+        raise StoreError(f"{where}: folder must be a path in the vault, without . or ..")
+    if tier is not None and tier not in tiers:
+        raise StoreError(f"{where}: there is no tier {tier!r} (tiers: {', '.join(tiers)})")
+    for key in ("copyright", "creator", "session", "rename"):
+        if key in c and (not isinstance(c[key], str) or not c[key].strip()):
+            raise StoreError(f"{where}: {key} must be a string")
+    keywords = c.get("keywords", [])
+    if not isinstance(keywords, list) or not all(isinstance(k, str) and k for k in keywords):
+        raise StoreError(f'{where}: keywords must be a list of strings: ["eagle", "nest"]')
+    rename = c.get("rename")
+    if rename is not None:
+        fields = re.findall(r"\{([^{}]*)\}", rename)
+        if set(fields) - set(RENAME_FIELDS) or "seq" not in fields or rename.startswith("/") \
+                or any(part in ("", ".", "..") for part in rename.split("/")):
+            raise StoreError(f"{where}: rename {rename!r} must be a relative path made of "
+                             f"{{{'}, {'.join(RENAME_FIELDS)}}} and text, with {{seq}} "
+                             f"(so that no two files get one name)")
+    metadata = {k: c[k] for k in CAPTURE_METADATA if k in c and c[k]}
+    return CapturePolicy(folder.strip("/") if folder is not None else None, tier, metadata,
+                         rename)
 
 
 def _rules(path: Path, section: str, table: dict, default: dict[str, int]) -> dict[str, int]:

@@ -26,6 +26,19 @@ class DamagedChunk(Exception):
         self.ino, self.offset, self.length, self.chunk_id = ino, offset, length, chunk_id
 
 
+class ChunkOffline(Exception):
+    """The chunk was evicted (store/evict.py): only a peer holds its bytes."""
+
+
+class OfflineData(Exception):
+    """A read met bytes of a file that were evicted: fetch them from a peer first."""
+
+    def __init__(self, ino: int, offset: int, length: int):
+        super().__init__(f"inode {ino}: bytes {offset}-{offset + length - 1} are offline "
+                         f"(evicted; a peer holds them)")
+        self.ino, self.offset, self.length = ino, offset, length
+
+
 class ChunkCache:
     """Decoded chunks, most recently used kept, bounded in bytes. Concurrent reads of one chunk
     (the kernel's read-ahead sends several at once) decode it once: the others wait for it."""
@@ -43,6 +56,8 @@ class ChunkCache:
         rec = tx.chunk_record(chunk_id)
         if rec is None:
             raise ChunkCorrupt("chunk is missing from the store")
+        if rec.offline:
+            raise ChunkOffline()
         key = chunk_id + rec.blake3
         while True:
             with self._lock:
@@ -107,6 +122,8 @@ def iter_extents(tx: Txn, cache: ChunkCache, node: Content, start: int = 0,
             data = cache.get(tx, chunk_id)
         except ChunkCorrupt as e:
             raise DamagedChunk(ino, ext_off, length, chunk_id, str(e)) from None
+        except ChunkOffline:
+            raise OfflineData(ino, ext_off, length) from None
         if len(data) != length:
             raise StoreError(f"inode {ino}: extent at {ext_off} says {length} bytes, "
                              f"chunk {chunk_id.hex()} holds {len(data)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import history
 from .codec import ChunkCorrupt, confirm_digest
 from .format import Inode
-from .reader import ChunkCache
+from .reader import ChunkCache, ChunkOffline
 from .store import Store
 from .txn import StoreError
 
@@ -130,6 +130,9 @@ def _write_file(tx, cache: ChunkCache, node: Inode, tmp: Path,
                 data = cache.get(tx, chunk_id)  # checked against its xxh3 digest
             except ChunkCorrupt as e:
                 raise StoreError(f"bytes {off}-{off + length - 1}: {e}") from None
+            except ChunkOffline:
+                raise StoreError(f"bytes {off}-{off + length - 1} are offline (evicted; a "
+                                 f"peer holds them): `vaultfs fetch` them first") from None
             if confirm_digest(data) != tx.chunk_record(chunk_id).blake3:
                 raise StoreError(f"bytes {off}-{off + length - 1} do not match their "
                                  f"BLAKE3 digest")

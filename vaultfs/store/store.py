@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 import stat
 import time
@@ -31,6 +32,8 @@ from .writer import Writer
 
 log = logging.getLogger(__name__)
 
+# Format 2 stores are upgraded in place by a writable open; format 1 had no snapshots.
+UPGRADABLE_FROM = 2
 MAP_SIZE = 1 << 42  # 4 TiB of address space; the file grows with the data, not with this
 LOCK_FILE_BYTES = 64 * 1024  # more than LMDB's reader table for max_readers=256 needs
 
@@ -136,12 +139,12 @@ class Store:
         if type(version) is int and version > F.FORMAT_VERSION:  # (a bool is no version)
             raise StoreError(f"{p} has store format {version}, newer than this vaultfs "
                              f"understands ({F.FORMAT_VERSION}); upgrade vaultfs to use it")
-        if type(version) is int and 0 < version < F.FORMAT_VERSION:
+        if type(version) is int and 0 < version < UPGRADABLE_FROM:
             raise StoreError(f"{p} has store format {version}, from a development version of "
                              f"vaultfs before snapshots; this vaultfs reads format "
                              f"{F.FORMAT_VERSION} and cannot upgrade it: read its files with the "
                              f"vaultfs that wrote it, and copy them into a new store")
-        if type(version) is not int or version != F.FORMAT_VERSION:
+        if type(version) is not int or not UPGRADABLE_FROM <= version <= F.FORMAT_VERSION:
             raise StoreError(f"{p / 'vault.toml'} names store format {version!r}; "
                              f"this vaultfs reads format {F.FORMAT_VERSION}")
         lock_fd = _take_lock(p) if writable else None
@@ -158,13 +161,16 @@ class Store:
         try:
             with store.reader() as tx:
                 inner = tx.meta(F.META_FORMAT)
-                if inner is None or F.from_u64(inner) != F.FORMAT_VERSION:
+                inner = F.from_u64(inner) if inner is not None else None
+                # (an upgrade cut between its two steps leaves the database one ahead)
+                if inner != version and not (inner == F.FORMAT_VERSION and writable):
                     raise StoreError(f"{p} holds a database of store format "
-                                     f"{F.from_u64(inner) if inner else 'unknown'}, "
-                                     f"not {F.FORMAT_VERSION}")
+                                     f"{inner if inner else 'unknown'}, not {version}")
                 tx.epoch  # noqa: B018 - the branch must exist
             if writable:
                 _check_tmpfile(store.spool_dir)
+                if version != F.FORMAT_VERSION:
+                    store._upgrade(version)
                 store._recover()
         except BaseException:
             store.close()
@@ -216,6 +222,25 @@ class Store:
             raise StoreError("store was opened read-only")
         return self.writer.call(fn)
 
+    # ---- upgrades -----------------------------------------------------------------------------
+    def _upgrade(self, version: int) -> None:
+        """Format 2 -> 3 adds offline chunks and the `held` database, which a writable open
+        has created: nothing to rewrite but the two copies of the version, the database's
+        first (an upgrade cut between the two is finished by the next writable open)."""
+        self.write(lambda tx: tx.put_meta(F.META_FORMAT, F.u64(F.FORMAT_VERSION)))
+        toml = self.path / "vault.toml"
+        text = re.sub(r"(?m)^format_version\s*=\s*\d+", f"format_version = {F.FORMAT_VERSION}",
+                      toml.read_text(), count=1)
+        tmp = toml.with_name("vault.toml.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, toml)
+        gc.fsync_path(self.path)
+        log.warning("upgraded %s from store format %d to %d", self.path, version,
+                    F.FORMAT_VERSION)
+
     # ---- crash recovery -----------------------------------------------------------------------
     def _recover(self) -> None:
         """Undo what a crashed mount left half done: pending chunk references of unfinished
@@ -260,6 +285,7 @@ class Store:
             "logical_bytes": logical,
             "unique_bytes": unique,
             "stored_bytes": stored,
+            "offline_bytes": c["offline_bytes"],
             "dedup_ratio": round(logical / unique, 3) if unique else 1.0,
             "compression_ratio": round(unique / stored, 3) if stored else 1.0,
             "store_file_bytes": (self.path / "lmdb" / "data.mdb").stat().st_size,

@@ -92,6 +92,84 @@ def make_dirs(tx: Txn, path: bytes, now: int, folder: Callable[[bytes], Item]) -
     return ino
 
 
+Chain = list[tuple[int, bytes, int]]  # (parent, name, inode) of each part of a path
+
+
+def link_unnamed(tx: Txn, path: bytes, ino: int, now: int, folder: Callable[[bytes], Item],
+                 exclusive: bool = False) -> tuple[Chain, int]:
+    """Give the unnamed file `ino` (nlink 0, just committed) its first name: `path`, or, when
+    that is taken, the first free `<stem>-N<ext>` (N = 2, 3, ...) beside it (`exclusive`:
+    FileExistsError); nothing already in the tree is replaced. Returns the parts of the path
+    it now has, and the index there of the first part that is new (a folder made, or it)."""
+    node = tx.inode(ino)
+    if node is None or node.nlink:
+        raise StoreError(f"inode {ino} is not an unnamed file")
+    parent, name, existing = _new_place(tx, path, now, folder)
+    stem, ext = posixpath.splitext(name)
+    n = 1
+    while tx.lookup(parent, name) is not None:
+        if exclusive:
+            raise FileExistsError(path.decode(errors="replace"))
+        n += 1
+        name = stem + b"-%d" % n + ext
+    node.nlink, node.ctime_ns = 1, now
+    tx.put_inode(node)
+    _enter(tx, parent, name, ino, now)
+    return _chain(tx, split(path)[0], name), existing
+
+
+def relocate(tx: Txn, path: bytes, new_path: bytes, ino: int, now: int,
+             folder: Callable[[bytes], Item]) -> tuple[Chain, int, tuple[int, bytes]] | None:
+    """Move the file `ino` from `path` to `new_path` (folders made as needed), if it is still
+    at `path` and `new_path` is free; None otherwise. Returns the parts of its new path, the
+    index there of the first new part, and the (parent, name) it left."""
+    old_parent = tx.resolve(split(path)[0])
+    old_name = split(path)[1]
+    if old_parent is None or tx.lookup(old_parent, old_name) != ino or tx.resolve(new_path):
+        return None
+    parent, name, existing = _new_place(tx, new_path, now, folder)
+    tx.remove_entry(old_parent, old_name)
+    p = tx.inode(old_parent)
+    p.mtime_ns = p.ctime_ns = now
+    tx.put_inode(p)
+    _enter(tx, parent, name, ino, now)
+    node = tx.inode(ino)
+    node.ctime_ns = now
+    tx.put_inode(node)
+    return _chain(tx, split(new_path)[0], name), existing, (old_parent, old_name)
+
+
+def _new_place(tx: Txn, path: bytes, now: int, folder: Callable[[bytes], Item]
+               ) -> tuple[int, bytes, int]:
+    """The folder for `path` (made with its parents), the name in it, and how many of the
+    path's folders were there before."""
+    parent_path, name = split(path)
+    at: int | None = F.ROOT_INO
+    existing = 0
+    for part in filter(None, parent_path.split(b"/")):
+        at = tx.lookup(at, part)
+        if at is None:
+            break
+        existing += 1
+    return make_dirs(tx, parent_path, now, folder), name, existing
+
+
+def _enter(tx: Txn, parent: int, name: bytes, ino: int, now: int) -> None:
+    tx.add_entry(parent, name, ino)
+    p = tx.inode(parent)
+    p.mtime_ns = p.ctime_ns = now
+    tx.put_inode(p)
+
+
+def _chain(tx: Txn, parent_path: bytes, name: bytes) -> Chain:
+    chain, at = [], F.ROOT_INO
+    for part in [*filter(None, parent_path.split(b"/")), name]:
+        child = tx.lookup(at, part)
+        chain.append((at, part, child))
+        at = child
+    return chain
+
+
 def place(tx: Txn, path: bytes, item: Item, now: int,
           folder: Callable[[bytes], Item]) -> F.Inode:
     """Make `path` hold `item`: a file there gets a new version, a folder its attributes;

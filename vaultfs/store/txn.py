@@ -452,6 +452,8 @@ class Txn:
     def free_content(self, number: int) -> None:
         if F.DB_MEDIA in self.dbs:
             self.txn.delete(u64(number), db=self.dbs[F.DB_MEDIA])
+        for peer, _, _ in self.holders(number):
+            self.txn.delete(u64(number) + peer, db=self.dbs[F.DB_HELD])
         db = self.dbs[F.DB_EXTENTS]
         old = list(self.extents(number))
         for off, chunk_id, length in old:
@@ -491,9 +493,10 @@ class Txn:
         return self.txn.get(chunk_id, db=self.dbs[F.DB_CHUNKDATA])
 
     def find_chunk(self, d: Digests) -> bytes | None:
-        """The id of the stored chunk with both digests, or None."""
+        """The id of the stored chunk with both digests, or None (also when it is offline:
+        its bytes must come again, and add_chunk takes them back)."""
         chunk_id, found = self._probe(d)
-        return chunk_id if found else None
+        return chunk_id if found and not self.chunk_record(chunk_id).offline else None
 
     def _probe(self, d: Digests) -> tuple[bytes, bool]:
         """(the id of the chunk with both digests, True), or (the first free id for it, False).
@@ -516,7 +519,15 @@ class Txn:
         """
         chunk_id, found = self._probe(d)
         if found:
-            self.incref(chunk_id)
+            rec = self.chunk_record(chunk_id)
+            if rec.offline:  # evicted, and here again: hold its bytes once more
+                stored = stored() if callable(stored) else stored
+                self.txn.put(chunk_id, stored, db=self.dbs[F.DB_CHUNKDATA])
+                rec = ChunkRecord(rec.refcount, rec.raw_len, len(stored) - 1, rec.blake3)
+                self.bump(F.STAT_OFFLINE, -rec.raw_len)
+                self.bump(F.STAT_STORED, rec.stored_len)
+            self.txn.put(chunk_id, ChunkRecord(rec.refcount + 1, rec.raw_len, rec.stored_len,
+                                               rec.blake3).pack(), db=self.dbs[F.DB_CHUNKS])
             return chunk_id
         if callable(stored):
             stored = stored()
@@ -527,6 +538,30 @@ class Txn:
         self.bump(F.STAT_UNIQUE, raw_len)
         self.bump(F.STAT_STORED, rec.stored_len)
         return chunk_id
+
+    def evict_chunk(self, chunk_id: bytes) -> int:
+        """Drop a chunk's bytes, keeping its record (it goes offline); the bytes freed."""
+        rec = self.chunk_record(chunk_id)
+        if rec is None or rec.offline:
+            return 0
+        self.txn.delete(chunk_id, db=self.dbs[F.DB_CHUNKDATA])
+        self.txn.put(chunk_id, ChunkRecord(rec.refcount, rec.raw_len, 0, rec.blake3).pack(),
+                     db=self.dbs[F.DB_CHUNKS])
+        self.bump(F.STAT_STORED, -rec.stored_len)
+        self.bump(F.STAT_OFFLINE, rec.raw_len)
+        return rec.stored_len
+
+    def repair_chunk(self, chunk_id: bytes, stored: bytes) -> None:
+        """Replace a damaged chunk's stored value with another stored form of the same bytes
+        (a good copy from the mirror, which the caller has checked against both digests and
+        the length: scrub.repair). Its references stay; only its stored size may change."""
+        rec = self.chunk_record(chunk_id)
+        if rec is None or rec.offline:  # (an offline chunk is evicted, not damaged)
+            raise StoreError(f"chunk {chunk_id.hex()} has no stored bytes to repair")
+        self.txn.put(chunk_id, stored, db=self.dbs[F.DB_CHUNKDATA])
+        self.txn.put(chunk_id, ChunkRecord(rec.refcount, rec.raw_len, len(stored) - 1,
+                                           rec.blake3).pack(), db=self.dbs[F.DB_CHUNKS])
+        self.bump(F.STAT_STORED, len(stored) - 1 - rec.stored_len)
 
     def incref(self, chunk_id: bytes) -> None:
         rec = self.chunk_record(chunk_id)
@@ -549,6 +584,8 @@ class Txn:
         self.bump(F.STAT_CHUNKS, -1)
         self.bump(F.STAT_UNIQUE, -rec.raw_len)
         self.bump(F.STAT_STORED, -rec.stored_len)
+        if rec.offline:
+            self.bump(F.STAT_OFFLINE, -rec.raw_len)
 
     def chunks(self) -> Iterator[tuple[bytes, ChunkRecord]]:
         with self.txn.cursor(db=self.dbs[F.DB_CHUNKS]) as c:
@@ -591,6 +628,36 @@ class Txn:
         for chunk_id in refs:
             self.decref(chunk_id)
         return len(refs)
+
+    # ---- versions held by peers -----------------------------------------------------------------
+    def hold(self, number: int, peer: bytes, name: str, now_ns: int) -> None:
+        """Record that `peer` holds version `number`'s bytes (seen when the two last met)."""
+        if self.version(number) is not None:
+            self.txn.put(u64(number) + peer, F.HELD_REC.pack(now_ns) + name.encode(),
+                         db=self.dbs[F.DB_HELD])
+
+    def holders(self, number: int) -> list[tuple[bytes, str, int]]:
+        """(peer id, peer name, confirmed ns) of the peers seen holding a version's bytes."""
+        db = self.dbs.get(F.DB_HELD)
+        out: list[tuple[bytes, str, int]] = []
+        if db is None or not number:
+            return out
+        prefix = u64(number)
+        with self.txn.cursor(db=db) as c:
+            if c.set_range(prefix):
+                for k, v in c:
+                    if k[:8] != prefix:
+                        break
+                    out.append((bytes(k[8:]), bytes(v[F.HELD_REC.size:]).decode(errors="replace"),
+                                F.HELD_REC.unpack_from(v)[0]))
+        return out
+
+    def held_versions(self) -> Iterator[int]:
+        """The versions some peer is recorded holding (for checks)."""
+        if F.DB_HELD in self.dbs:
+            with self.txn.cursor(db=self.dbs[F.DB_HELD]) as c:
+                for k in c.iternext(values=False):
+                    yield from_u64(k[:8])
 
     # ---- sync bases ---------------------------------------------------------------------------
     def sync_base(self, peer: bytes) -> dict[bytes, bytes]:

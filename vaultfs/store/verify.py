@@ -22,6 +22,7 @@ class Report:
     chunks: int = 0
     files: int = 0
     bytes_checked: int = 0
+    offline_files: list[str] = field(default_factory=list)  # evicted, held by a peer: not damage
     bad_chunks: dict[str, str] = field(default_factory=dict)          # chunk id hex -> why
     damaged_files: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # path -> ranges
     problems: list[str] = field(default_factory=list)                  # accounting errors
@@ -32,7 +33,8 @@ class Report:
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "chunks": self.chunks, "files": self.files,
-                "bytes_checked": self.bytes_checked, "bad_chunks": self.bad_chunks,
+                "bytes_checked": self.bytes_checked, "offline_files": self.offline_files,
+                "bad_chunks": self.bad_chunks,
                 "damaged_files": {p: [{"offset": o, "length": n} for o, n in r]
                                   for p, r in self.damaged_files.items()},
                 "problems": self.problems}
@@ -45,11 +47,18 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
     report = Report()
     with store.reader() as tx:
         bad: set[bytes] = set()
-        unique = stored = 0
+        unique = stored = offline_bytes = 0
+        offline: set[bytes] = set()
         for chunk_id, rec in tx.chunks():
             report.chunks += 1
             unique += rec.raw_len
             stored += rec.stored_len
+            if rec.offline:
+                offline.add(chunk_id)
+                offline_bytes += rec.raw_len
+                if tx.chunk_data(chunk_id) is not None:
+                    report.problems.append(f"chunk {chunk_id.hex()} is offline but has data")
+                continue
             why = check_chunk(tx.chunk_data(chunk_id), chunk_id, rec)
             if why:
                 bad.add(chunk_id)
@@ -97,6 +106,10 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
             if number not in versions:
                 report.problems.append(f"media record of version {number}, which does not "
                                        f"exist")
+        for number in tx.held_versions():
+            if number not in versions:
+                report.problems.append(f"held record of version {number}, which does not "
+                                       f"exist")
         for number, off, chunk_id, length in tx.all_extents():
             refs[chunk_id] += 1
             logical += length
@@ -105,7 +118,9 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
         for number, v in sorted(versions.items()):
             damaged: list[tuple[int, int]] = []
             end = data = 0
+            is_offline = False
             for off, chunk_id, length in tx.extents(number):
+                is_offline = is_offline or chunk_id in offline
                 data += length
                 if off < end:
                     report.problems.append(f"version {number}: overlapping extents at {off}")
@@ -117,9 +132,11 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
             if data != v.data_bytes:
                 report.problems.append(f"version {number}: data_bytes {v.data_bytes}, "
                                        f"its extents hold {data}")
+            name = where.get(number, f"<inode {v.origin} version {number}>")
             if damaged:
-                name = where.get(number, f"<inode {v.origin} version {number}>")
                 report.damaged_files[name] = damaged
+            if is_offline and number in where:
+                report.offline_files.append(name)
         report.files = len(files)
         with tx.txn.cursor(db=tx.dbs[F.DB_PENDING]) as c:
             for _, chunk_id in c:
@@ -135,7 +152,7 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
         counters = tx.counters()
         for name, actual in (("files", report.files), ("logical_bytes", logical),
                              ("unique_bytes", unique), ("stored_bytes", stored),
-                             ("chunks", report.chunks)):
+                             ("chunks", report.chunks), ("offline_bytes", offline_bytes)):
             if counters[name] != actual:
                 report.problems.append(f"counter {name} says {counters[name]}, "
                                        f"the store holds {actual}")

@@ -17,9 +17,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..store import Store, StoreError, Txn, codec, history, policy, treeops
 from ..store.format import INBOX_INO
-from . import tree
+from . import tree, wire
 
-PROTOCOL = 1
+OFFLINE = "offline"  # what `extents` says of a file whose bytes were evicted here
 MAX_PATH = 4096
 MAX_CHUNK = 64 * 1024 * 1024  # far above what the chunker makes; bounds what a peer can ask for
 SNAPSHOT_PREFIX = policy.AUTO_PREFIX + "sync-"
@@ -77,7 +77,7 @@ class Endpoint:
 
     # ---- what the other side may call (remote.CALLS) ----------------------------------------
     def hello(self) -> dict:
-        return {"id": self.id, "name": self.name, "protocol": PROTOCOL}
+        return {"id": self.id, "name": self.name, "protocol": wire.PROTOCOL}
 
     def listing(self) -> dict[bytes, list]:
         return {path: e.wire() for path, e in tree.listing(self.store).items()}
@@ -95,16 +95,53 @@ class Endpoint:
                 tx.set_sync_base(peer, path, signature if isinstance(signature, bytes) else None)
         self.store.write(put)
 
-    def extents(self, paths: list) -> dict[bytes, list]:
-        """The chunks of the files at `paths` now: [[offset, length, hash], ...] each."""
-        out = {}
+    def extents(self, paths: list) -> dict[bytes, list | str]:
+        """The chunks of the files at `paths` now: [[offset, length, hash], ...] each, or
+        OFFLINE for a file whose bytes were evicted here (they cannot be sent from here)."""
+        out: dict[bytes, list | str] = {}
         with self.store.reader() as tx:
             for path in map(check_path, paths):
-                ino = tx.resolve(path)
-                node = tx.inode(ino) if ino is not None else None
-                if node is not None and stat.S_ISREG(node.mode):
+                node = _file(tx, path)
+                if node is None:
+                    continue
+                if any(tx.chunk_record(c).offline for _, c, _ in tx.extents(node.content)):
+                    out[path] = OFFLINE
+                else:
                     out[path] = [list(x) for x in tree.file_extents(tx, node.content)]
         return out
+
+    # ---- what only the local side is asked (the engine runs in its process) ------------------
+    def offline(self, paths: list | None) -> dict[bytes, list]:
+        """Of the files at `paths` (None: every file), those with evicted bytes:
+        {path: [size, content digest]}."""
+        out: dict[bytes, list] = {}
+        with self.store.reader() as tx:
+            found = [(p, _file(tx, p)) for p in map(check_path, paths)] if paths is not None \
+                else [(p, n) for p, n in tx.walk() if stat.S_ISREG(n.mode)]
+            for path, node in found:
+                if node is not None and any(tx.chunk_record(c).offline
+                                            for _, c, _ in tx.extents(node.content)):
+                    out[path] = [node.size, tree.content_digest(
+                        node.size, tree.file_extents(tx, node.content))]
+        return out
+
+    def hold(self, peer: bytes, name: str, files: list) -> None:
+        """Record that `peer` holds the files at these paths with these contents
+        ([[path, content digest], ...], from its own listing or what it applied): their
+        versions may then be evicted here (store/evict.py). A path whose content here is
+        not that one is passed over."""
+        peer = _peer_id(peer)
+        now = time.time_ns()
+
+        def put(tx: Txn) -> None:
+            for path, digest in files:
+                node = _file(tx, check_path(path))
+                if node is None or not node.content or any(
+                        p == peer for p, _, _ in tx.holders(node.content)):
+                    continue
+                if tree.content_digest(node.size, tree.file_extents(tx, node.content)) == digest:
+                    tx.hold(node.content, peer, name, now)
+        self.store.write(put)
 
     def missing(self, hashes: list) -> list[bytes]:
         with self.store.reader() as tx:
@@ -195,6 +232,13 @@ class Endpoint:
         as it was before this session changed it."""
         released = self.store.write(lambda tx: tx.release_inbox())
         return {"inbox_released": released, "snapshot": self.snapshot}
+
+
+def _file(tx: Txn, path: bytes):
+    """The regular file at `path`, or None."""
+    ino = tx.resolve(path)
+    node = tx.inode(ino) if ino is not None else None
+    return node if node is not None and stat.S_ISREG(node.mode) else None
 
 
 def _peer_id(peer: object) -> bytes:

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 from ..store import StoreError
 from . import plan as P
+from . import tree
+from .endpoint import OFFLINE
+from .wire import MAX_ATTACHMENTS
 from .tree import Entry
 
 BATCH_SECONDS = 1.0            # aim for a round trip of chunks this long: little is in flight
@@ -48,13 +51,15 @@ class Report:
     plan: dict = field(default_factory=lambda: {"push": [], "pull": []})
     conflicts: list = field(default_factory=list)
     snapshots: dict = field(default_factory=dict)
+    offline: list = field(default_factory=list)  # files not sent: evicted at their source
     sent: dict = field(default_factory=lambda: {
         d: {"files": 0, "chunks": 0, "raw_bytes": 0, "wire_bytes": 0} for d in ("push", "pull")})
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return {"local": self.local, "remote": self.remote, "plan": self.plan,
-                "conflicts": self.conflicts, "snapshots": self.snapshots, "sent": self.sent,
+                "conflicts": self.conflicts, "snapshots": self.snapshots,
+                "offline": self.offline, "sent": self.sent,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -65,11 +70,7 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
     `bwlimit` caps the chunk bytes sent, per second (they are nearly all of the traffic)."""
     started = time.monotonic()
     ends = (local, remote)
-    hello = [e.hello() for e in ends]
-    ids = (hello[0]["id"], hello[1]["id"])
-    names = (hello[0]["name"], hello[1]["name"])
-    if ids[0] == ids[1]:
-        raise StoreError("both sides are the same vault")
+    ids, names = _meet(local, remote)
     report = Report(names[0], names[1])
     trees = tuple({p: Entry.from_wire(w) for p, w in e.listing().items()} for e in ends)
     bases = (local.base(ids[1]), remote.base(ids[0]))
@@ -86,13 +87,15 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
     if dry_run:
         report.seconds = time.monotonic() - started
         return report
-    run = _Run(ends, ids, trees, progress or (lambda p: None), bwlimit)
-    # Where the trees already agree, the bases say so (a rerun after an interruption).
+    run = _Run(ends, ids, names, trees, progress or (lambda p: None), bwlimit)
+    # Where the trees already agree, the bases say so (a rerun after an interruption), and
+    # this vault notes that the other holds those files.
     run.record([p for p in set(trees[0]) | set(trees[1]) | set(bases[0]) | set(bases[1])
                 if P.sig(trees[0].get(p)) == P.sig(trees[1].get(p))
                 and not bases[0].get(p) == bases[1].get(p) == P.sig(trees[0].get(p))])
+    run.hold(list(trees[0]))
     for s in sides:
-        run.side(s, ops[s], report.sent["push" if s == 1 else "pull"])
+        report.offline += run.side(s, ops[s], report.sent["push" if s == 1 else "pull"])
         noted = [c for c in plan.conflicts if c["kept_as"] in made[s]]
         if noted:
             ends[s].note_conflicts(noted)
@@ -101,6 +104,46 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
             report.snapshots[names[s]] = snapshot
     report.seconds = time.monotonic() - started
     return report
+
+
+def fetch(local, remote, paths: list[bytes] | None = None, *, bwlimit: int = 0,
+          progress: Callable[[Progress], None] | None = None) -> dict:
+    """Bring back from `remote` the bytes of files evicted from `local` (those at `paths`, or
+    all), where the remote holds the very same content. Neither tree changes: the chunks come
+    back online. Returns what was fetched and what the remote could not give."""
+    started = time.monotonic()
+    ids, names = _meet(local, remote)
+    wanted = local.offline(paths)
+    extents: dict[bytes, list | str] = {}
+    for part in _parts(list(wanted), EXTENT_PATHS_PER_CALL):
+        extents.update(remote.extents(part))
+    there = [p for p, (size, digest) in wanted.items() if isinstance(extents.get(p), list)
+             and tree.content_digest(size, extents[p]) == digest]
+    sent = {"files": 0, "chunks": 0, "raw_bytes": 0, "wire_bytes": 0}
+    prog = Progress("fetch", len(there))
+    run = _Run((local, remote), ids, names, ({}, {}), progress or (lambda p: None), bwlimit)
+
+    def ready(done: list[bytes]) -> None:
+        prog.files_done += len(done)
+        sent["files"] += len(done)
+        run.progress(prog)
+    run.transfer(0, [(p, 1) for p in there], extents, sent, prog, ready)
+    local.finish()
+    return {"local": names[0], "remote": names[1], "fetched": [_text(p) for p in there],
+            "not_on_peer": sorted(_text(p) for p in wanted.keys() - set(there)),
+            "sent": sent, "seconds": round(time.monotonic() - started, 3)}
+
+
+def _meet(local, remote) -> tuple[tuple[bytes, bytes], tuple[str, str]]:
+    """The two vaults' ids and names, once they are known to be two and to speak alike."""
+    hello = [e.hello() for e in (local, remote)]
+    ids, names = (hello[0]["id"], hello[1]["id"]), (hello[0]["name"], hello[1]["name"])
+    if ids[0] == ids[1]:
+        raise StoreError("both sides are the same vault")
+    if hello[0]["protocol"] != hello[1]["protocol"]:
+        raise StoreError(f"{names[1]} speaks sync protocol {hello[1]['protocol']}, this vaultfs "
+                         f"{hello[0]['protocol']}: run the same vaultfs release on both")
+    return ids, names
 
 
 def _chosen(ops: list[P.Op], only_tier: str | None, tree: dict[bytes, Entry],
@@ -145,8 +188,8 @@ def _text(path: bytes) -> str:
 class _Run:
     """One run of the engine: applying one side's ops and keeping the bases up to date."""
 
-    def __init__(self, ends, ids, trees, progress, bwlimit: int):
-        self.ends, self.ids, self.progress = ends, ids, progress
+    def __init__(self, ends, ids, names, trees, progress, bwlimit: int):
+        self.ends, self.ids, self.names, self.progress = ends, ids, names, progress
         self.now = [dict(trees[0]), dict(trees[1])]  # each side's tree as it becomes
         self.bwlimit = bwlimit
         self.started, self.wire_bytes = time.monotonic(), 0
@@ -162,6 +205,17 @@ class _Run:
             part = updates[i:i + PATHS_PER_CALL]
             self.ends[0].set_base(self.ids[1], part)
             self.ends[1].set_base(self.ids[0], part)
+        self.hold(paths)
+
+    def hold(self, paths: list[bytes]) -> None:
+        """Tell this vault (side 0) which of the files at `paths` the other now holds with
+        the same content: the other's own listing or its apply says so. (Only this side
+        records it: a vault does not take a client's word that its data is safe elsewhere.)"""
+        mine, theirs = self.now
+        held = [[p, mine[p].content] for p in paths if p in mine and mine[p].kind == "f"
+                and theirs.get(p) is not None and mine[p].same_content(theirs[p])]
+        for part in _parts(held, PATHS_PER_CALL):
+            self.ends[0].hold(self.ids[1], self.names[1], part)
 
     def apply(self, s: int, ops: list[P.Op], extents: dict[bytes, list]) -> None:
         wire = [[op.kind, op.path, op.entry.wire() if op.kind == "put" else None, op.to,
@@ -181,16 +235,16 @@ class _Run:
                 now[op.path] = op.entry
         self.record([p for op in ops for p in (op.path, op.to) if p])
 
-    def side(self, s: int, ops: list[P.Op], sent: dict) -> None:
+    def side(self, s: int, ops: list[P.Op], sent: dict) -> list[str]:
         """Apply one side's ops: first those that move no bytes, then the files, selects
-        first (by the source vault's tier priorities) and newest first."""
-        dst = self.ends[s]
+        first (by the source vault's tier priorities) and newest first. Returns the files
+        left out because their source evicted their bytes."""
         moves_bytes = [op.kind == "put" and op.entry.kind == "f" for op in ops]
         files = [op for op, m in zip(ops, moves_bytes) if m]
         for part in _parts([op for op, m in zip(ops, moves_bytes) if not m], PATHS_PER_CALL):
             self.apply(s, part, {})
         files.sort(key=lambda op: (op.entry.priority, -op.entry.mtime_ns, op.path))
-        extents: dict[bytes, list] = {}  # by the path the file goes to
+        extents: dict[bytes, list | str] = {}  # by the path the file goes to
         for src in (0, 1):
             at = {self.moved.get((src, op.origin), op.origin): op.path for op in files
                   if op.source == src}
@@ -200,29 +254,44 @@ class _Run:
             if op.path not in extents:
                 raise StoreError(f"{_text(op.path)} changed on the other side during the sync; "
                                  f"run it again")
-        # hash -> (raw length, the side that has it), in the order the files need them
-        need = {x[2]: (x[1], op.source) for op in files if op.source != s
-                for x in extents[op.path]}
-        missing: dict[bytes, tuple[int, int]] = {}
-        for part in _parts(list(need), HASHES_PER_CALL):
-            missing.update((h, need[h]) for h in dst.missing(part))
-        missing = {h: v for h, v in need.items() if h in missing}
-        prog = Progress("push" if s == 1 else "pull", len(files), 0,
-                        sum(n for n, _ in missing.values()))
-        self.progress(prog)
-        queue = iter(list(missing.items()))
-        pending = collections.deque(files)
-        inflight: collections.deque = collections.deque()
-        while pending:
-            ready = []
-            while pending and not any(x[2] in missing for x in extents[pending[0].path]):
-                ready.append(pending.popleft())
-            for part in _parts(ready, EXTENT_PATHS_PER_CALL):
+        offline = [_text(op.path) for op in files if extents[op.path] == OFFLINE]
+        files = [op for op in files if extents[op.path] != OFFLINE]
+        by_path = {op.path: op for op in files}
+        prog = Progress("push" if s == 1 else "pull", len(files))
+
+        def ready(paths: list[bytes]) -> None:
+            for part in _parts([by_path[p] for p in paths], EXTENT_PATHS_PER_CALL):
                 self.apply(s, part, extents)
                 prog.files_done += len(part)
                 sent["files"] += len(part)
                 prog.tier, prog.path = part[-1].entry.tier, part[-1].path
                 self.progress(prog)
+        self.transfer(s, [(op.path, op.source) for op in files], extents, sent, prog, ready)
+        return offline
+
+    def transfer(self, s: int, files: list[tuple[bytes, int]], extents: dict[bytes, list],
+                 sent: dict, prog: Progress, ready: Callable[[list[bytes]], None]) -> None:
+        """Move the chunks that side `s` lacks of `files` ([(path, side holding it)], whose
+        `extents` are given), calling `ready` with the paths of files in order as soon as all
+        their chunks are there."""
+        dst = self.ends[s]
+        # hash -> (raw length, the side that has it), in the order the files need them
+        need = {x[2]: (x[1], src) for path, src in files if src != s for x in extents[path]}
+        missing: dict[bytes, tuple[int, int]] = {}
+        for part in _parts(list(need), HASHES_PER_CALL):
+            missing.update((h, need[h]) for h in dst.missing(part))
+        missing = {h: v for h, v in need.items() if h in missing}
+        prog.bytes_total = sum(n for n, _ in missing.values())
+        self.progress(prog)
+        queue = iter(list(missing.items()))
+        pending = collections.deque(path for path, _ in files)
+        inflight: collections.deque = collections.deque()
+        while pending:
+            done = []
+            while pending and not any(x[2] in missing for x in extents[pending[0]]):
+                done.append(pending.popleft())
+            if done:
+                ready(done)
             if not pending:
                 break
             # PIPELINE batches in flight: the next one travels while the receiver checks and
@@ -240,10 +309,12 @@ class _Run:
         without waiting for the receiver; None when none is left."""
         batch: dict[int, list[bytes]] = {}
         size = 0
+        count = 0
         for h, (length, src) in queue:
             batch.setdefault(src, []).append(h)
             size += length
-            if size >= self.batch:
+            count += 1
+            if size >= self.batch or count >= MAX_ATTACHMENTS:
                 break
         if not batch:
             return None

@@ -40,8 +40,10 @@ PAIR_WAIT_S = 600.0
 # The calls a peer may make, with the messages they carry (endpoint.Endpoint's methods).
 CALLS = ("hello", "listing", "base", "set_base", "extents", "missing", "get_chunks",
          "put_chunks", "apply", "note_conflicts", "finish")
-RAW_REPLIES = {"get_chunks"}     # chunks travel as stored: compressing them again is waste
-RAW_REQUESTS = {"put_chunks"}
+# Chunks travel as stored (compressing them again is waste), each as a raw frame of its own
+# after the message that names them: [[hash, raw length], ...] (wire.Channel.send).
+CHUNK_REPLIES = {"get_chunks"}
+CHUNK_REQUESTS = {"put_chunks"}
 
 T = TypeVar("T")
 
@@ -73,8 +75,13 @@ class Remote:
     def submit(self, method: str, *args) -> "_Reply":
         """Send a call now, read its reply later: the server answers calls in order, so
         several can be on the way (the engine keeps the link busy so)."""
-        self.channel.send([method, list(args)], compress=method not in RAW_REQUESTS)
-        reply = _Reply(self)
+        if method in CHUNK_REQUESTS:
+            (chunks,) = args
+            self.channel.send([method, [[c[:2] for c in chunks]]], compress=False,
+                              attachments=[c[2] for c in chunks])
+        else:
+            self.channel.send([method, list(args)])
+        reply = _Reply(self, method)
         self._waiting.append(reply)
         return reply
 
@@ -84,6 +91,8 @@ class Remote:
         reply = self.channel.recv()
         if not (isinstance(reply, list) and len(reply) == 2):
             raise wire.ProtocolError("the other side sent a malformed reply")
+        if reply[0] and waiting.method in CHUNK_REPLIES:
+            reply[1] = _with_chunks(self.channel, reply[1])
         waiting.done, (waiting.ok, waiting.value) = True, reply
 
     def hello(self) -> dict:
@@ -94,9 +103,19 @@ class Remote:
         return found
 
 
+def _with_chunks(ch: wire.Channel, named: object) -> list[list]:
+    """[[hash, raw length], ...] and the raw frames that follow it ->
+    [[hash, raw length, stored value], ...]."""
+    if not (isinstance(named, list) and all(isinstance(n, list) and len(n) == 2
+                                            for n in named)):
+        raise wire.ProtocolError("the other side sent malformed chunks")
+    return [n + [data] for n, data in zip(named, ch.recv_attachments(len(named)))]
+
+
 class _Reply:
-    def __init__(self, remote: Remote):
-        self.remote, self.done, self.ok, self.value = remote, False, False, None
+    def __init__(self, remote: Remote, method: str):
+        self.remote, self.method = remote, method
+        self.done, self.ok, self.value = False, False, None
 
     def result(self):
         while not self.done:
@@ -273,7 +292,11 @@ def answer(store_path: Path, ch: wire.Channel, name: str, peer: bytes | None) ->
                 log.exception("%s from %s failed", method, name)
                 ch.send([False, f"the other vault failed: {type(e).__name__}: {e}"])
                 continue
-            ch.send([True, result], compress=method not in RAW_REPLIES)
+            if method in CHUNK_REPLIES:
+                ch.send([True, [c[:2] for c in result]], compress=False,
+                        attachments=[c[2] for c in result])
+            else:
+                ch.send([True, result])
     finally:
         requests.close()  # (its reader thread ends before the store closes)
         endpoint.close()
@@ -290,6 +313,9 @@ def _requests(ch: wire.Channel) -> Iterator:
         while not stop.is_set():
             try:
                 item = ch.recv()
+                if isinstance(item, list) and len(item) == 2 and item[0] in CHUNK_REQUESTS \
+                        and isinstance(item[1], list) and len(item[1]) == 1:
+                    item[1][0] = _with_chunks(ch, item[1][0])
             except Exception as e:  # handed to the session, which raises it or ends
                 item = e
             while not stop.is_set():

@@ -17,6 +17,7 @@ import hmac
 import os
 import socket
 import struct
+from collections.abc import Sequence
 
 import msgpack
 import zstandard
@@ -30,10 +31,17 @@ from ..store import StoreError
 
 MAX_FRAME = 256 * 1024 * 1024
 ZSTD_FLAG = 1 << 31     # in a frame's length word: the payload is one zstd frame
+RAW_FLAG = 1 << 30      # the payload is raw bytes (a chunk attached to a message), not msgpack
+LENGTH_MASK = RAW_FLAG - 1
 MAX_OPEN_FRAME = 4096   # before the channel is sealed: hellos and pairing messages only
 SLICE = 1024 * 1024     # bytes per socket call
 COMPRESS_MIN = 1024
 CONFIRM = b"vaultfs sync 1 ready"
+PROTOCOL = 2  # 2: chunks as raw frames after the message that names them
+MAX_ATTACHMENTS = 65536
+
+
+Buffer = bytes | bytearray | memoryview
 
 
 class ProtocolError(StoreError):
@@ -75,13 +83,48 @@ class Channel:
             self.sock.close()
 
     # ---- frames -----------------------------------------------------------------------------
-    def send(self, obj, compress: bool = True) -> None:
+    def send(self, obj, compress: bool = True, attachments: Sequence[Buffer] = ()) -> None:
+        """Send a message, then each of `attachments` (chunks) as a raw frame of its own:
+        nothing copies them into the message, and the other side can open each as it comes."""
         body = msgpack.packb(obj, use_bin_type=True)
         flags = 0
         if compress and len(body) >= COMPRESS_MIN:
             packed = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(body)
             if len(packed) < len(body) * 0.9:
                 body, flags = packed, ZSTD_FLAG
+        self._send_frame(body, flags)
+        for a in attachments:
+            self._send_frame(a, RAW_FLAG)
+
+    def recv(self):
+        """The next message (never an attachment)."""
+        body, flags = self._recv_frame()
+        try:
+            if flags & RAW_FLAG:
+                raise ValueError("a chunk where a message was due")
+            if flags and not self.trusted:
+                raise ValueError("no compressed frames before the session is sealed")
+            if flags:
+                body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_FRAME)
+            return msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except (ValueError, zstandard.ZstdError, msgpack.UnpackException) as e:
+            raise ProtocolError(f"the other side sent a malformed frame ({e})") from None
+
+    def recv_attachments(self, n: int) -> list[bytes]:
+        """The `n` raw frames that follow a message, at most MAX_FRAME bytes together."""
+        if n > MAX_ATTACHMENTS:
+            raise ProtocolError("the other side sent a malformed frame (too many chunks)")
+        out, total = [], 0
+        for _ in range(n):
+            body, flags = self._recv_frame()
+            total += len(body)
+            if flags != RAW_FLAG or total > MAX_FRAME:
+                raise ProtocolError("the other side sent a malformed frame (a message where "
+                                    "a chunk was due, or too many chunks)")
+            out.append(bytes(body))
+        return out
+
+    def _send_frame(self, body: Buffer, flags: int) -> None:
         sealed = 16 if self._seal is not None else 0
         if len(body) + sealed > MAX_FRAME:
             raise ProtocolError("a message larger than the protocol allows")
@@ -90,10 +133,10 @@ class Channel:
             body = self._seal[0].encrypt(self._nonce(0), body, header)
         self._write(header, body)
 
-    def recv(self):
+    def _recv_frame(self) -> tuple[Buffer, int]:
         header = self._read(4)
         (word,) = struct.unpack(">I", header)
-        length, flags = word & ~ZSTD_FLAG, word & ZSTD_FLAG
+        length, flags = word & LENGTH_MASK, word & ~LENGTH_MASK
         if length > (MAX_FRAME if self.trusted else MAX_OPEN_FRAME):
             raise ProtocolError("the other side sent a frame larger than the protocol allows")
         body = self._read(length)
@@ -103,14 +146,7 @@ class Channel:
             except InvalidTag:
                 raise ProtocolError("a frame failed authentication: the other side does not "
                                     "hold this pairing, or the link changed the data") from None
-        try:
-            if flags and not self.trusted:
-                raise ValueError("no compressed frames before the session is sealed")
-            if flags:
-                body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_FRAME)
-            return msgpack.unpackb(body, raw=False, strict_map_key=False)
-        except (ValueError, zstandard.ZstdError, msgpack.UnpackException) as e:
-            raise ProtocolError(f"the other side sent a malformed frame ({e})") from None
+        return body, flags
 
     def _nonce(self, receiving: int) -> bytes:
         """A frame's nonce: its direction and its number in that direction (never reused)."""
@@ -118,7 +154,7 @@ class Channel:
         self._counters[receiving] += 1
         return struct.pack(">IQ", self._way ^ receiving, n)
 
-    def _write(self, header: bytes, body: bytes) -> None:
+    def _write(self, header: bytes, body: Buffer) -> None:
         self.wfile.write(header)
         view = memoryview(body)
         for i in range(0, len(view), SLICE):
@@ -143,7 +179,7 @@ class Channel:
         gives the pairing secret shared with a vault, or None."""
         key = X25519PrivateKey.generate()
         mine = {"id": my_id, "key": key.public_key().public_bytes_raw(),
-                "nonce": os.urandom(16), "protocol": 1}
+                "nonce": os.urandom(16), "protocol": PROTOCOL}
         if client:
             self.send(mine)
             theirs = self.recv()
@@ -156,6 +192,9 @@ class Channel:
         if not (isinstance(peer, bytes) and len(peer) == 16 and isinstance(their_key, bytes)
                 and len(their_key) == 32 and isinstance(theirs.get("nonce"), bytes)):
             raise ProtocolError("the other side is not a vaultfs vault")
+        if theirs.get("protocol") != PROTOCOL:
+            raise ProtocolError(f"the other vault speaks sync protocol {theirs.get('protocol')}, "
+                                f"this one {PROTOCOL}: run the same vaultfs release on both")
         secret = secret_for(peer)
         if not client:
             if secret is None:

@@ -1,0 +1,128 @@
+"""On-capture policies (vault.toml [[capture]]) through a real mount: a new image gets an XMP
+sidecar with the policy's copyright, creator, keywords and session (read back by exiftool and
+by the vault's own index), its bytes untouched; a rename template moves it only when a policy
+has one; a sidecar already there is left alone; a bad policy stops the mount with a reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+from conftest import CORPUS, needs_fuse, vaultfs
+from test_events import _until
+from test_import import listening
+
+pytestmark = needs_fuse
+
+JPEG = CORPUS / "jpeg" / "medium" / "canon_hdr_NO.jpg"   # Canon PowerShot SX60 HS, 2015-...
+JPEG2 = CORPUS / "jpeg" / "medium" / "canon_hdr_YES.jpg"
+
+
+def add_policy(store, text: str) -> None:
+    with open(store / "vault.toml", "a") as f:
+        f.write("\n" + text.strip() + "\n")
+
+
+def exif(path, *tags: str) -> dict:
+    out = subprocess.run(["exiftool", "-j", "-struct", *[f"-{t}" for t in tags], str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0]
+
+
+def test_a_capture_in_a_policy_folder_gets_a_sidecar_with_the_metadata(store_path,
+                                                                       make_mount):
+    add_policy(store_path, '''
+[[capture]]
+folder = "weddings"
+copyright = "(c) 2026 Ana Lima"
+creator = "Ana Lima"
+keywords = ["wedding", "Ana & Tom"]
+session = "Ana & Tom, Sintra"
+''')
+    mnt = make_mount().path
+    (mnt / "weddings").mkdir()
+    (mnt / "elsewhere").mkdir()
+    shutil.copyfile(JPEG, mnt / "weddings" / "IMG_0001.jpg")
+    shutil.copyfile(JPEG, mnt / "elsewhere" / "IMG_0001.jpg")
+    sidecar = mnt / "weddings" / "IMG_0001.xmp"
+    _until(sidecar.exists)
+    got = exif(sidecar, "XMP-dc:Rights", "XMP-dc:Creator", "XMP-dc:Subject",
+               "XMP-photoshop:TransmissionReference")
+    assert got["Rights"] == "(c) 2026 Ana Lima" and got["Creator"] == ["Ana Lima"]
+    assert got["Subject"] == ["wedding", "Ana & Tom"]
+    assert got["TransmissionReference"] == "Ana & Tom, Sintra"
+    assert (mnt / "weddings" / "IMG_0001.jpg").read_bytes() == JPEG.read_bytes()
+    time.sleep(2)  # (the other file's policy check has long been made)
+    assert sorted(p.name for p in (mnt / "elsewhere").iterdir()) == ["IMG_0001.jpg"]
+    # The vault's own index links the sidecar to its image: its keywords are the image's.
+    _until(lambda: "weddings/IMG_0001.jpg" in [f["path"] for f in json.loads(vaultfs(
+        "find", "--json", store_path, "--keyword", "wedding").stdout)])
+    assert "elsewhere/IMG_0001.jpg" not in vaultfs("find", store_path, "--keyword",
+                                                   "wedding").stdout
+
+
+def test_a_rename_template_moves_captures_only_when_a_policy_asks(store_path, make_mount):
+    add_policy(store_path, '''
+[[capture]]
+folder = "tethered"
+rename = "{date}/{camera}_{seq}{ext}"
+creator = "Ana Lima"
+''')
+    mnt = make_mount().path
+    proc, got = listening(mnt)
+    (mnt / "tethered").mkdir()
+    (mnt / "tethered" / "IMG_0042.xmp").write_text("<x:xmpmeta xmlns:x='adobe:ns:meta/'/>")
+    shutil.copyfile(JPEG, mnt / "tethered" / "IMG_0042.jpg")
+    shutil.copyfile(JPEG2, mnt / "tethered" / "IMG_0043.jpg")
+    captured = exif(JPEG, "DateTimeOriginal")["DateTimeOriginal"][:10].replace(":", "-")
+    folder = mnt / "tethered" / captured
+    names = ["Canon-PowerShot-SX60-HS_0001", "Canon-PowerShot-SX60-HS_0002"]
+    _until(lambda: folder.exists() and len(list(folder.iterdir())) == 4)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [n + ".jpg" for n in names] + [n + ".xmp" for n in names])
+    first = next(n for n in names if (folder / (n + ".jpg")).read_bytes() == JPEG.read_bytes())
+    second = next(n for n in names if n != first)
+    assert (folder / (second + ".jpg")).read_bytes() == JPEG2.read_bytes()
+    # The photographer's own sidecar went with its image, unchanged; the other image got the
+    # policy's.
+    assert (folder / (first + ".xmp")).read_text() == "<x:xmpmeta xmlns:x='adobe:ns:meta/'/>"
+    assert exif(folder / (second + ".xmp"), "XMP-dc:Creator")["Creator"] == ["Ana Lima"]
+    assert [p.name for p in (mnt / "tethered").iterdir()] == [captured]
+    _until(lambda: sum(e["event"] == "renamed" for e in got) == 3)
+    proc.terminate()
+    assert {e["from"] for e in got if e["event"] == "renamed"} == {
+        "tethered/IMG_0042.jpg", "tethered/IMG_0042.xmp", "tethered/IMG_0043.jpg"}
+
+
+def test_a_bad_capture_policy_stops_the_mount_with_a_reason(tmp_path, store_path):
+    add_policy(store_path, '''
+[[capture]]
+tier = "select"
+rename = "{date}/{camera}{ext}"
+''')
+    (tmp_path / "m").mkdir()
+    r = vaultfs("mount", store_path, tmp_path / "m", check=False)
+    assert r.returncode == 2 and "must be a relative path" in r.stderr and "{seq}" in r.stderr
+
+
+def test_imported_files_get_the_metadata_but_keep_the_import_layout(tmp_path, store_path,
+                                                                    make_mount):
+    add_policy(store_path, '''
+[[capture]]
+folder = ""
+rename = "{camera}_{seq}{ext}"
+copyright = "(c) 2026 Ana Lima"
+''')
+    card = tmp_path / "card" / "DCIM" / "100CANON"
+    card.mkdir(parents=True)
+    shutil.copyfile(JPEG, card / "IMG_0001.JPG")
+    mnt = make_mount().path
+    report = json.loads(vaultfs("import", "--json", store_path, tmp_path / "card").stdout)
+    assert report["safe_to_format"]
+    image = mnt / report["files"][0]["vault_path"]
+    _until(image.with_suffix(".xmp").exists)
+    assert exif(image.with_suffix(".xmp"), "XMP-dc:Rights")["Rights"] == "(c) 2026 Ana Lima"
+    assert image.read_bytes() == JPEG.read_bytes()
+    assert sorted(p.name for p in image.parent.iterdir()) == ["IMG_0001.JPG", "IMG_0001.xmp"]

@@ -1,0 +1,137 @@
+"""Field space: a vault on a small disk evicts the files a peer holds when it falls under its
+free-space floor, lists them still, refuses to read them with a clear error, and gets them back
+with `vaultfs fetch`. Real stores on a real small tmpfs, real mounts, real `vaultfs` commands."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Mount, assert_clean, needs_fuse, set_policy, vaultfs
+
+pytestmark = [needs_fuse,
+              pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")]
+
+MB = 1_000_000
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _vault(path: Path, keep_free: int) -> Path:
+    vaultfs("init", path)
+    set_policy(path, "snapshots", every_minutes="0", at_unmount="false", on_select="false")
+    set_policy(path, "space", keep_free_percent=str(keep_free))
+    return path
+
+
+def _offline(store: Path) -> dict[str, list[str]]:
+    status = json.loads(vaultfs("status", store, "--json").stdout)
+    return {f["path"]: f["held_by"] for f in status["offline"]}
+
+
+def _wait_offline(store: Path, paths: set[str], seconds: float = 30) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        found = _offline(store)
+        if paths <= found.keys() or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_a_vault_under_its_floor_evicts_what_peers_hold_and_fetches_it_back(small_disk,
+                                                                            tmp_path):
+    field = _vault(small_disk / "field", keep_free=90)  # a floor it can never reach
+    studio, third = _vault(tmp_path / "studio", 0), _vault(tmp_path / "third", 0)
+    data = {name: os.urandom(4 * MB) for name in ("A.NEF", "B.NEF", "C.NEF", "D.NEF")}
+
+    # Shoot A, B and a select C. Nothing is held elsewhere yet: nothing can go.
+    (tmp_path / "mnt").mkdir()
+    m = Mount(field, tmp_path / "mnt").start()
+    day = m.path / "day1"
+    day.mkdir()
+    for i, name in enumerate(("A.NEF", "B.NEF", "C.NEF")):
+        (day / name).write_bytes(data[name])
+        os.utime(day / name, (1_700_000_000 + i, 1_700_000_000 + i))  # A is the oldest
+    os.setxattr(day / "C.NEF", "user.vaultfs.tier", b"select")
+    time.sleep(7)  # (the mount looks at its free space every 5 s)
+    m.stop()
+    assert _offline(field) == {}
+    assert "nothing more can be evicted" in m.log.read_text()
+
+    # At the studio: the sync leaves the field vault under its floor, so it evicts what the
+    # studio now holds, oldest first; the select stays.
+    report = json.loads(vaultfs("sync", field, studio, "--json").stdout)
+    assert [e["path"] for e in report["evicted"]["evicted"]] == ["day1/A.NEF", "day1/B.NEF"]
+    assert _offline(field) == {"day1/A.NEF": ["studio"], "day1/B.NEF": ["studio"]}
+    assert_clean(field)  # offline is not damage
+
+    # Through the mount: listed with its size, read refused with "Object is remote".
+    m.start()
+    assert (day / "A.NEF").stat().st_size == 4 * MB
+    with pytest.raises(OSError) as e:
+        (day / "A.NEF").read_bytes()
+    assert e.value.errno == errno.EREMOTE
+    assert (day / "C.NEF").read_bytes() == data["C.NEF"]
+    (day / "D.NEF").write_bytes(data["D.NEF"])  # held nowhere: never evicted
+    time.sleep(7)
+    assert (day / "D.NEF").read_bytes() == data["D.NEF"]
+    m.stop()
+    assert "day1/A.NEF is offline" in m.log.read_text()
+
+    # Asked by name: a select and a file no peer holds are kept, saying why.
+    kept = json.loads(vaultfs("evict", field, "day1/C.NEF", "day1/D.NEF", "--json").stdout)
+    assert kept["evicted"] == []
+    assert {k["path"]: k["why"] for k in kept["skipped"]} == {
+        "day1/C.NEF": "tier select is not evicted",
+        "day1/D.NEF": "no peer is known to hold it"}
+
+    # Fetching would take the vault further under its floor: refused, in one sentence.
+    r = vaultfs("fetch", field, studio, check=False)
+    assert r.returncode != 0 and "free-space floor" in r.stderr
+    set_policy(field, "space", keep_free_percent="0")
+    got = json.loads(vaultfs("fetch", field, studio, "day1/A.NEF", "--json").stdout)
+    assert got["fetched"] == ["day1/A.NEF"] and got["not_on_peer"] == []
+    assert _offline(field) == {"day1/B.NEF": ["studio"]}
+
+    # A third vault cannot get B from here (only its bytes' holder can send them).
+    report = json.loads(vaultfs("sync", field, third, "--push", "--json").stdout)
+    assert report["offline"] == ["day1/B.NEF"]
+    (tmp_path / "mnt3").mkdir()
+    m3 = Mount(third, tmp_path / "mnt3").start()
+    assert sorted(os.listdir(m3.path / "day1")) == ["A.NEF", "C.NEF", "D.NEF"]
+    m3.stop()
+
+    # Under the floor again, the mount itself evicts what a peer now holds (D: the third).
+    set_policy(field, "space", keep_free_percent="90")
+    m.start()
+    found = _wait_offline(field, {"day1/A.NEF", "day1/D.NEF"})
+    m.stop()
+    assert found == {"day1/A.NEF": ["studio", "third"], "day1/B.NEF": ["studio"],
+                     "day1/D.NEF": ["third"]}
+
+    # The third holds A and D but not B; the studio has B.
+    set_policy(field, "space", keep_free_percent="0")
+    got = json.loads(vaultfs("fetch", field, third, "--json", check=False).stdout)
+    assert sorted(got["fetched"]) == ["day1/A.NEF", "day1/D.NEF"]
+    assert got["not_on_peer"] == ["day1/B.NEF"]
+    vaultfs("fetch", field, studio)
+    assert _offline(field) == {}
+    m.start()
+    for name, body in data.items():
+        assert (day / name).read_bytes() == body
+    m.stop()
+    for store in (field, studio, third):
+        assert_clean(store)

@@ -129,6 +129,7 @@ class VaultOperations(pyfuse3.Operations):
         self._catalog_s = 0.0  # how long the last rebuild took
         self.groups = GroupIndex()  # kept up to date with each rebuild (under its lock)
         self._joined: list[tuple[str, Group]] = []  # files that joined a burst or bracket
+        self._fingerprinted: set[int] = set()  # files this mount fingerprinted
         self.analyzer: Analyzer | None = None  # set by mount.run
         self.mirror: Mirror | None = None  # set by mount.run when the vault has a mirror
         self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
@@ -241,20 +242,20 @@ class VaultOperations(pyfuse3.Operations):
                     cat = build_catalog(tx, self.rules)
                     self.groups.update(cat.group_files())
                     cat.groups = [g for k in SEQUENCES for g in self.groups.groups(k)]
-                    if self._catalog is not None:
-                        self._note_joined(self._catalog[1], cat)
+                    self._note_joined(self._catalog[1] if self._catalog else None, cat)
                     self._catalog = (txn_id, cat)
                     self._catalog_s = time.monotonic() - t0
             return self._catalog[1]
 
-    def _note_joined(self, old: Catalog, new: Catalog) -> None:
-        """Files that are in a burst or bracket now and were not in that group before."""
+    def _note_joined(self, old: Catalog | None, new: Catalog) -> None:
+        """Files that are in a burst or bracket now and were not in that group before (the
+        first catalogue of a mount: files fingerprinted by this mount)."""
         before = {(k, g.kind): g.name for g in old.groups if g.kind in SEQUENCES
-                  for k in g.keys}
+                  for k in g.keys} if old is not None else {}
         for g in new.groups:
-            if g.kind in SEQUENCES:
-                self._joined.extend((new.files[k].path, g) for k in g.keys
-                                    if before.get((k, g.kind)) != g.name and k in new.files)
+            self._joined.extend((new.files[k].path, g) for k in g.keys
+                                if before.get((k, g.kind)) != g.name and k in new.files
+                                and (old is not None or k in self._fingerprinted))
 
     async def fresh_catalog(self) -> Catalog:
         return await self._thread(self.refresh_catalog)
@@ -262,12 +263,7 @@ class VaultOperations(pyfuse3.Operations):
     async def keep_catalog(self) -> None:
         """Rebuild the catalogue in a worker thread when the store has moved on and views or
         status have asked for it since, at most CATALOG_REFRESH_S apart: views follow changes
-        within about a second (a view a second time after a change shows it). The first is
-        built at once: what joins a burst from then on is announced."""
-        try:
-            await self.fresh_catalog()
-        except Exception:
-            log.exception("building the catalogue failed; trying again")
+        within about a second (a view a second time after a change shows it)."""
         while True:
             # (A walk of a large tree is not free, ~2 s per 100,000 files: at most a fifth of
             # the time goes to it.)
@@ -831,6 +827,7 @@ class VaultOperations(pyfuse3.Operations):
         if "fingerprint" in record:
             self.events.publish("fingerprinted", path, preview="preview" in record,
                                 **record["fingerprint"])
+            self._fingerprinted.add(ino)
             self.want_catalog()
         elif "fingerprint_error" in record:
             self.events.publish("fingerprinted", path, error=record["fingerprint_error"])

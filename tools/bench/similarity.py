@@ -32,8 +32,6 @@ import json
 import random
 import shutil
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -411,7 +409,7 @@ def main() -> int:
     C.row("mount: close() to `fingerprinted`", f"{statistics.median(latency):8.3f} s",
           f"median of {len(latency)}; max {max(latency):.3f} s")
 
-    print(f"\n3. grouping (media/groups.py): bursts of 10 RAW frames, half with a JPEG")
+    print("\n3. grouping (media/groups.py): bursts of 10 RAW frames, half with a JPEG")
     for n in (1000, args.images):
         g = grouping_rate(n)
         print(f"  a vault of {g['images']:,} images ({g['groups']:,} groups):")
@@ -458,5 +456,4 @@ def mount_latency(work: Path, data: bytes, count: int = 5) -> list[float]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     raise SystemExit(main())

@@ -103,7 +103,10 @@ def item(key: int, path: str, version: int, record: dict) -> Item | None:
     """The Item of a media index record (None: not an image)."""
     if record.get("kind") != "image" and "fingerprint" not in record:
         return None
-    fp = record.get("fingerprint") or {}
+    fp = record.get("fingerprint") if isinstance(record.get("fingerprint"), dict) else {}
+    phash, whash = _hex(fp.get("phash")), _hex(fp.get("whash"))
+    if phash is None or whash is None:
+        phash = whash = None
     when, subsec = _seconds(record.get("capture_time"))
     exposure = number(record.get("exposure_time"))
     fnumber, iso = number(record.get("fnumber")), number(record.get("iso"))
@@ -117,8 +120,7 @@ def item(key: int, path: str, version: int, record: dict) -> Item | None:
     picture = record.get("picture")
     pixels = picture[0] * picture[1] if isinstance(picture, list) and len(picture) == 2 and \
         all(isinstance(n, int) for n in picture) else 0
-    return Item(key, path, version, text("digest"), _hex(fp.get("phash")), _hex(fp.get("whash")),
-                text("format"), pixels, when,
+    return Item(key, path, version, text("digest"), phash, whash, text("format"), pixels, when,
                 record.get("capture_time") if when is not None else None,
                 subsec, camera, exposure, ev, _bias(record),
                 text("document_id"), text("original_document_id"), text("derived_from"))
@@ -597,8 +599,9 @@ def _bias(record: dict) -> float | None:
 
 
 def _hex(text) -> int | None:
+    """A 64-bit hash from its 16 hex digits (anything else: None)."""
     try:
-        return int(text, 16) if isinstance(text, str) else None
+        return int(text, 16) if isinstance(text, str) and len(text) == 16 else None
     except ValueError:
         return None
 

@@ -385,6 +385,72 @@ def cmd_find(args) -> int:
     return 0
 
 
+def cmd_groups(args) -> int:
+    with Store.open(args.store) as store:
+        cat = _catalog(store)
+    found = _group_index(cat).groups(args.kind)
+    if _json(args, [g.as_dict() for g in found]):
+        return 0
+    rows = [("KIND", "GROUP", "FILES")]
+    for g in found:
+        rows += [(g.kind if i == 0 else "", g.name if i == 0 else "", p)
+                 for i, p in enumerate(g.paths)]
+    if found:
+        _table(rows)
+    else:
+        print("no groups" + (f" of kind {args.kind}" if args.kind else ""))
+    _not_fingerprinted(cat)
+    return 0
+
+
+def cmd_similar(args) -> int:
+    from .media import fingerprint, groups, metadata
+
+    with Store.open(args.store) as store:
+        cat = _catalog(store)
+        path = _vault_path(store, args.file)
+    index = _group_index(cat)
+    target = next((it for it in index.items.values() if it.path == path), None)
+    if target is None:  # a file outside the vault: read it here
+        try:
+            data = Path(args.file).read_bytes()
+        except OSError as e:
+            raise CliError(f"{args.file} is neither a file in the vault nor a readable file: "
+                           f"{e.strerror}") from None
+        if metadata.sniff(data[:512], Path(args.file).name) != "image":
+            raise CliError(f"{args.file} is neither a file in the vault nor an image")
+        try:
+            record = metadata.read(data)
+        except metadata.MetadataError:
+            record = {"kind": "image"}
+        record.update(fingerprint.image_record(data))
+        target = groups.item(-1, os.path.abspath(args.file), 0, record)
+        index.add(target)
+    if not target.fingerprinted:
+        print(f"vaultfs: {target.path} has no fingerprint; only its groups are listed",
+              file=sys.stderr)
+    found: dict[int, dict] = {}
+    for d, key in index.similar(target):
+        found[key] = {"path": index.items[key].path, "distance": d, "groups": []}
+    for g in index.groups_of(target.key):
+        for key in g.keys:
+            if key != target.key:
+                found.setdefault(key, {"path": index.items[key].path,
+                                       "distance": groups.distance(target, index.items[key]),
+                                       "groups": []})["groups"].append(g.kind)
+    listed = sorted(found.values(), key=lambda f: (f["distance"] is None, f["distance"] or 0,
+                                                  f["path"]))
+    if _json(args, {"file": target.path, "similar": listed}):
+        return 0
+    if not listed:
+        print(f"nothing in the vault looks like {target.path}")
+        return 0
+    _table([("DISTANCE", "GROUPS", "FILE")] + [
+        ("-" if f["distance"] is None else str(f["distance"]), ",".join(f["groups"]) or "-",
+         f["path"]) for f in listed])
+    return 0
+
+
 def cmd_tag(args) -> int:
     if (args.tier is None) == (not args.clear):
         raise CliError("give --tier NAME, or --clear")
@@ -704,6 +770,37 @@ def _catalog(store: Store):
         return catalog.build(tx, catalog.tier_rules(policy.load(store.path)))
 
 
+def _group_index(cat):
+    """Groups of the catalogue's images (media/groups.py), indexed from scratch."""
+    from .media.groups import GroupIndex
+
+    index = GroupIndex()
+    index.update(cat.group_files())
+    return index
+
+
+def _not_fingerprinted(cat) -> None:
+    """Say on stderr how many images the mount has not analysed yet (they are in no group)."""
+    waiting = sum(1 for e in cat.files.values() if e.own.get("kind") == "image"
+                  and "fingerprint" not in e.own and "fingerprint_error" not in e.own)
+    if waiting:
+        print(f"vaultfs: {waiting:,} images are not fingerprinted yet: a mount of the vault "
+              f"analyses them", file=sys.stderr)
+
+
+def _vault_path(store: Store, name: str) -> str:
+    """A path inside the vault: as given (`day1/a.NEF`), or a file under a mount of it."""
+    from .fs.mount import find_mount
+
+    absolute = Path(name).expanduser().absolute()
+    for parent in absolute.parents:
+        entry = find_mount(parent)
+        if entry is not None and entry.fstype == "fuse.vaultfs" and \
+                os.path.realpath(entry.source) == os.path.realpath(store.path):
+            return str(absolute.relative_to(parent))
+    return name.strip("/")
+
+
 def _comparison(text: str):
     """'>=4', '4', '<2' -> a test of a number."""
     import operator
@@ -896,6 +993,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--since", help="captured on or after, YYYY-MM-DD")
     s.add_argument("--until", help="captured on or before, YYYY-MM-DD")
     s.add_argument("--keyword")
+
+    s = _command(sub, "groups", cmd_groups, "bursts, brackets, RAW+JPEG pairs, duplicates, "
+                 "near-duplicates and edits", json=True)
+    s.add_argument("--kind", choices=("burst", "bracket", "pair", "duplicate", "near", "edit"))
+
+    s = _command(sub, "similar", cmd_similar, "the images that look like FILE, and its groups",
+                 json=True)
+    s.add_argument("file", metavar="FILE",
+                   help="a path in the vault, a file under its mount, or any image file")
 
     s = _command(sub, "tag", cmd_tag, "put files, folders or globs in a tier by hand")
     s.add_argument("paths", nargs="+", metavar="PATH", help="inside the vault; globs allowed")

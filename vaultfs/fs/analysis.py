@@ -1,7 +1,8 @@
 """Reading the metadata of every committed image and sidecar into the store's media index,
-after commit and off the FUSE path: a trio task hands files to a worker thread one at a time,
-so capture never waits for it. A file that cannot be read is still stored and listed; its
-record says why, and the reason is logged once."""
+with each image's perceptual fingerprint, preview location and digest, after commit and off
+the FUSE path: a trio task hands files to a worker thread one at a time, so capture never waits
+for it. A file that cannot be read is still stored and listed; its record says why, and the
+reason is logged once."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from collections.abc import Callable
 
 import trio
 
-from ..media import metadata
+from ..media import fingerprint, metadata
 from ..store import Store
-from ..store.reader import ChunkCache, read_range
+from ..store.reader import ChunkCache, OfflineData, read_range
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Analyzer:
         self._working = True  # (until the backlog is queued)
         self.analysed = 0  # records written
         self.on_analysed: Callable[[int, dict], None] | None = None  # called on the loop
+        self.name_of: Callable[[int], str | None] = lambda ino: None  # a file's name, if known
 
     @property
     def busy(self) -> bool:
@@ -46,7 +48,8 @@ class Analyzer:
             await trio.sleep(0.2)
 
     async def run(self) -> None:
-        """Files committed before this mount that lack a record first, then each commit."""
+        """Files committed before this mount that lack a record (or a fingerprint) first, then
+        each commit."""
         try:
             for ino in await trio.to_thread.run_sync(self._backlog):
                 self.enqueue(ino)
@@ -65,43 +68,79 @@ class Analyzer:
             if record is not None and self.on_analysed is not None:
                 self.on_analysed(ino, record)
 
-    def _read(self, tx, node) -> dict:
+    def _metadata(self, data: bytes) -> dict:
         """A file's metadata: of a large JPEG, from its head; of anything else, from all of
         it."""
-        if node.size > HEAD_BYTES:
-            head = read_range(tx, self.cache, node, 0, HEAD_BYTES)
-            # A JPEG's metadata is all before its scan; in other formats it can be anywhere
-            # (a TIFF's IFD at the end, XMP appended by an editor), so they are read whole.
-            if head.startswith(b"\xff\xd8\xff"):
-                try:
-                    return metadata.read(head)
-                except metadata.MetadataError:
-                    pass
-        return metadata.read(read_range(tx, self.cache, node, 0, node.size))
+        # A JPEG's metadata is all before its scan; in other formats it can be anywhere
+        # (a TIFF's IFD at the end, XMP appended by an editor), so they are read whole.
+        if len(data) > HEAD_BYTES and data.startswith(fingerprint.JPEG_MAGIC):
+            try:
+                return metadata.read(data[:HEAD_BYTES])
+            except metadata.MetadataError:
+                pass
+        return metadata.read(data)
 
     def _backlog(self) -> list[int]:
         with self.store.reader() as tx:
             return [n.ino for n in tx.inodes()
-                    if stat.S_ISREG(n.mode) and n.content and tx.media(n.content) is None]
+                    if stat.S_ISREG(n.mode) and n.content and pending(tx.media(n.content))]
 
     def _analyse(self, ino: int) -> dict | None:
-        """Read one file's metadata into the index; the record written (None: nothing to do)."""
+        """Read one file's metadata (and fingerprint) into the index; the record written
+        (None: nothing to do)."""
+        data = None
         with self.store.reader() as tx:
             node = tx.inode(ino)
-            if node is None or not node.content or tx.media(node.content) is not None:
+            if node is None or not node.content or not pending(tx.media(node.content)):
                 return None
-            head = read_range(tx, self.cache, node, 0, 512)
-            if metadata.sniff(head) is None:
-                record: dict = {"kind": None}  # not a format with metadata to read
-            elif node.size > MAX_BYTES:
-                record = {"error": f"larger than {MAX_BYTES >> 20} MiB: not read"}
-            else:
-                try:
-                    record = self._read(tx, node)
-                except (metadata.MetadataError, MemoryError, OverflowError) as e:
-                    record = {"error": str(e) or type(e).__name__}
-                    log.warning("cannot read the metadata of %s: %s",
-                                tx.path_of(ino) or f"inode {ino}", record["error"])
+            try:
+                what = metadata.sniff(read_range(tx, self.cache, node, 0, 512),
+                                      self.name_of(ino))
+                if what is not None and node.size <= MAX_BYTES:
+                    data = read_range(tx, self.cache, node, 0, node.size)
+            except OfflineData:  # evicted: read when it is back (the next mount's backlog)
+                return None
+        # (The bytes are read; the decoding needs no transaction held open.)
+        if what is None:
+            record: dict = {"kind": None}  # not a format with metadata to read
+        elif data is None:
+            why = f"larger than {MAX_BYTES >> 20} MiB: not read"
+            record = {"kind": what, "error": why}
+            if what == "image":
+                record["fingerprint_error"] = why
+        else:
+            try:
+                record = self._metadata(data)
+            except (metadata.MetadataError, MemoryError, OverflowError) as e:
+                record = {"kind": what, "error": str(e) or type(e).__name__}
+                log.warning("cannot read the metadata of %s: %s", self._path(ino),
+                            record["error"])
+            if what == "image":
+                record.update(self._fingerprint(ino, data))
         self.store.write(lambda tx: tx.put_media(node.content, record))
         self.analysed += 1
         return record
+
+    def _fingerprint(self, ino: int, data: bytes) -> dict:
+        """An image's digest, and its fingerprint and preview or why it has none (logged)."""
+        out = fingerprint.image_record(data)
+        if "fingerprint_error" in out:
+            log.warning("cannot fingerprint %s: %s", self._path(ino), out["fingerprint_error"])
+        return out
+
+    def _path(self, ino: int) -> str:
+        """A file's path for the log: bytes that are not UTF-8 as escapes (\\xe9)."""
+        with self.store.reader() as tx:
+            path = tx.path_of(ino) or f"inode {ino}"
+        return path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
+def pending(record: dict | None) -> bool:
+    """Whether a version's bytes still need reading: no record yet, or an image's (or a
+    record from before fingerprints, whose kind it did not say) without its fingerprint."""
+    if record is None:
+        return True
+    if "fingerprint" in record or "fingerprint_error" in record:
+        return False
+    return record.get("kind", "image") == "image"
+

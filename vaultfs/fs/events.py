@@ -6,6 +6,10 @@
     verified    ...and has been read back from the store and matched its digests
     mirrored    ...and the mirror holds it too (a tier with two copies; `version`, `copies`)
     analysed    its metadata is in the index (with its rating and label when it has them)
+    fingerprinted  an image's fingerprint is in the index (`phash`, `whash`, and `preview`:
+                whether .vault/previews serves one), or `error` says why it has none
+    burst       an image joined a burst or bracket (`group`: its folder in .vault/bursts,
+                `kind`, `files`: how many it holds now)
     error       something failed for this file (`error` says what)
 
 A listener that does not keep up loses its subscription (an `overflow` event says so) rather

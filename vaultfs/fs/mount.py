@@ -103,6 +103,7 @@ def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint:
            allow_other: bool) -> None:
     ops.analyzer = Analyzer(store, ops.cache)
     ops.analyzer.on_analysed = ops.analysed
+    ops.analyzer.name_of = lambda ino: ops.event_path(ino).rsplit("/", 1)[-1]
     if rules.capture:
         ops.capture = CapturePolicies(store, rules.capture, ops.rules)
     store.mounted = True

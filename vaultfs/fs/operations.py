@@ -38,6 +38,7 @@ from ..media.tiers import Tiers
 from ..store import policy
 from .analysis import Analyzer
 from ..media.catalog import Catalog
+from ..media.groups import SEQUENCES, Group, GroupIndex
 from ..media.catalog import build as build_catalog
 from ..store.verify import check_chunk
 from .events import Events
@@ -125,6 +126,10 @@ class VaultOperations(pyfuse3.Operations):
         self._catalog: tuple[int, Catalog] | None = None  # (the txn id it was built at, it)
         self._catalog_lock = threading.Lock()
         self._catalog_wanted = False  # catalog() was called since the last rebuild
+        self._catalog_s = 0.0  # how long the last rebuild took
+        self.groups = GroupIndex()  # kept up to date with each rebuild (under its lock)
+        self._joined: list[tuple[str, Group]] = []  # files that joined a burst or bracket
+        self._fingerprinted: set[int] = set()  # files this mount fingerprinted
         self.analyzer: Analyzer | None = None  # set by mount.run
         self.mirror: Mirror | None = None  # set by mount.run when the vault has a mirror
         self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
@@ -221,14 +226,36 @@ class VaultOperations(pyfuse3.Operations):
             self.refresh_catalog()
         return self._catalog[1]
 
+    def want_catalog(self) -> None:
+        """Have the catalogue (and the groups) rebuilt soon, though no one looks: a new
+        fingerprint may put a file in a burst, which listeners hear of."""
+        self._catalog_wanted = True
+
     def refresh_catalog(self) -> Catalog:
-        """Rebuild the catalogue if the store committed anything since (blocking)."""
+        """Rebuild the catalogue if the store committed anything since, and bring the groups
+        up to date with it (blocking)."""
         with self._catalog_lock:
             with self.store.reader() as tx:
                 txn_id = tx.txn.id()
                 if self._catalog is None or self._catalog[0] != txn_id:
-                    self._catalog = (txn_id, build_catalog(tx, self.rules))
+                    t0 = time.monotonic()
+                    cat = build_catalog(tx, self.rules)
+                    self.groups.update(cat.group_files())
+                    cat.groups = [g for k in SEQUENCES for g in self.groups.groups(k)]
+                    self._note_joined(self._catalog[1] if self._catalog else None, cat)
+                    self._catalog = (txn_id, cat)
+                    self._catalog_s = time.monotonic() - t0
             return self._catalog[1]
+
+    def _note_joined(self, old: Catalog | None, new: Catalog) -> None:
+        """Files that are in a burst or bracket now and were not in that group before (the
+        first catalogue of a mount: files fingerprinted by this mount)."""
+        before = {(k, g.kind): g.name for g in old.groups if g.kind in SEQUENCES
+                  for k in g.keys} if old is not None else {}
+        for g in new.groups:
+            self._joined.extend((new.files[k].path, g) for k in g.keys
+                                if before.get((k, g.kind)) != g.name and k in new.files
+                                and (old is not None or k in self._fingerprinted))
 
     async def fresh_catalog(self) -> Catalog:
         return await self._thread(self.refresh_catalog)
@@ -238,8 +265,10 @@ class VaultOperations(pyfuse3.Operations):
         status have asked for it since, at most CATALOG_REFRESH_S apart: views follow changes
         within about a second (a view a second time after a change shows it)."""
         while True:
-            await trio.sleep(CATALOG_REFRESH_S)
-            # Only while someone looks (a walk of the tree is not free: ~2 s per 100,000 files).
+            # (A walk of a large tree is not free, ~2 s per 100,000 files: at most a fifth of
+            # the time goes to it.)
+            await trio.sleep(max(CATALOG_REFRESH_S, 4 * self._catalog_s))
+            # Only while someone looks, or something may have joined a group.
             if self._catalog_wanted and (self._catalog is None or
                                          self.store.env.info()["last_txnid"] != self._catalog[0]):
                 self._catalog_wanted = False
@@ -247,6 +276,10 @@ class VaultOperations(pyfuse3.Operations):
                     await self.fresh_catalog()
                 except Exception:
                     log.exception("rebuilding the catalogue failed; trying again")
+            joined, self._joined = self._joined, []
+            for path, group in joined:
+                self.events.publish("burst", path, group=group.name, kind=group.kind,
+                                    files=len(group.keys))
 
     def status(self) -> dict:
         figures = self.store.figures()
@@ -784,13 +817,21 @@ class VaultOperations(pyfuse3.Operations):
             self.events.publish("renamed", self.event_path(ino), **{"from": was})
 
     def analysed(self, ino: int, record: dict) -> None:
-        """The analyser has read a file's metadata: say so, and apply the capture policies to
-        an image captured in this mount."""
-        self.events.publish("analysed", self.event_path(ino),
-                            **{k: record[k] for k in ("kind", "rating", "label", "error")
-                               if k in record})
-        rename = self._fresh.pop(ino, None)
+        """The analyser has read a file's metadata (and fingerprint): say so, and apply the
+        capture policies to an image captured in this mount. A fingerprint may complete a
+        burst: the catalogue is rebuilt to see."""
         path = self.event_path(ino)
+        self.events.publish("analysed", path, **{k: record[k] for k in ("kind", "rating",
+                                                                        "label", "error")
+                                                 if k in record})
+        if "fingerprint" in record:
+            self.events.publish("fingerprinted", path, preview="preview" in record,
+                                **record["fingerprint"])
+            self._fingerprinted.add(ino)
+            self.want_catalog()
+        elif "fingerprint_error" in record:
+            self.events.publish("fingerprinted", path, error=record["fingerprint_error"])
+        rename = self._fresh.pop(ino, None)
         if rename is not None and record.get("kind") == "image" and not path.startswith("<") \
                 and self.nursery is not None:
             self.nursery.start_soon(self._capture, ino, path, record, rename)

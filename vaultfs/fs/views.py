@@ -12,12 +12,18 @@ remembered per node:
 
 kind 0: the fixed nodes below; 1: inode `id` of the tree frozen at `epoch`; 2: the versions
 view of live directory `id`; 3: the timeline directory of live file `id`; 4: version `id`;
-5: live directory `id` seen through filter number `epoch` (a tier, a rating, a label: the
-numbers are handed out as a mount first shows each filter); 6: live file `id`, read-only.
+5: live directory `id` seen through filter number `epoch` (a tier, a rating, a label, the
+previews, or one burst: the numbers are handed out as a mount first shows each filter; a
+burst's filter on the root is its folder, listing its files flat); 6: live file `id`,
+read-only; 7: the embedded preview of live file `id`.
 
     .vault/tiers/<tier>/<path>            live files by tier (catalog.py)
     .vault/rating/<0..5>/<path>           live images by star rating
     .vault/labels/<colour>/<path>         live images by colour label
+    .vault/bursts/<group>/<name>          the files of each burst and bracket (groups.py), under
+                                          names unique in the group (IMG_1.JPG, IMG_1~2.JPG)
+    .vault/previews/<path>.jpg            the JPEG preview inside each image (its byte range,
+                                          from the media index; a JPEG is its own preview)
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from ..store import ROOT_INO, Inode, Store, StoreError, Txn
 from ..media.metadata import LABELS
 from ..store.history import version_name
 from ..media.catalog import Catalog
+from ..media.groups import SEQUENCES, Group
 from ..store.reader import ChunkCache, read_range
 
 VAULT_NAME = b".vault"
@@ -44,7 +51,8 @@ VIRTUAL = 1 << 63
 KIND_SHIFT, EPOCH_SHIFT = 60, 36
 ID_MASK = (1 << EPOCH_SHIFT) - 1
 EPOCH_MASK = (1 << (KIND_SHIFT - EPOCH_SHIFT)) - 1
-FIXED, SNAPSHOT_NODE, VERSIONS_DIR, TIMELINE, VERSION_FILE, FILTER_DIR, FILTER_FILE = range(7)
+(FIXED, SNAPSHOT_NODE, VERSIONS_DIR, TIMELINE, VERSION_FILE, FILTER_DIR, FILTER_FILE,
+ PREVIEW_FILE) = range(8)
 
 VAULT_INO = VIRTUAL
 STATUS_INO = VIRTUAL + 1
@@ -53,8 +61,11 @@ LATEST_INO = VIRTUAL + 3
 TIERS_INO = VIRTUAL + 4
 RATING_INO = VIRTUAL + 5
 LABELS_INO = VIRTUAL + 6
+BURSTS_INO = VIRTUAL + 7
 LATEST = b"latest"
-GROUPS = {TIERS_INO: "tier", RATING_INO: "rating", LABELS_INO: "label"}
+GROUPS = {TIERS_INO: "tier", RATING_INO: "rating", LABELS_INO: "label", BURSTS_INO: "burst"}
+PREVIEWS = ("preview", "")  # the filter of .vault/previews
+PREVIEW_EXT = b".jpg"
 
 NAMES_KEPT = 100_000  # timeline names remembered (each costs ~100 bytes)
 FROZEN_TIMEOUT = 300.0  # snapshots and versions never change
@@ -163,6 +174,12 @@ class Views:
                 a = inode_attrs(node, ino, 0)  # a rating may move it at any moment
                 a.st_mode &= ~0o222
                 return a
+            if kind == PREVIEW_FILE:
+                node, start, length = self._preview(tx, ident)
+                a = inode_attrs(node, ino, 0)  # a new version may move or drop it
+                a.st_mode = stat.S_IFREG | (node.mode & 0o444)
+                a.st_nlink, a.st_size, a.st_blocks = 1, length, (length + 511) >> 9
+                return a
             if kind == VERSION_FILE:
                 v = tx.version(ident)
                 if v is None:
@@ -200,13 +217,22 @@ class Views:
             raise FUSEError(errno.ENOENT)
         if kind == FILTER_DIR:
             key = self._filter(epoch)
+            if key[0] == "burst":
+                group = self._sequence(key[1])
+                for member, ino in zip(group.names(), group.keys):
+                    if member.encode(errors="surrogateescape") == name:
+                        return encode(FILTER_FILE, ino)
+                raise FUSEError(errno.ENOENT)
+            cat = self._catalog()
             with self.store.reader() as tx:
                 child = tx.lookup(ident, name)
-            cat = self._catalog()
-            if child is not None and child in cat.folders.get(key, ()):
-                return encode(FILTER_DIR, child, epoch)
+                if child is not None and child in cat.folders.get(key, ()):
+                    return encode(FILTER_DIR, child, epoch)
+                if key == PREVIEWS:  # IMG_1.NEF.jpg: the preview of IMG_1.NEF
+                    child = tx.lookup(ident, name[:-len(PREVIEW_EXT)]) \
+                        if name.endswith(PREVIEW_EXT) else None
             if child is not None and child in cat.members.get(key, ()):
-                return encode(FILTER_FILE, child)
+                return encode(PREVIEW_FILE if key == PREVIEWS else FILTER_FILE, child)
             raise FUSEError(errno.ENOENT)
         for _, child_name, ino in self.entries(parent, 0):
             if child_name == name:
@@ -229,20 +255,40 @@ class Views:
             raise FUSEError(errno.ENOENT)  # a number from before a remount
         return self._filters[number - 1]
 
+    def _sequence(self, name: str) -> Group:
+        """The burst or bracket of that name now (gone, or renamed: ENOENT)."""
+        for g in self._catalog().groups:
+            if g.name == name and g.kind in SEQUENCES:
+                return g
+        raise FUSEError(errno.ENOENT)
+
+    @staticmethod
+    def _preview(tx: Txn, ino: int) -> tuple[Inode, int, int]:
+        """A live file and the byte range of its preview in its current version."""
+        node = tx.inode(ino)
+        record = tx.media(node.content) if node is not None else None
+        span = record.get("preview") if record else None
+        if not (isinstance(span, list) and len(span) == 2 and 0 <= span[0]
+                and 0 < span[1] <= node.size - span[0]):
+            raise FUSEError(errno.ENOENT)
+        return node, span[0], span[1]
+
     def entries(self, parent: int, start: int) -> Iterator[tuple[int, bytes, int]]:
         """(offset of the next entry, name, inode) of a directory's entries after `start`
         (offsets start at 3: the caller lists ".", ".." itself)."""
         kind, epoch, ident = decode(parent)
-        if kind == FILTER_DIR:
-            key = self._filter(epoch)
+        key = self._filter(epoch) if kind == FILTER_DIR else None
+        if kind == FILTER_DIR and key[0] != "burst":
             cat = self._catalog()
             folders, members = cat.folders.get(key, set()), cat.members.get(key, set())
             with self.store.reader() as tx:
                 for entry_id, name, child in tx.entries(ident, max(start - 2, 1)):
                     if child in folders:
                         yield entry_id + 3, name, encode(FILTER_DIR, child, epoch)
-                    elif child in members:
+                    elif child in members and key != PREVIEWS:
                         yield entry_id + 3, name, encode(FILTER_FILE, child)
+                    elif child in members and len(name) + len(PREVIEW_EXT) <= 255:
+                        yield entry_id + 3, name + PREVIEW_EXT, encode(PREVIEW_FILE, child)
             return
         if kind == SNAPSHOT_NODE or kind == VERSIONS_DIR:
             reader = self._tree(epoch if kind == SNAPSHOT_NODE else None)
@@ -262,13 +308,21 @@ class Views:
                         yield entry_id + 3, name, encode(TIMELINE, child)
             return
         if parent == VAULT_INO:
-            fixed = [(b"labels", LABELS_INO), (b"rating", RATING_INO),
-                     (b"snapshots", SNAPSHOTS_INO), (b"status.json", STATUS_INO),
-                     (b"tiers", TIERS_INO), (b"versions", encode(VERSIONS_DIR, ROOT_INO))]
+            fixed = [(b"bursts", BURSTS_INO), (b"labels", LABELS_INO),
+                     (b"previews", encode(FILTER_DIR, ROOT_INO, self._filter_number(PREVIEWS))),
+                     (b"rating", RATING_INO), (b"snapshots", SNAPSHOTS_INO),
+                     (b"status.json", STATUS_INO), (b"tiers", TIERS_INO),
+                     (b"versions", encode(VERSIONS_DIR, ROOT_INO))]
+        elif kind == FILTER_DIR:  # a burst's folder
+            group = self._sequence(key[1])
+            fixed = [(member.encode(errors="surrogateescape"), encode(FILTER_FILE, ino))
+                     for member, ino in zip(group.names(), group.keys)]
         elif parent in GROUPS:
             group = GROUPS[parent]
             if group == "tier":
                 values: list = list(self._tier_names)
+            elif group == "burst":
+                values = [g.name for g in self._catalog().groups if g.kind in SEQUENCES]
             elif group == "rating":
                 values = list(range(6))
             else:  # the usual five, then any other label the catalogue has
@@ -303,7 +357,7 @@ class Views:
             return SNAPSHOTS_INO
         if kind == FILTER_DIR and ident == ROOT_INO:
             group = {v: k for k, v in GROUPS.items()}
-            return group[self._filter(epoch)[0]]
+            return group.get(self._filter(epoch)[0], VAULT_INO)  # (previews: in .vault)
         return None
 
     @staticmethod
@@ -327,9 +381,15 @@ class Views:
         return ino == STATUS_INO
 
     def read(self, ino: int, off: int, size: int) -> bytes:
-        """Bytes of a snapshot's file, a version, or a live file seen through a filter
-        (blocking: runs in a worker thread)."""
+        """Bytes of a snapshot's file, a version, a live file seen through a filter, or a
+        preview (blocking: runs in a worker thread)."""
         kind, epoch, ident = decode(ino)
+        if kind == PREVIEW_FILE:
+            with self._tree(None, buffers=True) as tx:
+                node, begin, length = self._preview(tx, ident)
+                if off >= length:
+                    return b""
+                return read_range(tx, self.cache, node, begin + off, min(size, length - off))
         if kind not in (SNAPSHOT_NODE, VERSION_FILE, FILTER_FILE):
             raise FUSEError(errno.EISDIR)
         with self._tree(epoch if kind == SNAPSHOT_NODE else None, buffers=True) as tx:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import stat
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..store import ROOT_INO, Inode, StoreError, Txn
 from ..store import policy
 from . import sidecars, tiers
+from .groups import Group
 from ..store.tags import TIER_XATTR
+
+FINGERPRINT_KEYS = ("digest", "fingerprint", "fingerprint_error", "picture", "format", "preview")
 
 
 @dataclass
@@ -26,15 +30,22 @@ class Entry:
     meta: dict            # effective: the file's own metadata with its sidecars'
     tier: str
     sidecars: list[str]   # paths
+    own: dict             # the file's own record (fingerprint, preview, capture...)
 
 
 @dataclass
 class Catalog:
     files: dict[int, Entry] = field(default_factory=dict)          # ino -> entry
     members: dict[tuple, set[int]] = field(default_factory=lambda: defaultdict(set))
-    # ("tier", name) / ("rating", 0..5) / ("label", colour) -> file inos, and the folders
-    # that hold them somewhere below
+    # ("tier", name) / ("rating", 0..5) / ("label", colour) / ("preview", "") -> file inos,
+    # and the folders that hold them somewhere below
     folders: dict[tuple, set[int]] = field(default_factory=lambda: defaultdict(set))
+    groups: list[Group] = field(default_factory=list)  # bursts and brackets (a mount's)
+
+    def group_files(self) -> Iterator[tuple[int, str, int, dict]]:
+        """What GroupIndex.update takes: (inode, path, version, own record) of every file."""
+        for ino, e in self.files.items():
+            yield ino, e.path, e.node.content, e.own
 
     def tier_figures(self, scrubs: dict[str, dict]) -> dict[str, dict]:
         """Per tier: its files and their bytes, and its last scrub (`vaultfs status`)."""
@@ -114,9 +125,11 @@ def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
         image = cat.files.get(nodes[owner[name]].ino) if name in owner else None
         tier = image.tier if image is not None else rules.tier_of(
             tiers.variables(meta, path, bool(side)), _tag(tx, node.ino) or tag)
-        entry = Entry(path, node, meta, tier, [prefix + s for s in links.get(name, [])])
+        entry = Entry(path, node, meta, tier, [prefix + s for s in links.get(name, [])], own)
         cat.files[node.ino] = entry
         cat.add(("tier", tier), node.ino, parents)
+        if "preview" in own:
+            cat.add(("preview", ""), node.ino, parents)
         if image is not None:  # a sidecar is listed beside its image in every view
             for key in ("rating", "label"):
                 for k, inos in list(cat.members.items()):
@@ -131,8 +144,12 @@ def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
 
 
 def _meta(tx: Txn, node: Inode) -> dict:
+    """A version's record; of one whose metadata could not be read, only what its fingerprint
+    gave (a picture can be decodable with metadata Exiv2 refuses)."""
     meta = tx.media(node.content) or {}
-    return {} if "error" in meta else meta
+    if "error" in meta:
+        return {k: meta[k] for k in FINGERPRINT_KEYS if k in meta}
+    return meta
 
 
 def _tag(tx: Txn, ino: int) -> str | None:

@@ -11,6 +11,7 @@ their image (sidecars.py) and kept like any file.
 from __future__ import annotations
 
 import configparser
+import math
 import re
 from fractions import Fraction
 
@@ -36,8 +37,17 @@ class MetadataError(Exception):
     """The bytes are not something whose metadata can be read; the message says why."""
 
 
-def sniff(head: bytes) -> str | None:
-    """'image', 'xmp' or 'pp3' from a file's first bytes, or None (not analysed)."""
+# Names that say "image" where the bytes do not (a damaged or unknown file is still an image
+# whose failure to read is worth saying).
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .mpo .heic .heif .hif .avif .png .webp .tif .tiff .dng .nef .nrw .cr2 "
+    ".cr3 .crw .arw .srf .sr2 .raf .orf .rw2 .rwl .pef .srw .x3f .3fr .iiq .erf .mef .mos .mrw "
+    ".gpr .raw".split())
+
+
+def sniff(head: bytes, name: str | None = None) -> str | None:
+    """'image', 'xmp' or 'pp3' from a file's first bytes (or, for an image, from its name),
+    or None (not analysed)."""
     if head.startswith((b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"IIRO", b"IIU\x00",
                         b"FUJIFILM", b"\x00MRM", b"FOVb", b"II\x1a\x00\x00\x00HEAPCCDR",
                         b"\x89PNG", b"\xff\x01Exiv2")):
@@ -49,6 +59,8 @@ def sniff(head: bytes) -> str | None:
         return "xmp"
     if stripped.startswith(b"[Version]") and b"AppVersion" in head[:200]:
         return "pp3"
+    if name and "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+        return "image"
     return None
 
 
@@ -93,15 +105,20 @@ def _fields(exif: dict, iptc: dict, xmp: dict, sidecar: bool) -> dict:
          or exif.get("Exif.Canon.SerialNumber") or exif.get("Exif.Nikon3.SerialNumber")
          or xmp.get("Xmp.aux.SerialNumber") or xmp.get("Xmp.exifEX.BodySerialNumber"))
     _put(out, "exposure_time", exif.get("Exif.Photo.ExposureTime"))
-    _put(out, "fnumber", _number(exif.get("Exif.Photo.FNumber")))
-    _put(out, "iso", _number(exif.get("Exif.Photo.ISOSpeedRatings")))
-    _put(out, "exposure_bias", _number(exif.get("Exif.Photo.ExposureBiasValue")))
+    _put(out, "fnumber", number(exif.get("Exif.Photo.FNumber")))
+    _put(out, "iso", number(exif.get("Exif.Photo.ISOSpeedRatings")))
+    _put(out, "exposure_bias", number(exif.get("Exif.Photo.ExposureBiasValue")))
+    # The step of an automatic exposure bracket, where the maker notes say (0: none).
+    bracket = number(exif.get("Exif.CanonSi.AEBBracketValue")
+                     or exif.get("Exif.Nikon3.ExposureBracketComp"))
+    if bracket:
+        out["bracket"] = bracket
     lat, lon = _gps(exif, "Latitude"), _gps(exif, "Longitude")
     if lat is not None and lon is not None:
         out["gps"] = [round(lat, 7), round(lon, 7)]
-    rating = _number(xmp.get("Xmp.xmp.Rating"))
+    rating = number(xmp.get("Xmp.xmp.Rating"))
     if rating is None:
-        rating = _number(exif.get("Exif.Image.Rating"))
+        rating = number(exif.get("Exif.Image.Rating"))
     # Cameras write 0 into every frame: in an image, 0 means "not rated", not a decision that
     # would outvote a sidecar's stars. In a sidecar, 0 is a decision (un-rated by hand).
     if rating is not None and (rating != 0 or sidecar):
@@ -112,7 +129,7 @@ def _fields(exif: dict, iptc: dict, xmp: dict, sidecar: bool) -> dict:
         out["label"] = label.strip().lower()
     dt_labels = xmp.get("Xmp.darktable.colorlabels")
     if "label" not in out and isinstance(dt_labels, list) and dt_labels:
-        idx = _number(dt_labels[0])
+        idx = number(dt_labels[0])
         if idx is not None and 0 <= idx < len(LABELS):
             out["label"] = LABELS[int(idx)]
     if str(xmp.get("Xmp.xmpDM.pick", "")) == "1" or \
@@ -131,6 +148,7 @@ def _fields(exif: dict, iptc: dict, xmp: dict, sidecar: bool) -> dict:
         out["develop"] = develop
     _put(out, "document_id", xmp.get("Xmp.xmpMM.DocumentID"))
     _put(out, "original_document_id", xmp.get("Xmp.xmpMM.OriginalDocumentID"))
+    _put(out, "derived_from", xmp.get("Xmp.xmpMM.DerivedFrom/stRef:documentID"))
     return out
 
 
@@ -143,10 +161,10 @@ def _pp3(data: bytes) -> dict:
         raise MetadataError(f"not a readable .pp3: {e}") from None
     out: dict = {"kind": "sidecar", "develop": ["rawtherapee"]}
     general = cp["General"] if cp.has_section("General") else {}
-    rank = _number(general.get("Rank"))
+    rank = number(general.get("Rank"))
     if rank is not None:
         out["rating"] = max(0, min(5, int(rank)))
-    colour = _number(general.get("ColorLabel"))
+    colour = number(general.get("ColorLabel"))
     if colour is not None and 1 <= colour <= len(LABELS):
         out["label"] = LABELS[int(colour) - 1]
     if "InTrash" in general or "rating" in out:
@@ -164,13 +182,15 @@ def _put(out: dict, key: str, value) -> None:
 _NUMBER = re.compile(r"[+-]?\d{1,9}(\.\d{1,9})?(/\d{1,9})?")
 
 
-def _number(value) -> float | None:
+def number(value) -> float | None:
     """'8/1', '100', '-1/3', '2.8', ['100'] -> a number; None if it is none. Only plain short
     numbers: '1e20000000' would make Fraction build a huge integer, holding the GIL."""
     if isinstance(value, list):
         value = value[0] if value else None
-    if value is None:
+    if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, (int, float)):  # (read back from the index: a number already)
+        return value if math.isfinite(value) else None
     text = str(value).strip().split(" ")[0]
     if not _NUMBER.fullmatch(text):
         return None

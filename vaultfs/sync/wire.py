@@ -35,6 +35,7 @@ RAW_FLAG = 1 << 30      # the payload is raw bytes (a chunk attached to a messag
 LENGTH_MASK = RAW_FLAG - 1
 MAX_OPEN_FRAME = 4096   # before the channel is sealed: hellos and pairing messages only
 SLICE = 1024 * 1024     # bytes per socket call
+BUFFER = 256 * 1024     # small frames gather in a buffer this large; larger ones pass through
 COMPRESS_MIN = 1024
 CONFIRM = b"vaultfs sync 1 ready"
 PROTOCOL = 3  # 2: chunks as raw frames after the message that names them; 3: store format 4
@@ -63,7 +64,11 @@ class Channel:
 
     @classmethod
     def over(cls, sock: socket.socket) -> "Channel":
-        return cls(sock.makefile("rb", buffering=0), sock.makefile("wb", buffering=0), sock)
+        # Frames are written whole and flushed once a message (with its chunks) is out: no
+        # small segment waits for a delayed ACK (Nagle), and many small chunks share a send.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(sock.makefile("rb", buffering=BUFFER), sock.makefile("wb", buffering=BUFFER),
+                   sock)
 
     def hang_up(self) -> None:
         """End the connection from another thread: a call blocked on it fails at once."""
@@ -96,6 +101,7 @@ class Channel:
         self._send_frame(body, flags)
         for a in attachments:
             self._send_frame(a, RAW_FLAG)
+        self.wfile.flush()
 
     def recv(self):
         """The next message (never an attachment)."""
@@ -160,7 +166,6 @@ class Channel:
         view = memoryview(body)
         for i in range(0, len(view), SLICE):
             self.wfile.write(view[i:i + SLICE])
-        self.wfile.flush()
         self.sent += len(header) + len(body)
 
     def _read(self, n: int) -> bytearray:

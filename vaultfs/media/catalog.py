@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 
 from ..store import ROOT_INO, Inode, StoreError, Txn
 from ..store import policy
+from ..store.recompress import MEDIA_KEY as LEVEL_KEY
 from . import sidecars, tiers
 from .groups import Group
 from ..store.tags import TIER_XATTR
 
 FINGERPRINT_KEYS = ("digest", "fingerprint", "fingerprint_error", "picture", "format", "preview")
+KEPT_KEYS = FINGERPRINT_KEYS + (LEVEL_KEY,)  # of a record whose metadata could not be read
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Entry:
     tier: str
     sidecars: list[str]   # paths
     own: dict             # the file's own record (fingerprint, preview, capture...)
+    analysed: bool        # its version has a record: its metadata was read (or failed to be)
 
 
 @dataclass
@@ -48,12 +51,18 @@ class Catalog:
             yield ino, e.path, e.node.content, e.own
 
     def tier_figures(self, scrubs: dict[str, dict]) -> dict[str, dict]:
-        """Per tier: its files and their bytes, and its last scrub (`vaultfs status`)."""
+        """Per tier: its files and their bytes, its last scrub, and how many of its files have
+        chunks recompressed at each stronger zstd level ("recompressed": {level: files})
+        (`vaultfs status`)."""
         out: dict[str, dict] = {}
         for e in self.files.values():
             t = out.setdefault(e.tier, {"files": 0, "bytes": 0})
             t["files"] += 1
             t["bytes"] += e.node.size
+            level = e.own.get(LEVEL_KEY)
+            if level:
+                counts = t.setdefault("recompressed", {})
+                counts[str(level)] = counts.get(str(level), 0) + 1
         for tier, result in scrubs.items():
             out.setdefault(tier, {"files": 0, "bytes": 0})["last_scrub"] = result
         return out
@@ -68,6 +77,18 @@ class Catalog:
                  and not sidecars.is_sidecar(e.path.rsplit("/", 1)[-1])]
         files.sort(key=lambda e: (e.node.mtime_ns, e.path))
         return [[e.node.ino, e.node.content, e.path] for e in files]
+
+    def recompression_due(self, levels: dict[str, int]) -> list[tuple[int, int]]:
+        """(content version, level) of the files in a tier of a stronger zstd level (`levels`:
+        tier -> level) whose chunks were not compressed at that level yet (store/
+        recompress.py), in path order. Only files whose metadata is read: before that, their
+        tier is not known."""
+        due: dict[int, int] = {}
+        for e in sorted(self.files.values(), key=lambda e: e.path):
+            level = levels.get(e.tier, 0)
+            if e.node.content and e.analysed and e.own.get(LEVEL_KEY, 0) < level:
+                due[e.node.content] = max(level, due.get(e.node.content, 0))
+        return list(due.items())
 
     def under(self, paths: list[str] | None) -> list[Entry]:
         """The files at or below `paths` (relative to the root; None: all)."""
@@ -114,18 +135,20 @@ def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
             continue
         if not stat.S_ISREG(node.mode):
             continue
-        own = _meta(tx, node)
+        record = tx.media(node.content)
+        own = _meta(record)
         version = tx.version(node.content)
         side = []
         for s in links.get(name, []):
             sversion = tx.version(nodes[s].content)
             if sversion is not None:
-                side.append((_meta(tx, nodes[s]), sversion.committed_ns))
+                side.append((_meta(tx.media(nodes[s].content)), sversion.committed_ns))
         meta = tiers.effective(own, version.committed_ns if version else 0, side)
         image = cat.files.get(nodes[owner[name]].ino) if name in owner else None
         tier = image.tier if image is not None else rules.tier_of(
             tiers.variables(meta, path, bool(side)), _tag(tx, node.ino) or tag)
-        entry = Entry(path, node, meta, tier, [prefix + s for s in links.get(name, [])], own)
+        entry = Entry(path, node, meta, tier, [prefix + s for s in links.get(name, [])], own,
+                      record is not None)
         cat.files[node.ino] = entry
         cat.add(("tier", tier), node.ino, parents)
         if "preview" in own:
@@ -143,12 +166,12 @@ def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
                 cat.add(("label", meta["label"]), node.ino, parents)
 
 
-def _meta(tx: Txn, node: Inode) -> dict:
+def _meta(record: dict | None) -> dict:
     """A version's record; of one whose metadata could not be read, only what its fingerprint
-    gave (a picture can be decodable with metadata Exiv2 refuses)."""
-    meta = tx.media(node.content) or {}
+    gave (a picture can be decodable with metadata Exiv2 refuses) and its chunks' level."""
+    meta = record or {}
     if "error" in meta:
-        return {k: meta[k] for k in FINGERPRINT_KEYS if k in meta}
+        return {k: meta[k] for k in KEPT_KEYS if k in meta}
     return meta
 
 

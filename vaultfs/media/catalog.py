@@ -113,25 +113,34 @@ def tier_rules(rules: policy.Policy) -> tiers.Tiers:
 
 def build(tx: Txn, rules: tiers.Tiers) -> Catalog:
     cat = Catalog()
-    _walk(tx, rules, cat, ROOT_INO, "", [ROOT_INO], None)
+    _walk(tx, rules, cat, ROOT_INO, "", [ROOT_INO], None, {})
     return cat
 
 
 def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
-          parents: list[int], inherited_tag: str | None) -> None:
+          parents: list[int], inherited_tag: str | None, adopted: dict[int, int]) -> None:
+    """Catalogue a folder and what is below it. `adopted`: sidecars found from a folder above
+    (Capture One's), by inode -> their image's inode."""
     tag = _tag(tx, dino) or inherited_tag
     nodes: dict[str, Inode] = {}
     for _, name, child in tx.entries(dino):
         node = tx.inode(child)
         if node is not None:
             nodes[name.decode(errors="surrogateescape")] = node
-    links = sidecars.link(n for n, node in nodes.items() if stat.S_ISREG(node.mode))
+    links = sidecars.link(n for n, node in nodes.items()  # (Capture One's are linked above)
+                          if stat.S_ISREG(node.mode) and node.ino not in adopted)
     owner = {s: image for image, sides in links.items() for s in sides}
-    # Images first: a sidecar goes where its image goes.
-    for name, node in sorted(nodes.items(), key=lambda kv: kv[0] in owner):
+    # (path from this folder, inode) of each image's sidecars, Capture One's two folders down
+    side_nodes = {image: [(s, nodes[s]) for s in sides] for image, sides in links.items()}
+    for image, found in _capture_one(tx, nodes).items():
+        side_nodes.setdefault(image, []).extend(found)
+        adopted.update((snode.ino, nodes[image].ino) for _, snode in found)
+    # Images first: a sidecar goes where its image goes (Capture One's folder too).
+    for name, node in sorted(nodes.items(), key=lambda kv: (
+            kv[0] in owner, kv[0].lower() == sidecars.CAPTURE_ONE)):
         path = prefix + name
         if stat.S_ISDIR(node.mode):
-            _walk(tx, rules, cat, node.ino, path + "/", parents + [node.ino], tag)
+            _walk(tx, rules, cat, node.ino, path + "/", parents + [node.ino], tag, adopted)
             continue
         if not stat.S_ISREG(node.mode):
             continue
@@ -139,16 +148,17 @@ def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
         own = _meta(record)
         version = tx.version(node.content)
         side = []
-        for s in links.get(name, []):
-            sversion = tx.version(nodes[s].content)
+        for _, snode in side_nodes.get(name, []):
+            sversion = tx.version(snode.content)
             if sversion is not None:
-                side.append((_meta(tx.media(nodes[s].content)), sversion.committed_ns))
+                side.append((_meta(tx.media(snode.content)), sversion.committed_ns))
         meta = tiers.effective(own, version.committed_ns if version else 0, side)
-        image = cat.files.get(nodes[owner[name]].ino) if name in owner else None
+        image_ino = nodes[owner[name]].ino if name in owner else adopted.get(node.ino)
+        image = cat.files.get(image_ino) if image_ino is not None else None
         tier = image.tier if image is not None else rules.tier_of(
             tiers.variables(meta, path, bool(side)), _tag(tx, node.ino) or tag)
-        entry = Entry(path, node, meta, tier, [prefix + s for s in links.get(name, [])], own,
-                      record is not None)
+        entry = Entry(path, node, meta, tier, [prefix + s for s, _ in side_nodes.get(name, [])],
+                      own, record is not None)
         cat.files[node.ino] = entry
         cat.add(("tier", tier), node.ino, parents)
         if "preview" in own:
@@ -164,6 +174,30 @@ def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
                 cat.add(("rating", rating), node.ino, parents)
             if meta.get("label"):
                 cat.add(("label", meta["label"]), node.ino, parents)
+
+
+def _capture_one(tx: Txn, nodes: dict[str, Inode]) -> dict[str, list[tuple[str, Inode]]]:
+    """Capture One's settings of a folder's images, CaptureOne/Settings<N>/IMG_0001.CR3.cos:
+    {image name: [(path from the folder, inode)]}."""
+    images = [n for n, node in nodes.items()
+              if stat.S_ISREG(node.mode) and not sidecars.is_sidecar(n)]
+    out: dict[str, list[tuple[str, Inode]]] = {}
+    for folder, node in nodes.items():
+        if folder.lower() != sidecars.CAPTURE_ONE or not stat.S_ISDIR(node.mode):
+            continue
+        for _, raw, child in tx.entries(node.ino):
+            sub, settings = raw.decode(errors="surrogateescape"), tx.inode(child)
+            if settings is None or not stat.S_ISDIR(settings.mode) or \
+                    not sidecars.is_capture_one_settings(folder, sub):
+                continue
+            files = {}
+            for _, fname, fino in tx.entries(child):
+                f = tx.inode(fino)
+                if f is not None and stat.S_ISREG(f.mode):
+                    files[fname.decode(errors="surrogateescape")] = f
+            for image, cos in sidecars.capture_one(images, files).items():
+                out.setdefault(image, []).extend((f"{folder}/{sub}/{c}", files[c]) for c in cos)
+    return out
 
 
 def _meta(record: dict | None) -> dict:

@@ -111,8 +111,8 @@ def _eval(node: ast.AST, v: dict):
 
 def effective(own: dict | None, own_time: int, sidecars: list[tuple[dict, int]]) -> dict:
     """A file's metadata with its sidecars': for each decision (rating with reject, label,
-    pick) the newest source that makes it wins, whole; keywords are all of them; the rest is
-    the file's own, else a sidecar's."""
+    pick) the newest source that makes it wins, whole; keywords and the editors whose settings
+    are present (develop) are all of them; the rest is the file's own, else a sidecar's."""
     sources = sorted([(own_time, own or {})] + [(t, m) for m, t in sidecars],
                      key=lambda s: s[0], reverse=True)
     out = dict(own or {})
@@ -129,9 +129,10 @@ def effective(own: dict | None, own_time: int, sidecars: list[tuple[dict, int]])
         for key, value in meta.items():
             if key not in OWN_KEYS:
                 out.setdefault(key, value)
-    keywords = sorted({k for _, m in sources for k in m.get("keywords", ())})
-    if keywords:
-        out["keywords"] = keywords
+    for key in ("keywords", "develop"):  # all of them: every source's keywords and editors
+        values = sorted({k for _, m in sources for k in m.get(key, ())})
+        if values:
+            out[key] = values
     return out
 
 

@@ -267,8 +267,14 @@ def test_a_tier_of_a_stronger_level_is_recompressed_in_the_background(make_mount
     before = _stored_bytes(store_path, selects)
     later_before = _stored_bytes(store_path, ["later/001.tif"])
     toml = store_path / "vault.toml"
-    toml.write_text(toml.read_text().replace('name = "select"', 'name = "select"\n'
-                                             'compression = 19', 1))
+    policy = toml.read_text()
+    (tmp_path / "mp").mkdir()
+    for bad in ("20", "0", "true", '"max"'):  # a level zstd has not: the mount does not start
+        toml.write_text(policy.replace('name = "select"', f'name = "select"\ncompression = {bad}'))
+        r = vaultfs("mount", store_path, tmp_path / "mp", check=False)
+        assert r.returncode == 2 and "tier select: compression must be a zstd level from 1 to 19" \
+            in r.stderr, r.stderr
+    toml.write_text(policy.replace('name = "select"', 'name = "select"\ncompression = 19'))
 
     m = make_mount()
     done = lambda: _status(m.path)["tiers"]["select"].get("recompressed") == {"19": 2}  # noqa

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .codec import ChunkCorrupt, decode, recoded
 from .format import ChunkRecord
-from .scrub import DUTY
+from .scrub import DUTY, pace
 from .store import Store
 from .verify import check_chunk
 
@@ -58,12 +58,7 @@ def recompress(store: Store, versions: Iterable[tuple[int, int]], duty: float = 
             t0 = time.perf_counter()
             _chunk(store, chunk_id, level, out)
             done[chunk_id] = level
-            if duty < 1:
-                pause = (time.perf_counter() - t0) * (1 - duty) / duty
-                if stop is not None:
-                    stop.wait(pause)
-                else:
-                    time.sleep(pause)
+            pace(t0, duty, stop)
         if store.write(lambda tx: _note_level(tx, version, level)):
             out.versions += 1
     return out

@@ -558,6 +558,24 @@ class Txn:
         rec = self.chunk_record(chunk_id)
         if rec is None or rec.offline:  # (an offline chunk is evicted, not damaged)
             raise StoreError(f"chunk {chunk_id.hex()} has no stored bytes to repair")
+        self._replace_value(chunk_id, rec, stored)
+
+    def recompress_chunk(self, chunk_id: bytes, blake3: bytes, stored: bytes) -> int:
+        """Replace a chunk's stored value by a smaller stored form of the same raw bytes, made
+        at a stronger zstd level and checked by the caller (decoded; xxh3, BLAKE3 `blake3` and
+        length matched: store/recompress.py). Nothing changes when the chunk is gone, offline,
+        holds other bytes now (its id reused after it was freed: another BLAKE3) or is stored
+        as small already. Returns the bytes saved."""
+        rec = self.chunk_record(chunk_id)
+        if rec is None or rec.offline or rec.blake3 != blake3 or \
+                len(stored) - 1 >= rec.stored_len:
+            return 0
+        self._replace_value(chunk_id, rec, stored)
+        return rec.stored_len - (len(stored) - 1)
+
+    def _replace_value(self, chunk_id: bytes, rec: ChunkRecord, stored: bytes) -> None:
+        """Another stored form of a chunk's bytes: its value, its record's stored_len and
+        stat.stored_bytes change together; references, raw_len and digests stay."""
         self.txn.put(chunk_id, stored, db=self.dbs[F.DB_CHUNKDATA])
         self.txn.put(chunk_id, ChunkRecord(rec.refcount, rec.raw_len, len(stored) - 1,
                                            rec.blake3).pack(), db=self.dbs[F.DB_CHUNKS])

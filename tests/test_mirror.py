@@ -114,6 +114,11 @@ def test_select_files_are_mirrored_and_safe_only_then(make_mount, store_path, mi
     proc.terminate()
     mtime = os.stat(day1 / "DSC_0002-best.NEF").st_mtime_ns
     m.stop()
+    # The mirror is the vault's second copy, not a peer to make room for: no eviction on it.
+    vaultfs("tag", store_path, "day1", "--clear")
+    kept = json.loads(vaultfs("evict", store_path, "day1/DSC_0002-best.NEF", "--json").stdout)
+    assert kept["evicted"] == [] and kept["skipped"] == [
+        {"path": "day1/DSC_0002-best.NEF", "why": "no peer is known to hold it"}]
 
     assert_clean(mirror)
     seen = make_mount(store=mirror)  # the mirror is a vault like any other

@@ -739,9 +739,12 @@ def _evict(store: Store | str, paths: list[str] | None, dry_run: bool,
 
     def plan(s: Store) -> tuple:
         rules = policy.load(s.path)
-        want = evict.space(s, rules.keep_free_percent)["short_bytes"] if if_short else None
+        want = None  # (files named: all of them that may go)
+        if if_short:
+            want = evict.space(s, rules.keep_free_percent)["short_bytes"] \
+                if rules.keep_free_percent else 0
         cat = _catalog(s)
-        return (want if rules.keep_free_percent else 0), cat, cat.eviction_order(rules, paths)
+        return want, cat, cat.eviction_order(rules, paths)
 
     if isinstance(store, Store):
         want, cat, order = plan(store)

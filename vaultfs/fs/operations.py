@@ -899,8 +899,11 @@ class VaultOperations(pyfuse3.Operations):
                 self._verified[ino] = version
         verified = committed and (self._verified.get(ino) == node.content if node.content
                                   else node.size == 0)
-        answer = {"path": path, "committed": committed, "verified": verified,
-                  "safe": verified, "copies": 1 if verified else 0, "version": node.content}
+        with self.store.reader() as tx:  # evicted since it was verified: its bytes are away
+            offline = bool(node.content) and tx.is_offline(node.content)
+        here = verified and not offline
+        answer = {"path": path, "committed": committed, "verified": here, "offline": offline,
+                  "safe": here, "copies": 1 if here else 0, "version": node.content}
         return answer if self.mirror is None else \
             self.mirror.judge(answer, ino, self.refresh_catalog())
 

@@ -6,8 +6,10 @@ read(2) returns EIO) loses nothing already imported, and nothing half-written ap
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -161,34 +163,50 @@ def test_several_cards_at_once(tmp_path, store_path, make_mount):
 
 
 @pytest.fixture
-def failing_card(tmp_path):
-    """A btrfs image on a loop device whose files F03 and F06 have one damaged block half-way:
-    reading them returns EIO there (a data checksum mismatch), as a failing card does."""
-    image, root = tmp_path / "card.img", tmp_path / "failing-card"
-    root.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(160 << 20)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    bodies = {}
-    subprocess.run(["mount", "-o", "loop", str(image), str(root)], check=True)
-    try:
-        for i in range(8):
-            body = bytearray(os.urandom(2_500_000))
-            body[1_250_000:1_250_064] = b"DAMAGE%02d" % i * 8  # where the damage goes
-            bodies[f"DCIM/100CANON/F{i:02d}.CR2"] = bytes(body)
-        make_card(root, bodies)
-    finally:
+def damaged_card(tmp_path):
+    """damaged_card(name, files, marks) -> the root of a btrfs image on a loop device holding
+    `files` as make_card writes them, where each of the byte strings `marks` (found in the
+    files' bodies) is damaged in the image: reading it returns EIO (a data checksum mismatch),
+    as a failing card does. Unmounted at the end."""
+    mounted: list[Path] = []
+
+    def make(name: str, files: dict[str, bytes], marks: list[bytes]) -> Path:
+        image, root = tmp_path / f"{name}.img", tmp_path / name
+        root.mkdir()
+        with open(image, "wb") as f:
+            f.truncate(160 << 20)
+        subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(root)], check=True)
+        try:
+            make_card(root, files)
+        finally:
+            subprocess.run(["umount", str(root)], check=True)
+        raw = image.read_bytes()
+        with open(image, "r+b") as f:
+            for mark in marks:
+                at = raw.find(mark)
+                assert at > 0
+                f.seek(at)
+                f.write(b"\0" * len(mark))
+        subprocess.run(["mount", "-o", "loop,ro", str(image), str(root)], check=True)
+        mounted.append(root)
+        return root
+
+    yield make
+    for root in mounted:
         subprocess.run(["umount", str(root)], check=True)
-    raw = image.read_bytes()
-    with open(image, "r+b") as f:
-        for i in (3, 6):
-            at = raw.find(b"DAMAGE%02d" % i * 8)
-            assert at > 0
-            f.seek(at)
-            f.write(b"\0" * 64)
-    subprocess.run(["mount", "-o", "loop,ro", str(image), str(root)], check=True)
-    yield root, bodies
-    subprocess.run(["umount", str(root)], check=True)
+
+
+@pytest.fixture
+def failing_card(damaged_card):
+    """A card whose files F03 and F06 have one damaged block half-way."""
+    bodies = {}
+    for i in range(8):
+        body = bytearray(os.urandom(2_500_000))
+        body[1_250_000:1_250_064] = b"DAMAGE%02d" % i * 8  # where the damage goes
+        bodies[f"DCIM/100CANON/F{i:02d}.CR2"] = bytes(body)
+    return damaged_card("failing-card", bodies, [b"DAMAGE%02d" % i * 8 for i in (3, 6)]), \
+        bodies
 
 
 def test_a_card_with_read_errors_loses_nothing_read_before(failing_card, store_path,
@@ -213,6 +231,33 @@ def test_a_card_with_read_errors_loses_nothing_read_before(failing_card, store_p
             assert (folder / os.path.basename(rel)).read_bytes() == body
     status = json.loads(vaultfs("status", "--json", store_path).stdout)
     assert status["files"] == 6  # nothing half-written: no unnamed or partial file left
+
+
+def test_a_file_that_cannot_be_read_whole_is_never_held(tmp_path, store_path, damaged_card):
+    # The vault holds a clip with 24 MiB of zeros in its middle (a hole in the store); card B
+    # holds the same clip but for real bytes at 14 MiB, which it cannot read. A read that
+    # stops short before the bad block is not zeros: the clip is not held, and card B is not
+    # safe to format.
+    clip, mib = "PRIVATE/M4ROOT/CLIP/C0001.MP4", 1 << 20
+    rand = random.Random(7)
+    head, tail = rand.randbytes(2 * mib), rand.randbytes(2 * mib)
+    a = make_card(tmp_path / "a", {clip: head + bytes(24 * mib) + tail})
+    assert import_json(store_path, a)["safe_to_format"]
+    mark = b"DAMAGED!" * 8
+    middle = bytearray(24 * mib)
+    middle[12 * mib:12 * mib + len(mark)] = mark
+    b = damaged_card("card-b", {clip: head + bytes(middle) + tail}, [mark])
+    with pytest.raises(OSError) as e:
+        (b / clip).read_bytes()
+    assert e.value.errno == errno.EIO
+    r = vaultfs("import", store_path, b, "--list", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "NOT SAFE TO FORMAT: 1 file is not safely in the vault" in r.stdout
+    assert f"{clip}: cannot be read from the card: Input/output error at byte 14,680,064\n" \
+        in r.stdout
+    assert "(held)" not in r.stdout
+    status = json.loads(vaultfs("status", "--json", store_path).stdout)
+    assert status["files"] == 1  # nothing half-imported beside the clip
 
 
 def test_into_places_the_card_and_refuses_paths_outside_the_vault(tmp_path, store_path,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chunking import MAX_SIZE, boundaries, is_zero, split
+from .chunking import MAX_SIZE, boundaries, is_zero, read_at, split
 from .store import Store, StoreError
 from .store.codec import xxh3
 from .store.compare import Held, Holdings, matches
@@ -201,7 +201,7 @@ def _held(store: Store, f: CardFile, holdings: Holdings,
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
         def read(off: int, n: int) -> bytes:
-            return os.pread(fd, n, off)
+            return read_at(fd, n, off)
 
         with store.reader() as tx:
             for h in likely:

@@ -3,6 +3,7 @@ that an image format's structure gives (formats.py)."""
 
 from .cdc import AVG_SIZE, MAX_SIZE, MIN_SIZE, is_zero, split, split_file
 from .formats import boundaries, structure
+from .reads import read_at
 
-__all__ = ["AVG_SIZE", "MAX_SIZE", "MIN_SIZE", "boundaries", "is_zero", "split", "split_file",
-           "structure"]
+__all__ = ["AVG_SIZE", "MAX_SIZE", "MIN_SIZE", "boundaries", "is_zero", "read_at", "split",
+           "split_file", "structure"]

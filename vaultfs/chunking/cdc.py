@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 
 import pyfastcdc
 
+from .reads import read_at
+
 # pyfastcdc's effective average is avg_size + min_size: about 1 MiB here, the size at which
 # LMDB writes and reads large values at full speed and per-chunk overhead is negligible.
 MIN_SIZE = 256 * 1024
@@ -75,9 +77,11 @@ def _split_range(fd: int, start: int, end: int, final: bool) -> Iterator[tuple[i
             buf, buf_off = buf[ZERO_RUN:], buf_off + ZERO_RUN
         want = min(WINDOW, end - buf_off - len(buf))
         if want > 0:
-            data = os.pread(fd, want, buf_off + len(buf))
-            if len(data) != want:
-                raise OSError(f"file shrank while being chunked (wanted {want}, got {len(data)})")
+            at = buf_off + len(buf)
+            data = read_at(fd, want, at)
+            if len(data) != want:  # (it shrank while being read)
+                raise OSError(errno.ENODATA, f"the file ends at byte {at + len(data):,}, "
+                              f"before byte {end:,}")
             buf += data
         at_end = buf_off + len(buf) >= end
         cuts = list(split(buf))

@@ -13,7 +13,6 @@ Everything here blocks: it runs in a worker thread, never on the trio loop.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import time
@@ -69,18 +68,3 @@ def new_folder(_: bytes) -> treeops.Item:
     now = time.time_ns()
     return treeops.Item(stat.S_IFDIR | FOLDER_MODE & ~_UMASK, now, os.getuid(), os.getgid())
 
-
-def read_error(fd: int, size: int) -> OSError | None:
-    """The error that reading the file gives, with where: a read that fails half-way first
-    returns the bytes before the bad block (a short read, which the chunker reports as a file
-    that shrank), and only the read from there on fails."""
-    pos = 0
-    while pos < size:
-        try:
-            n = len(os.pread(fd, min(READ_STEP, size - pos), pos))
-        except OSError as e:
-            return OSError(e.errno, f"{e.strerror} at byte {pos:,}")
-        if n == 0:
-            return OSError(errno.ENODATA, f"the file ends at byte {pos:,}, not {size:,}")
-        pos += n
-    return None

@@ -20,7 +20,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..chunking import MIN_SIZE, is_zero, split_file, structure
+from ..chunking import MIN_SIZE, is_zero, read_at, split_file, structure
 from ..chunking.formats import Structure
 from ..store import Store, StoreError, Txn
 from ..store.codec import Digests, digests, encode
@@ -152,7 +152,7 @@ class FileIngest:
                 self.extents.extend(storing.popleft().result())
 
         if self.structure is None and (final or end >= FORMAT_HEAD):
-            self.structure = structure(lambda off, n: os.pread(fd, n, off), end)
+            self.structure = structure(lambda off, n: read_at(fd, n, off), end)
         cuts = self.structure.cuts if self.structure is not None else ()
         try:
             for off, data in split_file(fd, self.done_to, end, final, cuts):

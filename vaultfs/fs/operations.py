@@ -778,9 +778,7 @@ class VaultOperations(pyfuse3.Operations):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             ino, chain, new = importfile.import_file(self.store, fd, st.st_size, st.st_mtime_ns,
                                                      os.fsencode(dest))
-        except OSError as e:  # EIO from a failing card, ENOSPC from the store's disk...
-            if e.errno is None:  # (a short read: where does reading fail?)
-                e = importfile.read_error(fd, st.st_size) or e
+        except OSError as e:  # EIO from a failing card (with where), ENOSPC from the store's disk
             log.warning("importing %s failed: %s", source, e)
             return {"error": e.strerror or str(e), "errno": e.errno}
         finally:

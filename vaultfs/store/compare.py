@@ -4,7 +4,9 @@ store's own chunk digests: each extent's bytes are hashed and matched against th
 the answer does not depend on where the outside file would be cut into chunks today.
 
 Reads go through a `read(offset, length)` function, so that the caller decides how (a card is
-read front to back, in large pieces); a read error (EIO from a failing card) propagates.
+read front to back, in large pieces). It must give all `length` bytes, or fewer only where the
+file ends (chunking.read_at): fewer bytes than asked are never taken for a match. A read error
+(EIO from a failing card) propagates.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def matches(tx: Txn, version: int, size: int, read: Read) -> bool:
 
 def _zeros(read: Read, start: int, end: int) -> bool:
     for off in range(start, end, ZERO_STEP):
-        data = read(off, min(ZERO_STEP, end - off))
-        if data.count(0) != len(data):
+        wanted = min(ZERO_STEP, end - off)
+        data = read(off, wanted)
+        if len(data) != wanted or data.count(0) != wanted:
             return False
     return True

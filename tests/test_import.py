@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, needs_fuse, vaultfs
+from conftest import CORPUS, Mount, needs_fuse, vaultfs
 from test_events import _listen, _until
 
 pytestmark = needs_fuse
@@ -258,6 +258,38 @@ def test_a_file_that_cannot_be_read_whole_is_never_held(tmp_path, store_path, da
     assert "(held)" not in r.stdout
     status = json.loads(vaultfs("status", "--json", store_path).stdout)
     assert status["files"] == 1  # nothing half-imported beside the clip
+
+
+def test_a_vault_is_never_a_card(tmp_path, store_path):
+    # A vault's own files would each be found held, by itself: the "card" would be called safe
+    # to format, and formatting it deletes the only copy. Refused, with nothing done.
+    card = corpus_card(tmp_path / "card")
+    import_json(store_path, card)
+    r = vaultfs("import", store_path, store_path, check=False)  # the store itself, unmounted
+    assert r.returncode == 2 and "SAFE" not in r.stdout, r.stdout
+    assert f"{store_path} is the vault store {store_path}: a vault's own files are no card " \
+        "to import" in r.stderr
+    other = tmp_path / "holder" / "other-vault"
+    vaultfs("init", other)
+    (tmp_path / "outer").mkdir()
+    m = Mount(store_path, tmp_path / "outer" / "mnt")
+    (tmp_path / "outer" / "mnt").mkdir()
+    try:
+        m.start()
+        (tmp_path / "link").symlink_to(m.path / DAY)
+        refused = {m.path / DAY / "100CANON": f"is in the vault mounted on {m.path}",
+                   m.path / ".vault" / "tiers": f"is in the vault mounted on {m.path}",
+                   tmp_path / "link": f"is in the vault mounted on {m.path}",
+                   store_path / "lmdb": f"is in the vault store {store_path}",
+                   tmp_path / "holder": f"holds the vault store {other}",
+                   tmp_path / "outer": f"reaches into the vault mounted on {m.path} ("}
+        for folder, why in refused.items():
+            r = vaultfs("import", store_path, folder, "--list", check=False)
+            assert r.returncode == 2 and "SAFE" not in r.stdout, (folder, r.stdout)
+            assert f"{folder} {why}" in r.stderr, (folder, r.stderr)
+    finally:
+        m.cleanup()
+    assert json.loads(vaultfs("status", "--json", store_path).stdout)["files"] == len(SHOTS)
 
 
 def test_into_places_the_card_and_refuses_paths_outside_the_vault(tmp_path, store_path,

@@ -10,7 +10,9 @@ against the store's chunk digests (store/compare.py). The others are
 committed by the mount itself, read straight from the card (the `import-file` op: the same
 ingest, read-back and analysis as a tethered capture). At the end every file's vault path is
 asked for `safe` (read back from the store and matched), and the report says, per card, whether
-every file on it is safe: the card may be formatted.
+every file on it is safe: the card may be formatted. A vault's own files are refused as a card
+(a folder on a vaultfs mount, a store or a folder in one, a folder holding either): each of
+them would be found held, by itself, and formatting them would delete the only copy.
 
 Mirrors (a second copy, per tier) are not built yet: one verified copy is what a vault holds,
 and what `safe` counts.
@@ -30,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from .chunking import MAX_SIZE, boundaries, is_zero, read_at, split
-from .store import Store, StoreError
+from .fs.mount import mounts
+from .store import Store, StoreError, is_store
 from .store.codec import xxh3
 from .store.compare import Held, Holdings, matches
 
@@ -98,6 +101,8 @@ def scan(card: str, into: str = DEFAULT_INTO) -> list[CardFile]:
     root = Path(card)
     if not root.is_dir():
         raise StoreError(f"{card} is not a folder (give the card's mount point)")
+    vaults = _vault_mounts()
+    _not_a_vault(card, vaults)
     out: list[CardFile] = []
 
     def unreadable(e: OSError) -> None:
@@ -106,6 +111,8 @@ def scan(card: str, into: str = DEFAULT_INTO) -> list[CardFile]:
                             why=f"the folder cannot be listed: {e.strerror or e}"))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        if is_store(Path(dirpath)):
+            raise _vault_files(f"{card} holds the vault store {dirpath}")
         dirnames[:] = sorted(d for d in dirnames if d not in IGNORED)
         for name in sorted(filenames):
             if name in IGNORED or name.startswith("._"):  # (macOS AppleDouble files)
@@ -121,10 +128,41 @@ def scan(card: str, into: str = DEFAULT_INTO) -> list[CardFile]:
                 continue
             if not os.path.isfile(full) or os.path.islink(full):
                 continue  # (a card holds files and folders; anything else is not a capture)
+            if st.st_dev in vaults:
+                raise _vault_files(f"{card} reaches into the vault mounted on "
+                                   f"{vaults[st.st_dev]} ({rel})")
             f.size, f.mtime_ns = st.st_size, st.st_mtime_ns
             f.dest = destination(rel, f.mtime_ns, into)
             out.append(f)
     return out
+
+
+def _vault_mounts() -> dict[int, str]:
+    """The device number of each vaultfs mount, and where it is mounted."""
+    out = {}
+    for m in mounts():
+        if m.fstype == "fuse.vaultfs":
+            major, minor = m.device.split(":")
+            out[os.makedev(int(major), int(minor))] = m.mountpoint
+    return out
+
+
+def _not_a_vault(card: str, vaults: dict[int, str]) -> None:
+    """Refuse a card that is a vault's own files: on a vaultfs mount (its files would each be
+    found held, by themselves), or a store or a folder inside one."""
+    real = Path(os.path.realpath(card))
+    on = vaults.get(os.stat(real).st_dev)
+    if on is not None:
+        raise _vault_files(f"{card} is in the vault mounted on {on}")
+    for folder in (real, *real.parents):
+        if is_store(folder):
+            raise _vault_files(f"{card} is {'' if folder == real else 'in '}the vault store "
+                               f"{folder}")
+
+
+def _vault_files(where: str) -> StoreError:
+    return StoreError(f"{where}: a vault's own files are no card to import, and formatting "
+                      f"them would delete them")
 
 
 def destination(rel: str, mtime_ns: int, into: str) -> str:

@@ -353,19 +353,23 @@ class MountEntry:
     source: str
 
 
-def find_mount(mountpoint: Path) -> MountEntry | None:
-    """The mount on `mountpoint`, from /proc/self/mountinfo (whose fields escape spaces, tabs,
-    newlines and backslashes as octal)."""
-    target = os.path.abspath(mountpoint)
-    found = None
+def mounts() -> list[MountEntry]:
+    """Every mount of this process's namespace, from /proc/self/mountinfo (whose fields escape
+    spaces, tabs, newlines and backslashes as octal), in its order: the last of those on one
+    mount point is the one on top."""
+    out = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split(" ")
         sep = fields.index("-")
-        entry = MountEntry(fields[2], _unescape(fields[4]), fields[sep + 1],
-                           _unescape(fields[sep + 2]))
-        if entry.mountpoint == target:
-            found = entry  # the last one listed is the one on top
-    return found
+        out.append(MountEntry(fields[2], _unescape(fields[4]), fields[sep + 1],
+                              _unescape(fields[sep + 2])))
+    return out
+
+
+def find_mount(mountpoint: Path) -> MountEntry | None:
+    """The mount on `mountpoint`."""
+    target = os.path.abspath(mountpoint)
+    return next((m for m in reversed(mounts()) if m.mountpoint == target), None)
 
 
 def _unescape(field: str) -> str:

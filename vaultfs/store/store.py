@@ -297,9 +297,14 @@ class Store:
         }
 
 
-def _check_store(p: Path) -> None:
+def is_store(p: Path) -> bool:
+    """Whether the folder `p` is a vaultfs store (docs/store-format.md, section 1)."""
     has_db = (p / "lmdb" / "data.mdb").is_file() or (p / "lmdb.old" / "data.mdb").is_file()
-    if not (p / "vault.toml").is_file() or not has_db:  # (lmdb.old: a compaction was cut)
+    return (p / "vault.toml").is_file() and has_db  # (lmdb.old: a compaction was cut)
+
+
+def _check_store(p: Path) -> None:
+    if not is_store(p):
         raise StoreError(f"{p} is not a vaultfs store (create one with `vaultfs init {p}`)")
 
 

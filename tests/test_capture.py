@@ -6,11 +6,13 @@ has one; a sidecar already there is left alone; a bad policy stops the mount wit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
 
 from conftest import CORPUS, needs_fuse, vaultfs
+from vaultfs.fs.capture import QUIET_S
 from test_events import _until
 from test_import import listening
 
@@ -18,6 +20,7 @@ pytestmark = needs_fuse
 
 JPEG = CORPUS / "jpeg" / "medium" / "canon_hdr_NO.jpg"   # Canon PowerShot SX60 HS, 2015-...
 JPEG2 = CORPUS / "jpeg" / "medium" / "canon_hdr_YES.jpg"
+NEF = CORPUS / "raw_metadata_only" / "Nikon.nef"   # NIKON D70, header only
 
 
 def add_policy(store, text: str) -> None:
@@ -126,3 +129,135 @@ copyright = "(c) 2026 Ana Lima"
     assert exif(image.with_suffix(".xmp"), "XMP-dc:Rights")["Rights"] == "(c) 2026 Ana Lima"
     assert image.read_bytes() == JPEG.read_bytes()
     assert sorted(p.name for p in image.parent.iterdir()) == ["IMG_0001.JPG", "IMG_0001.xmp"]
+
+
+def listed(folder) -> list[str]:
+    """A folder's names but the probes `listening` writes."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith(".probe-"))
+
+
+def test_an_edit_saved_as_a_new_file_is_no_capture(store_path, make_mount):
+    add_policy(store_path, '''
+[[capture]]
+folder = ""
+rename = "{camera}_{seq}{ext}"
+creator = "Ana Lima"
+''')
+    mnt = make_mount().path
+    proc, got = listening(mnt)
+    shutil.copyfile(JPEG, mnt / "IMG_0001.JPG")
+    first, second = "Canon-PowerShot-SX60-HS_0001", "Canon-PowerShot-SX60-HS_0002"
+    _until((mnt / f"{first}.xmp").exists)
+    (mnt / f"{first}.xmp").unlink()  # the photographer does not want it
+    # exiftool's two ways of saving: a new file renamed over the photo, and the photo moved
+    # aside (to <name>_original) before the new file takes its name. Neither is a capture: the
+    # photo keeps its name and gets no sidecar again.
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-Rating=5", mnt / f"{first}.JPG"],
+                   check=True)
+    subprocess.run(["exiftool", "-q", "-Rating=3", mnt / f"{first}.JPG"], check=True)
+    # A capture after the edits is judged after them: once it has its name, they were judged.
+    shutil.copyfile(JPEG2, mnt / "IMG_0002.JPG")
+    _until((mnt / f"{second}.xmp").exists)
+    assert listed(mnt) == [f"{first}.JPG", f"{first}.JPG_original", f"{second}.JPG",
+                           f"{second}.xmp"]
+    assert exif(mnt / f"{first}.JPG", "Rating")["Rating"] == 3
+    assert exif(mnt / f"{first}.JPG_original", "Rating")["Rating"] == 5
+    proc.terminate()  # (exiftool's own renames are announced too)
+    assert {e["path"] for e in got if e["event"] == "renamed"} == {
+        f"{first}.JPG", f"{first}.JPG_original", f"{second}.JPG"}
+
+
+def test_a_capture_is_left_to_its_writer_until_it_is_done(store_path, make_mount):
+    # Tethering software writes under a temporary name, fsyncs, closes a moment later and
+    # renames the file into place: the policy waits for all of it.
+    add_policy(store_path, '''
+[[capture]]
+folder = ""
+rename = "{camera}_{seq}{ext}"
+creator = "Ana Lima"
+''')
+    mnt = make_mount().path
+    proc, got = listening(mnt)
+    tmp = mnt / "IMG_0003.JPG.tmp"
+    with open(tmp, "wb") as f:
+        f.write(JPEG.read_bytes())
+        f.flush()
+        os.fsync(f.fileno())
+        _until(lambda: ("analysed", tmp.name) in {(e["event"], e["path"]) for e in got})
+        time.sleep(QUIET_S + 1)  # still open: not its turn, however long
+        assert listed(mnt) == [tmp.name]
+    time.sleep(QUIET_S + 1)  # closed, but under a temporary name
+    assert listed(mnt) == [tmp.name]
+    os.rename(tmp, mnt / "IMG_0003.JPG")
+    name = "Canon-PowerShot-SX60-HS_0001"
+    _until((mnt / f"{name}.xmp").exists)
+    assert listed(mnt) == [f"{name}.JPG", f"{name}.xmp"]
+    assert (mnt / f"{name}.JPG").read_bytes() == JPEG.read_bytes()
+    proc.terminate()
+    assert [e["from"] for e in got if e["event"] == "renamed"] == [tmp.name, "IMG_0003.JPG"]
+
+
+def test_the_files_of_one_shot_keep_one_number(tmp_path, store_path, make_mount):
+    add_policy(store_path, '''
+[[capture]]
+folder = ""
+rename = "shot_{seq}{ext}"
+''')
+    # Shot 1 a JPEG alone; shots 2 and 3 a RAW and its JPEG each, taken in one second, the
+    # RAW written first for shot 2 and last for shot 3.
+    shots = {"IMG_0001.JPG": (JPEG, "09:15:12"), "IMG_0002.NEF": (NEF, "09:15:40"),
+             "IMG_0002.JPG": (JPEG2, "09:15:40"), "IMG_0003.JPG": (JPEG, "09:16:05"),
+             "IMG_0003.NEF": (NEF, "09:16:05")}
+    for name, (source, when) in shots.items():
+        shutil.copyfile(source, tmp_path / name)
+        subprocess.run(["exiftool", "-m", "-q", "-overwrite_original",
+                        f"-AllDates=2026:11:24 {when}", tmp_path / name], check=True)
+    mnt = make_mount().path
+    for i, name in enumerate(shots, 1):
+        shutil.copyfile(tmp_path / name, mnt / name)
+        _until(lambda: len([n for n in listed(mnt) if n.startswith("shot_")]) == i)
+    assert listed(mnt) == ["shot_0001.JPG", "shot_0002.JPG", "shot_0002.NEF", "shot_0003.JPG",
+                           "shot_0003.NEF"]
+    for name, new in (("IMG_0002.NEF", "shot_0002.NEF"), ("IMG_0003.JPG", "shot_0003.JPG")):
+        assert (mnt / new).read_bytes() == (tmp_path / name).read_bytes()
+
+
+def test_the_tethering_softwares_own_sidecar_always_wins(store_path, make_mount):
+    add_policy(store_path, '''
+[[capture]]
+folder = ""
+creator = "Ana Lima"
+''')
+    mnt = make_mount().path
+    proc, got = listening(mnt)
+    own = b"<x:xmpmeta xmlns:x='adobe:ns:meta/'/><!-- the tethering software's -->"
+
+    def write_own(side) -> None:  # as tethering software does: create or empty, no O_EXCL
+        fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, own)
+        os.close(fd)
+
+    def seen(event: str, path: str) -> bool:
+        return (event, path) in {(e["event"], e["path"]) for e in got}
+
+    # Soon after each image: once the vault has read it, when the policy used to write its own.
+    for i in range(20):
+        image = mnt / f"IMG_{i:04d}.JPG"
+        image.write_bytes(JPEG.read_bytes())
+        assert not image.with_suffix(".xmp").exists()  # (the kernel caches "no such file")
+        _until(lambda: seen("analysed", image.name))
+        write_own(image.with_suffix(".xmp"))
+    # Long after: over the policy's sidecar, in place or by a rename.
+    for name in ("IMG_0100", "IMG_0101"):
+        (mnt / f"{name}.JPG").write_bytes(JPEG.read_bytes())
+        _until((mnt / f"{name}.xmp").exists)
+        assert exif(mnt / f"{name}.xmp", "XMP-dc:Creator")["Creator"] == ["Ana Lima"]
+    write_own(mnt / "IMG_0100.xmp")
+    write_own(mnt / "IMG_0101.xmp.tmp")
+    os.rename(mnt / "IMG_0101.xmp.tmp", mnt / "IMG_0101.xmp")
+    # A capture after all of them is judged after them.
+    (mnt / "IMG_0200.JPG").write_bytes(JPEG.read_bytes())
+    _until((mnt / "IMG_0200.xmp").exists)
+    proc.terminate()
+    for i in [*range(20), 100, 101]:
+        assert (mnt / f"IMG_{i:04d}.xmp").read_bytes() == own, i

@@ -101,6 +101,41 @@ async def test_refusals_carry_the_errno_a_program_expects(ops):
     assert await errno_of(ops.getxattr(attrs.st_ino, b"user.none", ROOT)) == pyfuse3.ENOATTR
 
 
+async def test_a_create_of_a_name_the_kernel_took_for_free_opens_the_file(ops):
+    # The kernel sends CREATE for a name it caches as free; an import or a capture policy may
+    # have put a file there since (the kernel drops its "no such file" a moment later). As on
+    # a local file system, the file is opened, and emptied with O_TRUNC; O_EXCL still refuses,
+    # a folder is EISDIR, and a user who may not write the file gets EACCES.
+    async def errno_of(coro) -> int:
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await coro
+        return e.value.errno
+
+    fi, attrs = await ops.create(ROOT_INO, b"IMG_0001.xmp", 0o644, os.O_WRONLY, ROOT)
+    await ops.write(fi.fh, 0, b"<the policy's sidecar>")
+    await ops.release(fi.fh)
+    fi, again = await ops.create(ROOT_INO, b"IMG_0001.xmp", 0o644, os.O_WRONLY | os.O_TRUNC,
+                                 ROOT)
+    assert (again.st_ino, again.st_size) == (attrs.st_ino, 0)
+    await ops.write(fi.fh, 0, b"<the app's>")
+    await ops.release(fi.fh)
+    fi, kept = await ops.create(ROOT_INO, b"IMG_0001.xmp", 0o600, os.O_RDWR, ROOT)
+    assert (kept.st_size, stat.S_IMODE(kept.st_mode)) == (len(b"<the app's>"), 0o644)
+    assert await ops.read(fi.fh, 0, 100) == b"<the app's>"
+    await ops.release(fi.fh)
+    assert await errno_of(ops.create(ROOT_INO, b"IMG_0001.xmp", 0o644,
+                                     os.O_WRONLY | os.O_EXCL, ROOT)) == errno.EEXIST
+    await ops.mkdir(ROOT_INO, b"day1", 0o755, ROOT)
+    assert await errno_of(ops.create(ROOT_INO, b"day1", 0o644, os.O_WRONLY, ROOT)) == \
+        errno.EISDIR
+    user = SimpleNamespace(uid=1000, gid=1000, umask=0o022, pid=os.getpid())
+    assert await errno_of(ops.create(ROOT_INO, b"IMG_0001.xmp", 0o644,
+                                     os.O_WRONLY | os.O_TRUNC, user)) == errno.EACCES
+    fi, _ = await ops.create(ROOT_INO, b"IMG_0001.xmp", 0o644, os.O_RDONLY, user)
+    assert await ops.read(fi.fh, 0, 100) == b"<the app's>"  # others may read it
+    await ops.release(fi.fh)
+
+
 async def test_new_entries_honour_umask_and_setgid_directories(ops):
     d = await ops.mkdir(ROOT_INO, b"shared", 0o2775, ROOT)
     await ops.setattr(d.st_ino, SimpleNamespace(st_gid=100), SimpleNamespace(

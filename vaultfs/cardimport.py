@@ -300,8 +300,9 @@ def _check(request: Request, f: CardFile) -> None:
 
 
 def wait_analysed(request: Request, timeout: float = 3600.0) -> bool:
-    """Wait until the mount has read the metadata of everything committed (before a mount made
-    for the import is taken down); False if it has not within `timeout`."""
+    """Wait until the mount has read the metadata of everything committed and applied the
+    on-capture policies (before a mount made for the import is taken down); False if it has
+    not within `timeout`."""
     deadline = time.monotonic() + timeout
     while request("analysing"):
         if time.monotonic() > deadline:

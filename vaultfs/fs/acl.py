@@ -7,12 +7,14 @@ umask under a default ACL."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 from pyfuse3 import FUSEError
 
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
-_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = \
+    0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 
 def _acl_entries(value: bytes) -> list[list[int]]:
@@ -63,3 +65,38 @@ def acl_inherit(default: bytes, mode: int) -> tuple[int, bytes | None]:
     access = _pack(entries)
     bits, plain = acl_mode(access)
     return mode & ~0o777 | bits, None if plain else access
+
+
+def permits(mode: int, owner: int, group: int, acl: bytes | None, uid: int, gids: set[int],
+            want: int) -> bool:
+    """Whether the user `uid` (of the groups `gids`) may open a file of this mode, owner,
+    group and access ACL for `want` (4 read, 2 write, or both): POSIX.1e's check, as the kernel
+    makes it (root may read and write anything). For the one open the kernel cannot check: a
+    create of a name it believed free."""
+    if uid == 0:
+        return True
+    entries = _acl_entries(acl) if acl is not None else [
+        [_ACL_USER_OBJ, mode >> 6 & 7, 0], [_ACL_GROUP_OBJ, mode >> 3 & 7, 0],
+        [_ACL_OTHER, mode & 7, 0]]
+    mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 7)
+
+    def of(match: Callable[[int, int], bool], masked: bool = False) -> list[int]:
+        return [perm & mask if masked else perm for tag, perm, who in entries if match(tag, who)]
+
+    # The first class that names the user decides: owner, a named user, its groups (any of
+    # them granting), others.
+    granted = of(lambda tag, _: tag == _ACL_USER_OBJ) if uid == owner else \
+        of(lambda tag, who: tag == _ACL_USER and who == uid, masked=True) or \
+        of(lambda tag, who: tag == _ACL_GROUP_OBJ and group in gids or
+           tag == _ACL_GROUP and who in gids, masked=True) or \
+        of(lambda tag, _: tag == _ACL_OTHER)
+    return any(perm & want == want for perm in granted)
+
+def groups_of(pid: int, gid: int) -> set[int]:
+    """The groups of the process `pid` (its supplementary groups and `gid`, its own)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next((ln for ln in f if ln.startswith("Groups:")), "Groups:")
+    except OSError:  # (gone already)
+        line = "Groups:"
+    return {gid, *map(int, line.split()[1:])}

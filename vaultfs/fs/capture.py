@@ -1,25 +1,42 @@
-"""On-capture policies (vault.toml [[capture]]) applied by the mount: once a new image's
-metadata is read, the first policy for its folder or tier renames it by its template (only
-when the policy has one; its own sidecars go with it) and gives it an XMP sidecar with the
-policy's metadata. The captured file's bytes are never changed, and a sidecar already there is
-left as it is.
+"""On-capture policies (vault.toml [[capture]]) applied by the mount: the first policy for a
+new image's folder or tier renames it by its template (only when the policy has one; its own
+sidecars go with it) and gives it an XMP sidecar with the policy's metadata. The captured
+file's bytes are never changed, and a sidecar already there is left as it is.
 
-Everything here blocks: it runs in a worker thread, never on the trio loop.
+A capture is a file created under a name that no file held before in this mount, whose
+metadata says it is an image: a file put in another's place (renamed over it, or after it was
+moved aside or removed: how editors and exiftool save) is an edit of it, and gets nothing. The
+policy waits until the capture's writer is done with it: no handle open, QUIET_S since its
+last close, rename or commit, and a name with an image's extension (a temporary name waits for
+its rename into place). A card's file is a capture as the import names it.
+
+The bookkeeping of who waits (the `note_*` methods and `due`) runs on the trio loop; applying
+a policy blocks: it runs in a worker thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import posixpath
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..media import capture, sidecars
+from ..media.metadata import is_image_name
 from ..media.tiers import Tiers, variables
 from ..store import Store, Txn, treeops
 from ..store.policy import CapturePolicy
 from ..store.tags import TIER_XATTR
 from .importfile import import_file, new_folder
+
+QUIET_S = 2.0         # a capture is its writer's until this long after its last close or rename
+NAMES_KEPT = 65536    # names that files left, remembered (the oldest forgotten first)
+SHOTS_KEPT = 4096     # shots whose number is remembered, for their other files
+
+Where = tuple[int, bytes]  # (parent inode, name)
 
 
 @dataclass
@@ -34,23 +51,99 @@ class Placed:
     was: str = ""            # the path it left
 
 
+@dataclass
+class _Waiting:
+    """A capture waiting for its policy."""
+    imported: bool
+    since: float           # monotonic time of its last close, rename or commit
+    image: bool = False    # its metadata (of its last commit) is read, and it is an image
+    parked: bool = False   # its name is no image's: it waits for a rename
+
+
 class CapturePolicies:
     def __init__(self, store: Store, policies: list[CapturePolicy], tiers: Tiers):
         self.store, self.policies, self.tiers = store, policies, tiers
+        self._waiting: dict[int, _Waiting] = {}
+        self._left: OrderedDict[Where, None] = OrderedDict()
+        self._shots: OrderedDict[tuple[str, str, str], int] = OrderedDict()  # -> its {seq}
 
-    def apply(self, ino: int, path: str, record: dict, rename: bool = True) -> list[Placed]:
+    # ---- which files are captures, and when (on the trio loop) -------------------------------
+    def note_committed(self, ino: int, first: bool, imported: bool = False) -> None:
+        """A file's content was committed (`first`: its first version): a new file waits; one
+        that waits is still being written."""
+        waiting = self._waiting.get(ino)
+        if waiting is not None:
+            waiting.since, waiting.image = time.monotonic(), False  # (read again, then due)
+        elif first:
+            self._waiting[ino] = _Waiting(imported, time.monotonic())
+
+    def note_analysed(self, ino: int, image: bool) -> None:
+        waiting = self._waiting.get(ino)
+        if waiting is not None:
+            if image:
+                waiting.image = True
+            else:
+                del self._waiting[ino]
+
+    def note_touched(self, ino: int) -> None:
+        """Its last handle was closed, or it was renamed."""
+        waiting = self._waiting.get(ino)
+        if waiting is not None:
+            waiting.since, waiting.parked = time.monotonic(), False
+
+    def note_left(self, where: Where) -> None:
+        """A file left this name (removed, moved away, or replaced by a rename): a file that
+        takes it later is an edit of it."""
+        self._left[where] = None
+        self._left.move_to_end(where)
+        if len(self._left) > NAMES_KEPT:
+            self._left.popitem(last=False)
+
+    def note_gone(self, ino: int) -> None:
+        self._waiting.pop(ino, None)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether captures wait for their policy (but those under a temporary name)."""
+        return any(not w.parked for w in self._waiting.values())
+
+    def due(self, is_open: Callable[[int], bool],
+            where: Callable[[int], Where | None]) -> list[tuple[int, bool]]:
+        """(inode, imported) of the captures whose policy may be applied now, in the order they
+        became quiet; a file found to be an edit, or without a name, no longer waits."""
+        now = time.monotonic()
+        out = []
+        for ino, w in sorted(self._waiting.items(), key=lambda item: item[1].since):
+            if not w.image or w.parked or now - w.since < QUIET_S or is_open(ino):
+                continue
+            at = where(ino)
+            if at is not None and not w.imported:
+                if at in self._left:
+                    at = None  # an edit
+                elif not is_image_name(at[1].decode(errors="surrogateescape")):
+                    w.parked = True
+                    continue
+            del self._waiting[ino]
+            if at is not None:
+                out.append((ino, w.imported))
+        return out
+
+    # ---- applying a policy (blocking) ---------------------------------------------------------
+    def apply(self, ino: int, path: str, rename: bool = True) -> list[Placed]:
         """Apply the policy for the image `ino`, captured at `path` (renaming it only if
         `rename` and the policy has a template): what was placed."""
         with self.store.reader() as tx:
-            tier = self.tiers.tier_of(variables(record, path, False), _tag(tx, path))
             node = tx.inode(ino)
+            record = tx.media(node.content) if node is not None else None
+            if record is None:
+                return []  # changed since it was read: its next reading decides
+            tier = self.tiers.tier_of(variables(record, path, False), _tag(tx, path))
         policy = next((p for p in self.policies if capture.applies(p, path, tier)), None)
-        if policy is None or node is None:
+        if policy is None:
             return []
         placed = []
         if policy.rename and rename:
-            placed = self._rename(ino, path, policy.rename,
-                                  capture.rename_fields(path, record, node.mtime_ns))
+            placed = self._rename(ino, path, policy.rename, record, node.mtime_ns)
             if not placed:
                 return []  # moved or removed meanwhile: the capture software has it
             path = placed[0].path
@@ -60,21 +153,36 @@ class CapturePolicies:
                 placed.append(side)
         return placed
 
-    def _rename(self, ino: int, path: str, template: str, fields: dict) -> list[Placed]:
-        """The file moved to the first free path the template gives, with the sidecars that
-        are its alone (IMG_0001.xmp, IMG_0001.CR2.xmp -> <new name>.xmp...), in one
-        transaction; [] when it is no longer at `path`."""
+    def _rename(self, ino: int, path: str, template: str, record: dict,
+                mtime_ns: int) -> list[Placed]:
+        """The file moved to the path the template gives with the first number that no file
+        there has taken (or the one the other files of its shot took: a RAW and its JPEG keep
+        one number), with the sidecars that are its alone (IMG_0001.xmp, IMG_0001.CR2.xmp ->
+        <new name>.xmp...), in one transaction; [] when it is no longer at `path`."""
         now = time.time_ns()
         folder, name = posixpath.split(path)
+        fields = capture.rename_fields(path, record, mtime_ns)
+        shot = capture.shot(path, record, mtime_ns)
 
         def move(tx: Txn) -> list[Placed]:
-            seq = 1
-            while tx.resolve(new := capture.renamed(template, path, fields, seq)) is not None:
-                seq += 1  # (the first free number: the writer runs one change at a time)
+            def free(seq: int) -> bool:
+                return tx.resolve(capture.renamed(template, path, fields, seq)) is None
+
+            seq = self._shots.get(shot)
+            if seq is None or not free(seq):
+                at = tx.resolve(posixpath.dirname(capture.renamed(template, path, fields, 1)))
+                taken = capture.numbers(template, path, fields, [
+                    n.decode(errors="surrogateescape") for _, n, _ in tx.entries(at)
+                ] if at is not None else [])
+                seq = next(n for n in itertools.count(1) if n not in taken and free(n))
+            new = capture.renamed(template, path, fields, seq)
             done = treeops.relocate(tx, os.fsencode(path), os.fsencode(new), ino, now,
                                     new_folder)
             if done is None:
                 return []
+            self._shots[shot] = seq  # (the writer runs one change at a time)
+            if len(self._shots) > SHOTS_KEPT:
+                self._shots.popitem(last=False)
             moved = [Placed(new, ino, *done, was=path)]
             parent = tx.resolve(folder)
             names = [n.decode(errors="surrogateescape")

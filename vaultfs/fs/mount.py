@@ -134,11 +134,14 @@ def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint:
                 nursery.start_soon(_raise_read_ahead, mountpoint)
                 await nursery.start(control.serve, store, admin.OPERATIONS,
                                     {"safe": ops.safety, "import-file": ops.import_file,
-                                     "analysing": lambda: ops.analyzer.busy},
+                                     "analysing": lambda: ops.analyzer.busy or (
+                                         ops.capture is not None and ops.capture.waiting)},
                                     {"events": ops.events.listen})
                 nursery.start_soon(_policies, store, ops, rules)
                 nursery.start_soon(ops.analyzer.run)
                 nursery.start_soon(ops.keep_catalog)
+                if ops.capture is not None:
+                    nursery.start_soon(ops.keep_captures)
                 nursery.start_soon(_scrubs, store, ops, rules)
                 nursery.start_soon(_recompress, store, ops, rules)
                 if ops.mirror is not None:

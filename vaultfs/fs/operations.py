@@ -29,7 +29,7 @@ from pyfuse3 import FUSEError
 
 from ..store import ROOT_INO, Inode, Store, Txn
 from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_range
-from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode
+from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode, groups_of, permits
 from . import importfile
 from .capture import CapturePolicies
 from .ingest import FileIngest, commit_spool
@@ -56,6 +56,7 @@ CACHE_TIMEOUT = 300.0
 # the tail left to store.
 STREAM_STEP = 8 * 1024 * 1024
 CATALOG_REFRESH_S = 0.5
+CAPTURE_CHECK_S = 0.25  # how often captures are looked at for their policy
 
 
 def handler(fn):
@@ -150,8 +151,6 @@ class VaultOperations(pyfuse3.Operations):
         self.nursery: trio.Nursery | None = None  # for background ingest; set by mount.run
         self.changed = False  # the tree changed since the last automatic snapshot
         self.capture: CapturePolicies | None = None  # set by mount.run when vault.toml has some
-        # Files committed for the first time, not yet analysed: whether a policy may rename it.
-        self._fresh: dict[int, bool] = {}
 
     # ---- helpers ------------------------------------------------------------------------------
     async def _write(self, fn: Callable[[Txn], T]) -> T:
@@ -446,8 +445,34 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        node = await self._make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        try:
+            node = await self._make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        except FUSEError as e:
+            if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            # The kernel took the name for free, though a file is there: one that an import
+            # or a capture policy put there before the kernel dropped its "no such file".
+            # Open that file, as a local file system would.
+            return await self._create_existing(parent_inode, name, flags, ctx)
         return pyfuse3.FileInfo(fh=self._open_fh(node.ino)), self._attrs(node)
+
+    async def _create_existing(self, parent: int, name: bytes, flags: int, ctx
+                               ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        with self.store.reader() as tx:
+            ino = tx.lookup(parent, name)
+            node = tx.inode(ino) if ino is not None else None
+            acl = tx.xattr(ino, ACL_ACCESS) if node is not None else None
+        if node is None or not stat.S_ISREG(node.mode):  # (.vault; a symlink is not followed)
+            raise FUSEError(errno.EISDIR if node and stat.S_ISDIR(node.mode) else errno.EEXIST)
+        access = flags & os.O_ACCMODE
+        want = (4 if access != os.O_WRONLY else 0) | \
+            (2 if access != os.O_RDONLY or flags & os.O_TRUNC else 0)
+        if not permits(node.mode, node.uid, node.gid, acl, ctx.uid,
+                       groups_of(ctx.pid, ctx.gid), want):
+            raise FUSEError(errno.EACCES)  # (the kernel checked the folder, not the file)
+        info = await self.open(ino, flags, ctx)
+        self._remember(ino, node.mode, parent, name)  # (a create is a lookup)
+        return info, self._get_attrs(ino)
 
     @handler
     async def link(self, inode, new_parent_inode, new_name, ctx):
@@ -504,6 +529,8 @@ class VaultOperations(pyfuse3.Operations):
         node = await self._write(remove)
         if self._names.get(node.ino) == (parent, name):
             self._names.pop(node.ino)  # (its events say <inode N> from now on)
+        if self.capture is not None and not want_dir:
+            self.capture.note_left((parent, name))
         if node.nlink == 0:
             await self._delete_if_unused(node.ino)
 
@@ -589,6 +616,12 @@ class VaultOperations(pyfuse3.Operations):
         replaced = await self._write(rename)
         for ino, parent in moved.items():
             self._parents[ino] = parent
+        if self.capture is not None and renamed and renamed[0] not in moved:
+            # A name a file held before: what is put there is an edit of that file.
+            self.capture.note_left((parent_inode_old, name_old))
+            if replaced is not None or flags & pyfuse3.RENAME_EXCHANGE:
+                self.capture.note_left((parent_inode_new, name_new))
+            self.capture.note_touched(renamed[0])
         if renamed:
             before = self.event_path(renamed[0])
             self._names[renamed[0]] = (parent_inode_new, name_new)
@@ -614,6 +647,8 @@ class VaultOperations(pyfuse3.Operations):
                 tx.delete_inode(node)
 
         await self._write(delete)
+        if self.capture is not None:
+            self.capture.note_gone(ino)
 
     # ---- file contents ------------------------------------------------------------------------
     def _open_inode(self, ino: int) -> OpenInode:
@@ -747,10 +782,8 @@ class VaultOperations(pyfuse3.Operations):
         """A file's new content is in the store: say so, read it back, read its metadata."""
         if self.capture is not None:
             with self.store.reader() as tx:
-                if len(list(itertools.islice(tx.versions(ino), 2))) == 1:
-                    # Its first version: a capture, for the policies (an import has its
-                    # own layout: --into, so no rename).
-                    self._fresh[ino] = not imported
+                first = len(list(itertools.islice(tx.versions(ino), 2))) == 1
+            self.capture.note_committed(ino, first, imported)
         self.changed = True
         self.events.publish("committed", self.event_path(ino), size=size)
         if self.nursery is not None:
@@ -829,14 +862,21 @@ class VaultOperations(pyfuse3.Operations):
             self.want_catalog()
         elif "fingerprint_error" in record:
             self.events.publish("fingerprinted", path, error=record["fingerprint_error"])
-        rename = self._fresh.pop(ino, None)
-        if rename is not None and record.get("kind") == "image" and not path.startswith("<") \
-                and self.nursery is not None:
-            self.nursery.start_soon(self._capture, ino, path, record, rename)
+        if self.capture is not None:
+            self.capture.note_analysed(ino, record.get("kind") == "image")
 
-    async def _capture(self, ino: int, path: str, record: dict, rename: bool) -> None:
+    async def keep_captures(self) -> None:
+        """Apply the capture policies to new captures once their writers are done with them
+        (capture.py), one at a time."""
+        while True:
+            await trio.sleep(CAPTURE_CHECK_S)
+            for ino, imported in self.capture.due(lambda i: i in self._open, self._names.get):
+                # (An import keeps the import's layout, --into: it is not renamed.)
+                await self._capture(ino, self.event_path(ino), rename=not imported)
+
+    async def _capture(self, ino: int, path: str, rename: bool) -> None:
         try:
-            placed = await self._thread(self.capture.apply, ino, path, record, rename)
+            placed = await self._thread(self.capture.apply, ino, path, rename)
             for p in placed:
                 await self._thread(self._uncache, p.chain, p.new, p.left)
                 self._placed(p.chain, p.ino, p.size, p.was)
@@ -986,6 +1026,8 @@ class VaultOperations(pyfuse3.Operations):
                     if of.opens == 0:
                         self._drop_open(of)
         finally:
+            if self.capture is not None:
+                self.capture.note_touched(ino)
             await self._delete_if_unused(ino)
 
     # ---- directories --------------------------------------------------------------------------

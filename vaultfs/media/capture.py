@@ -49,20 +49,54 @@ def sidecar(metadata: dict) -> bytes:
         return img.get_bytes()
 
 
+def _captured(meta: dict, mtime_ns: int) -> str:
+    """When the image was taken, to the second where known ('2026-11-24T09:15:12'): its
+    capture time (or the date, where that is all it gives), else the file's time."""
+    known = re.match(r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}:\d{2})?",
+                     str(meta.get("capture_time", "")))
+    return known.group(0) if known else \
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(mtime_ns / 1e9))
+
+
 def rename_fields(path: str, meta: dict, mtime_ns: int) -> dict[str, str]:
     """The values of a rename template's fields but {seq}: {date} the capture date (else the
     file's), {camera} its model, {name} and {ext} its own name's parts."""
     name, ext = posixpath.splitext(posixpath.basename(path))
-    captured = str(meta.get("capture_time", ""))[:10]
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", captured):
-        captured = time.strftime("%Y-%m-%d", time.localtime(mtime_ns / 1e9))
     camera = re.sub(r"[^\w.+-]+", "-", str(meta.get("model") or "unknown")).strip("-")
-    return {"date": captured, "camera": camera or "unknown", "name": name, "ext": ext}
+    return {"date": _captured(meta, mtime_ns)[:10], "camera": camera or "unknown",
+            "name": name, "ext": ext}
+
+
+def shot(path: str, meta: dict, mtime_ns: int) -> tuple[str, str, str]:
+    """What the files of one shot share (a RAW and its JPEG): their folder, their name but the
+    extension (in lower case), and the second they were taken in."""
+    folder, name = posixpath.split(path)
+    return folder, posixpath.splitext(name)[0].lower(), _captured(meta, mtime_ns)
 
 
 def renamed(template: str, path: str, fields: dict[str, str], seq: int) -> str:
     """The file's new path: the template filled in, from the file's folder."""
-    text = template
-    for key, value in {**fields, "seq": f"{seq:04d}"}.items():
-        text = text.replace("{" + key + "}", value.replace("/", "-"))
-    return posixpath.join(posixpath.dirname(path), text)
+    return posixpath.join(posixpath.dirname(path),
+                          _fill(template, {**fields, "seq": f"{seq:04d}"}))
+
+
+def numbers(template: str, path: str, fields: dict[str, str], names: list[str]) -> set[int]:
+    """The numbers ({seq}) that `names` (of the folder the template puts the file in) have
+    taken: a name the template gives with any extension, or none, takes its number
+    (D90_0001.NEF and D90_0001.xmp take 1, for D90_0001.JPG too)."""
+    name = _fill(template, {**fields, "ext": "\0", "seq": "\1"}).rpartition("/")[2]
+    pattern = re.compile("".join(
+        r"(\d{4}|[1-9]\d{4,})" if part == "\1" else r"(?:\.[^/]*)?" if part == "\0" else re.escape(part)
+        for part in re.split("([\0\1])", name)), re.IGNORECASE)
+    out = set()
+    for n in names:
+        m = pattern.fullmatch(n)
+        if m is not None and m.groups():
+            out.add(int(m.group(1)))
+    return out
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", value.replace("/", "-"))
+    return template

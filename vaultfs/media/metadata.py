@@ -71,9 +71,14 @@ def sniff(head: bytes, name: str | None = None) -> str | None:
         return "vrd"
     if head.startswith(DR4_MAGIC):
         return "dr4"
-    if name and "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+    if name and is_image_name(name):
         return "image"
     return None
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image's extension (IMG_0001.CR2, not IMG_0001.CR2.tmp)."""
+    return "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
 
 
 def read(data: bytes) -> dict:

@@ -162,14 +162,20 @@ def test_two_vaults_never_each_evict_what_the_other_holds(tmp_path, mount_at):
     (m.path / "A.NEF").write_bytes(body)
     m.stop()
     vaultfs("sync", field, studio)  # the field holds A at the studio, which now keeps it
-    # Asked by name, with no floor at all: it goes.
-    done = json.loads(vaultfs("evict", field, "A.NEF", "--json").stdout)
-    assert [e["path"] for e in done["evicted"]] == ["A.NEF"]
+    # Asked by name, with no floor at all: it goes. A name not in the vault is named, and
+    # the command fails: a typo never looks like "nothing to do".
+    r = vaultfs("evict", field, "A.NEF", "B.NEF", "day9/", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "evicted A.NEF (" in r.stdout and "evicted 1 files" in r.stdout
+    assert r.stderr.splitlines() == ["vaultfs: B.NEF: not in the vault",
+                                     "vaultfs: day9/: not in the vault"]
+    r = vaultfs("evict", field, "nothere", "--json", check=False)
+    assert r.returncode == 1 and json.loads(r.stdout)["missing"] == ["nothere"]
     # The studio meets the field: the field's copy is offline, so the studio records no hold,
     # and the field relies on the studio's copy, which therefore stays.
     vaultfs("sync", studio, field)
     kept = json.loads(vaultfs("evict", studio, "A.NEF", "--json").stdout)
-    assert kept["evicted"] == [] and kept["skipped"] == [
+    assert kept["evicted"] == [] and kept["missing"] == [] and kept["skipped"] == [
         {"path": "A.NEF", "why": "a peer relies on this copy (field)"}]
     vaultfs("fetch", field, studio)
     m.start()

@@ -588,13 +588,16 @@ def cmd_sync(args) -> int:
 def cmd_evict(args) -> int:
     result = _evict(args.store, args.paths or None, dry_run=args.dry_run,
                     if_short=not args.paths)
+    missing = result["missing"] if result is not None else []
     if _json(args, result):
-        return 0
+        return 1 if missing else 0
     if result is None:
         print("nothing to evict: the vault is above its free-space floor")
         return 0
     _print_evicted(result)
-    return 0
+    for path in missing:
+        print(f"vaultfs: {path}: not in the vault", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def cmd_fetch(args) -> int:
@@ -734,7 +737,8 @@ def _evict(store: Store | str, paths: list[str] | None, dry_run: bool,
     """Evict files a peer holds: those at `paths`, or by policy (the tiers that allow it,
     oldest first) until the vault is back above its free-space floor; with `if_short`, only
     when it is under it (None when it is not). `store` is one this process holds for writing,
-    or the path of one to open (or to reach through its mount)."""
+    or the path of one to open (or to reach through its mount). The result's `missing` names
+    the `paths` that are not in the vault."""
     from .store import evict
 
     def plan(s: Store) -> tuple:
@@ -743,20 +747,23 @@ def _evict(store: Store | str, paths: list[str] | None, dry_run: bool,
         if if_short:
             want = evict.space(s, rules.keep_free_percent)["short_bytes"] \
                 if rules.keep_free_percent else 0
+        with s.reader() as tx:
+            missing = [p for p in paths or () if tx.resolve(p.strip("/")) is None]
         cat = _catalog(s)
-        return want, cat, cat.eviction_order(rules, paths)
+        return want, missing, cat, cat.eviction_order(rules, paths)
 
     if isinstance(store, Store):
-        want, cat, order = plan(store)
+        want, missing, cat, order = plan(store)
     else:
         with Store.open(store) as s:
-            want, cat, order = plan(s)
+            want, missing, cat, order = plan(s)
     if if_short and not want:
         return None
     if isinstance(store, Store):
         result = evict.evict(store, order, want, dry_run)
     else:
         result = _admin(store, "evict", candidates=order, want=want, dry_run=dry_run)
+    result["missing"] = missing
     if paths is not None:
         listed = {c[2] for c in order}
         result["skipped"] += [{"path": e.path, "why": f"tier {e.tier} is not evicted"}

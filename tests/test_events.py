@@ -4,6 +4,7 @@ them: every file written in the three tethering patterns is announced committed,
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -111,3 +112,35 @@ def test_files_committed_before_a_remount_are_safe_after_it(make_mount):
     m.stop()
     m = make_mount()
     assert Vault(m.path).safe("earlier.NEF")["safe"]  # read back when asked
+
+
+def test_a_name_that_is_not_utf8_comes_as_valid_json_and_exactly_in_base64(mnt):
+    # Strict JSON parsers (Rust's serde_json, Go's encoding/json with validation, Java's) reject
+    # an escaped lone surrogate such as "\udce9": each line must be UTF-8 text throughout.
+    proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "events", str(mnt)],
+                            stdout=subprocess.PIPE)
+    lines: list[bytes] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    name = b"caf\xe9 \xff.JPG"
+
+    def paths() -> set[bytes]:
+        return {base64.b64decode(e["path_b64"]) if "path_b64" in e else e["path"].encode()
+                for e in map(json.loads, list(lines)) if e["event"] == "verified"}
+
+    for i in range(60):  # (until the listener is surely subscribed)
+        (mnt / f".probe-{i}").write_bytes(b"probe")
+        time.sleep(0.5)
+        if any(p.startswith(b".probe-") for p in paths()):
+            break
+    with open(os.fsencode(mnt) + b"/" + name, "wb") as f:
+        f.write(b"x" * 1000)
+    _until(lambda: name in paths())
+    proc.terminate()
+    for line in lines:
+        event = json.loads(line.decode("utf-8"))
+        json.dumps(event, ensure_ascii=False).encode("utf-8")  # no lone surrogate anywhere
+    event = next(e for e in map(json.loads, lines) if e.get("path_b64") and
+                 e["event"] == "committed")
+    assert event["path"] == "caf\\xe9 \\xff.JPG"
+    assert open(os.fsencode(mnt) + b"/" + base64.b64decode(event["path_b64"]), "rb").read() \
+        == b"x" * 1000

@@ -35,7 +35,10 @@ class Vault:
         return Store.open(self.store_path)
 
     def events(self) -> Iterator[dict]:
-        """Every event of the mount from now on: {'event', 'path', 'time', ...}."""
+        """Every event of the mount from now on: {'event', 'path', 'time', ...}. A path that
+        is not UTF-8 has its other bytes as \\xNN in 'path' (for people), and comes exactly in
+        'path_b64' (likewise 'from_b64' for 'from'): base64.b64decode(event['path_b64']) is
+        the name's bytes, relative to the mount."""
         with self._store() as store:
             yield from control.listen(store, "events")
 

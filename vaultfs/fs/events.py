@@ -10,7 +10,14 @@
                 whether .vault/previews serves one), or `error` says why it has none
     burst       an image joined a burst or bracket (`group`: its folder in .vault/bursts,
                 `kind`, `files`: how many it holds now)
+    renamed     a committed file got its name by a rename (`from`: the path it had): its
+                writer's, from a temporary name, or an on-capture policy's
     error       something failed for this file (`error` says what)
+
+A path (or any other text) that is not UTF-8, as a file name may be, is valid JSON all the
+same: its bytes that are not UTF-8 are written `\\xNN` in it, for people, and the exact bytes are
+in a field of the same name with `_b64` added, in base64 (`"path": "caf\\xe9.JPG", "path_b64":
+"Y2Fm6S5KUEc="`), for programs.
 
 A listener that does not keep up loses its subscription (an `overflow` event says so) rather
 than slowing the mount down. Everything here runs on the trio loop.
@@ -18,6 +25,7 @@ than slowing the mount down. Everything here runs on the trio loop.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Awaitable, Callable
 
@@ -33,6 +41,11 @@ class Events:
 
     def publish(self, event: str, path: str, **details) -> None:
         message = {"event": event, "path": path, "time": time.time(), **details}
+        for key, value in list(message.items()):
+            if isinstance(value, str) and not _unicode(value):  # bytes of a name, escaped
+                raw = value.encode(errors="surrogateescape")
+                message[key] = raw.decode(errors="backslashreplace")
+                message[key + "_b64"] = base64.b64encode(raw).decode()
         for listener in list(self._listeners):
             try:
                 listener.send_nowait(message)
@@ -58,3 +71,12 @@ class Events:
                             "error": "events came faster than this listener read them"})
         finally:
             self._listeners.discard(tx)
+
+
+def _unicode(text: str) -> bool:
+    """Whether `text` is Unicode throughout (no byte of a name that is not UTF-8 in it)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -104,18 +104,19 @@ class CapturePolicies:
 
     @property
     def waiting(self) -> bool:
-        """Whether captures wait for their policy (but those under a temporary name)."""
-        return any(not w.parked for w in self._waiting.values())
+        """Whether images read as captures wait for their policy (but those under a temporary
+        name; one whose metadata is still to be read is the analyser's)."""
+        return any(w.image and not w.parked for w in self._waiting.values())
 
     def due(self, is_open: Callable[[int], bool],
             where: Callable[[int], Where | None]) -> list[tuple[int, bool]]:
         """(inode, imported) of the captures whose policy may be applied now, in the order they
         became quiet; a file found to be an edit, or without a name, no longer waits."""
         now = time.monotonic()
+        quiet = [(ino, w) for ino, w in self._waiting.items()
+                 if w.image and not w.parked and now - w.since >= QUIET_S and not is_open(ino)]
         out = []
-        for ino, w in sorted(self._waiting.items(), key=lambda item: item[1].since):
-            if not w.image or w.parked or now - w.since < QUIET_S or is_open(ino):
-                continue
+        for ino, w in sorted(quiet, key=lambda item: item[1].since):
             at = where(ino)
             if at is not None and not w.imported:
                 if at in self._left:

@@ -871,8 +871,10 @@ class VaultOperations(pyfuse3.Operations):
         while True:
             await trio.sleep(CAPTURE_CHECK_S)
             for ino, imported in self.capture.due(lambda i: i in self._open, self._names.get):
-                # (An import keeps the import's layout, --into: it is not renamed.)
-                await self._capture(ino, self.event_path(ino), rename=not imported)
+                path = self.event_path(ino)
+                if not path.startswith("<"):  # (a path this mount knows)
+                    # An import keeps the import's layout (--into): it is not renamed.
+                    await self._capture(ino, path, rename=not imported)
 
     async def _capture(self, ino: int, path: str, rename: bool) -> None:
         try:

@@ -28,6 +28,22 @@ def add_policy(store, text: str) -> None:
         f.write("\n" + text.strip() + "\n")
 
 
+def mount_with(store, make_mount, policy: str):
+    """The store mounted with `policy` added to its vault.toml, and `vaultfs events` on it:
+    (mount point, events process, the events seen)."""
+    add_policy(store, policy)
+    mnt = make_mount().path
+    return (mnt, *listening(mnt))
+
+
+RENAME_ANYWHERE = '''
+[[capture]]
+folder = ""
+rename = "{camera}_{seq}{ext}"
+creator = "Ana Lima"
+'''
+
+
 def exif(path, *tags: str) -> dict:
     out = subprocess.run(["exiftool", "-j", "-struct", *[f"-{t}" for t in tags], str(path)],
                          capture_output=True, text=True, check=True).stdout
@@ -67,14 +83,12 @@ session = "Ana & Tom, Sintra"
 
 
 def test_a_rename_template_moves_captures_only_when_a_policy_asks(store_path, make_mount):
-    add_policy(store_path, '''
+    mnt, proc, got = mount_with(store_path, make_mount, '''
 [[capture]]
 folder = "tethered"
 rename = "{date}/{camera}_{seq}{ext}"
 creator = "Ana Lima"
 ''')
-    mnt = make_mount().path
-    proc, got = listening(mnt)
     (mnt / "tethered").mkdir()
     (mnt / "tethered" / "IMG_0042.xmp").write_text("<x:xmpmeta xmlns:x='adobe:ns:meta/'/>")
     shutil.copyfile(JPEG, mnt / "tethered" / "IMG_0042.jpg")
@@ -137,14 +151,7 @@ def listed(folder) -> list[str]:
 
 
 def test_an_edit_saved_as_a_new_file_is_no_capture(store_path, make_mount):
-    add_policy(store_path, '''
-[[capture]]
-folder = ""
-rename = "{camera}_{seq}{ext}"
-creator = "Ana Lima"
-''')
-    mnt = make_mount().path
-    proc, got = listening(mnt)
+    mnt, proc, got = mount_with(store_path, make_mount, RENAME_ANYWHERE)
     shutil.copyfile(JPEG, mnt / "IMG_0001.JPG")
     first, second = "Canon-PowerShot-SX60-HS_0001", "Canon-PowerShot-SX60-HS_0002"
     _until((mnt / f"{first}.xmp").exists)
@@ -170,14 +177,7 @@ creator = "Ana Lima"
 def test_a_capture_is_left_to_its_writer_until_it_is_done(store_path, make_mount):
     # Tethering software writes under a temporary name, fsyncs, closes a moment later and
     # renames the file into place: the policy waits for all of it.
-    add_policy(store_path, '''
-[[capture]]
-folder = ""
-rename = "{camera}_{seq}{ext}"
-creator = "Ana Lima"
-''')
-    mnt = make_mount().path
-    proc, got = listening(mnt)
+    mnt, proc, got = mount_with(store_path, make_mount, RENAME_ANYWHERE)
     tmp = mnt / "IMG_0003.JPG.tmp"
     with open(tmp, "wb") as f:
         f.write(JPEG.read_bytes())
@@ -223,13 +223,11 @@ rename = "shot_{seq}{ext}"
 
 
 def test_the_tethering_softwares_own_sidecar_always_wins(store_path, make_mount):
-    add_policy(store_path, '''
+    mnt, proc, got = mount_with(store_path, make_mount, '''
 [[capture]]
 folder = ""
 creator = "Ana Lima"
 ''')
-    mnt = make_mount().path
-    proc, got = listening(mnt)
     own = b"<x:xmpmeta xmlns:x='adobe:ns:meta/'/><!-- the tethering software's -->"
 
     def write_own(side) -> None:  # as tethering software does: create or empty, no O_EXCL

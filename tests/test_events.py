@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 
-from conftest import needs_fuse, vaultfs
+from conftest import CORPUS, needs_fuse, vaultfs
 from vaultfs.client import Vault
 from vaultfs.fs import control
 from vaultfs.store import Store
@@ -111,3 +112,38 @@ def test_files_committed_before_a_remount_are_safe_after_it(make_mount):
     m.stop()
     m = make_mount()
     assert Vault(m.path).safe("earlier.NEF")["safe"]  # read back when asked
+
+
+def test_a_files_tier_is_announced_when_known_and_each_time_it_changes(mnt):
+    from test_import import listening  # (test_import imports this module)
+
+    proc, got = listening(mnt)
+    image, other = mnt / "IMG_0001.jpg", mnt / "IMG_0002.jpg"
+    shutil.copyfile(CORPUS / "jpeg" / "medium" / "door-knocker.jpg", image)
+    shutil.copyfile(CORPUS / "jpeg" / "medium" / "jolla.jpg", other)
+
+    def tiers(name: str) -> list[tuple]:
+        return [(e["tier"], e.get("from")) for e in got
+                if e["event"] == "tiered" and e["path"] == name]
+
+    _until(lambda: tiers("IMG_0001.jpg") and tiers("IMG_0002.jpg"))
+    # A rating written into the file by exiftool (a new file renamed over it).
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-Rating=5", str(image)],
+                   check=True)
+    _until(lambda: len(tiers("IMG_0001.jpg")) == 2)
+    os.setxattr(image, "user.vaultfs.tier", b"reject")    # a tag
+    _until(lambda: len(tiers("IMG_0001.jpg")) == 3)
+    os.removexattr(image, "user.vaultfs.tier")             # back to the rules
+    _until(lambda: len(tiers("IMG_0001.jpg")) == 4)
+    (mnt / "IMG_0002.xmp").write_text(                     # a sidecar's colour label
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+        '22-rdf-syntax-ns#"><rdf:Description xmlns:xmp="http://ns.adobe.com/xap/1.0/" '
+        'xmp:Label="Red"/></rdf:RDF></x:xmpmeta>')
+    _until(lambda: len(tiers("IMG_0002.jpg")) == 2)
+    time.sleep(2)  # (nothing more comes: no tier flickers while new bytes are analysed)
+    proc.terminate()
+    assert tiers("IMG_0001.jpg") == [("general", None), ("select", "general"),
+                                     ("reject", "select"), ("select", "reject")]
+    assert tiers("IMG_0002.jpg") == [("general", None), ("select", "general")]
+    assert tiers("IMG_0002.xmp") == [("select", None)]
+    assert tiers(".probe-0") == [("general", None)]  # (no metadata: its tier, once)

@@ -130,6 +130,12 @@ class VaultOperations(pyfuse3.Operations):
         self.groups = GroupIndex()  # kept up to date with each rebuild (under its lock)
         self._joined: list[tuple[str, Group]] = []  # files that joined a burst or bracket
         self._fingerprinted: set[int] = set()  # files this mount fingerprinted
+        # Tiers for `tiered` events: each file's (path, tier) as last announced or known, the
+        # files this mount analysed before its first catalogue, and what to announce.
+        self._tiers: dict[int, tuple[str, str]] = {}
+        self._left: dict[str, str] = {}  # path -> tier of a file gone from it (saved over?)
+        self._analysed_early: set[int] = set()
+        self._retiered: list[tuple[str, str, str | None]] = []
         self.analyzer: Analyzer | None = None  # set by mount.run
         self.mirror: Mirror | None = None  # set by mount.run when the vault has a mirror
         self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
@@ -243,6 +249,7 @@ class VaultOperations(pyfuse3.Operations):
                     self.groups.update(cat.group_files())
                     cat.groups = [g for k in SEQUENCES for g in self.groups.groups(k)]
                     self._note_joined(self._catalog[1] if self._catalog else None, cat)
+                    self._note_tiers(tx, cat, first=self._catalog is None)
                     self._catalog = (txn_id, cat)
                     self._catalog_s = time.monotonic() - t0
             return self._catalog[1]
@@ -257,19 +264,50 @@ class VaultOperations(pyfuse3.Operations):
                                 if before.get((k, g.kind)) != g.name and k in new.files
                                 and (old is not None or k in self._fingerprinted))
 
+    def _note_tiers(self, tx: Txn, cat: Catalog, first: bool) -> None:
+        """Files whose tier is newly known (their metadata read) or not the one last noted:
+        for `tiered` events. A file whose bytes, or whose sidecar's or image's, are not
+        analysed yet keeps the tier noted (the metadata to come may move it); an empty file
+        has none yet. A file saved by renaming a new one over it takes over the tier noted
+        for its path. The first catalogue of a mount notes what was known before it quietly:
+        only the files this mount analysed are new."""
+        waiting = {e.path for e in cat.files.values() if e.node.content and not e.own
+                   and tx.media(e.node.content) is None}
+        moving = set(waiting)
+        for e in cat.files.values():
+            if e.sidecars and (e.path in waiting or waiting.intersection(e.sidecars)):
+                moving.update([e.path, *e.sidecars])
+        for ino in [ino for ino in self._tiers if ino not in cat.files]:
+            path, tier = self._tiers.pop(ino)
+            self._left[path] = tier
+        paths = {e.path for e in cat.files.values()}
+        self._left = {path: tier for path, tier in self._left.items() if path in paths}
+        for ino, e in cat.files.items():
+            if not e.node.content or e.path in moving:
+                continue
+            noted = self._tiers.get(ino)
+            before = noted[1] if noted is not None else self._left.pop(e.path, None)
+            self._tiers[ino] = (e.path, e.tier)
+            if before != e.tier and (before is not None or not first
+                                     or ino in self._analysed_early):
+                self._retiered.append((e.path, e.tier, before))
+        if first:
+            self._analysed_early.clear()
+
     async def fresh_catalog(self) -> Catalog:
         return await self._thread(self.refresh_catalog)
 
     async def keep_catalog(self) -> None:
         """Rebuild the catalogue in a worker thread when the store has moved on and views or
         status have asked for it since, at most CATALOG_REFRESH_S apart: views follow changes
-        within about a second (a view a second time after a change shows it)."""
+        within about a second (a view a second time after a change shows it). While someone
+        listens to events, after every change: a change of tier is announced (`tiered`)."""
         while True:
             # (A walk of a large tree is not free, ~2 s per 100,000 files: at most a fifth of
             # the time goes to it.)
             await trio.sleep(max(CATALOG_REFRESH_S, 4 * self._catalog_s))
-            # Only while someone looks, or something may have joined a group.
-            if self._catalog_wanted and (self._catalog is None or
+            # Only while someone looks or listens, or something may have joined a group.
+            if (self._catalog_wanted or self.events.listening) and (self._catalog is None or
                                          self.store.env.info()["last_txnid"] != self._catalog[0]):
                 self._catalog_wanted = False
                 try:
@@ -280,6 +318,10 @@ class VaultOperations(pyfuse3.Operations):
             for path, group in joined:
                 self.events.publish("burst", path, group=group.name, kind=group.kind,
                                     files=len(group.keys))
+            retiered, self._retiered = self._retiered, []
+            for path, tier, before in retiered:
+                self.events.publish("tiered", path, tier=tier,
+                                    **({"from": before} if before is not None else {}))
 
     def status(self) -> dict:
         figures = self.store.figures()
@@ -821,6 +863,8 @@ class VaultOperations(pyfuse3.Operations):
         capture policies to an image captured in this mount. A fingerprint may complete a
         burst: the catalogue is rebuilt to see."""
         path = self.event_path(ino)
+        if self._catalog is None:
+            self._analysed_early.add(ino)
         self.events.publish("analysed", path, **{k: record[k] for k in ("kind", "rating",
                                                                         "label", "error")
                                                  if k in record})

@@ -6,11 +6,15 @@ has one; a sidecar already there is left alone; a bad policy stops the mount wit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
 
+from PIL import Image
+
 from conftest import CORPUS, needs_fuse, vaultfs
+from vaultfs.store import Store
 from test_events import _until
 from test_import import listening
 
@@ -126,3 +130,58 @@ copyright = "(c) 2026 Ana Lima"
     assert exif(image.with_suffix(".xmp"), "XMP-dc:Rights")["Rights"] == "(c) 2026 Ana Lima"
     assert image.read_bytes() == JPEG.read_bytes()
     assert sorted(p.name for p in image.parent.iterdir()) == ["IMG_0001.JPG", "IMG_0001.xmp"]
+
+
+HEIC = CORPUS / "heic" / "IMG_3578.heic"                        # iPhone XR, 4032x3024
+TIFF16 = CORPUS / "tiff" / "issue-metadata-extractor-152.tif"   # 16-bit grey, 1280x964
+
+
+def test_images_without_a_large_enough_jpeg_get_a_generated_preview(store_path, make_mount):
+    add_policy(store_path, '''
+[[capture]]
+folder = "proxies"
+preview = 1024
+''')
+    m = make_mount()
+    mnt, previews = m.path, m.path / ".vault" / "previews"
+    for folder in ("plain", "proxies"):  # (the analyser and the previews go in this order)
+        (mnt / folder).mkdir()
+        shutil.copyfile(HEIC, mnt / folder / "IMG_3578.heic")
+        shutil.copyfile(TIFF16, mnt / folder / "scan.tif")
+        shutil.copyfile(JPEG, mnt / folder / "IMG_0001.jpg")
+    (mnt / "proxies" / "bad.tif").write_bytes(TIFF16.read_bytes()[:3000])  # truncated
+    for name, size in (("IMG_3578.heic", (1024, 768)), ("scan.tif", (1024, 771))):
+        made = previews / "proxies" / f"{name}.jpg"
+        _until(made.exists, timeout=60)
+        with Image.open(made) as img:
+            assert img.format == "JPEG" and img.size == size
+            img.load()
+        got = exif(made, "FileType", "ImageWidth", "ImageHeight")
+        assert (got["FileType"], got["ImageWidth"], got["ImageHeight"]) == ("JPEG", *size)
+    # A JPEG is its own preview; without a policy, nothing is generated.
+    assert (previews / "proxies" / "IMG_0001.jpg.jpg").read_bytes() == JPEG.read_bytes()
+    assert sorted(os.listdir(previews / "plain")) == ["IMG_0001.jpg.jpg"]
+    _until(lambda: "no preview can be made of proxies/bad.tif" in m.log.read_text())
+    (mnt / "proxies" / "scan.tif").unlink()
+    _until(lambda: not (previews / "proxies" / "scan.tif.jpg").exists())
+    m.stop()
+    assert m.log.read_text().count("no preview can be made") == 1
+    with Store.open(store_path) as store, store.reader() as tx:
+        records = {path: tx.preview(tx.inode(tx.resolve(path)).content)
+                   for path in ("proxies/IMG_3578.heic", "proxies/bad.tif")}
+        assert len(list(tx.previews())) == 2  # (the deleted image's went with its version)
+    assert records["proxies/IMG_3578.heic"].asked == 1024
+    assert records["proxies/bad.tif"].jpeg is None and records["proxies/bad.tif"].why
+
+    # The policy for the whole vault: the next mount makes what it asks for (its backlog),
+    # and says nothing more of the file it could not read.
+    toml = store_path / "vault.toml"
+    toml.write_text(toml.read_text().replace('folder = "proxies"', 'folder = ""'))
+    m = make_mount()
+    previews = m.path / ".vault" / "previews"
+    for name in ("IMG_3578.heic", "scan.tif"):
+        _until((previews / "plain" / f"{name}.jpg").exists, timeout=60)
+    with Image.open(previews / "proxies" / "IMG_3578.heic.jpg") as img:
+        assert img.size == (1024, 768)
+    m.stop()
+    assert "no preview can be made" not in m.log.read_text()

@@ -1,7 +1,7 @@
 """On-capture policies (vault.toml [[capture]]) applied by the mount: once a new image's
 metadata is read, the first policy for its folder or tier renames it by its template (only
 when the policy has one; its own sidecars go with it) and gives it an XMP sidecar with the
-policy's metadata. The captured file's bytes are never changed, and a sidecar already there is
+policy's metadata. (Its `preview`, for every version of an image, is made by previews.py.) The captured file's bytes are never changed, and a sidecar already there is
 left as it is.
 
 Everything here blocks: it runs in a worker thread, never on the trio loop.
@@ -42,9 +42,8 @@ class CapturePolicies:
         """Apply the policy for the image `ino`, captured at `path` (renaming it only if
         `rename` and the policy has a template): what was placed."""
         with self.store.reader() as tx:
-            tier = self.tiers.tier_of(variables(record, path, False), _tag(tx, path))
+            policy = self.policy_for(tx, path, record)
             node = tx.inode(ino)
-        policy = next((p for p in self.policies if capture.applies(p, path, tier)), None)
         if policy is None or node is None:
             return []
         placed = []
@@ -59,6 +58,11 @@ class CapturePolicies:
             if side is not None:
                 placed.append(side)
         return placed
+
+    def policy_for(self, tx: Txn, path: str, record: dict) -> CapturePolicy | None:
+        """The first policy for an image at `path` whose metadata is `record`, if any."""
+        tier = self.tiers.tier_of(variables(record, path, False), _tag(tx, path))
+        return next((p for p in self.policies if capture.applies(p, path, tier)), None)
 
     def _rename(self, ino: int, path: str, template: str, fields: dict) -> list[Placed]:
         """The file moved to the first free path the template gives, with the sidecars that

@@ -37,13 +37,14 @@ from .spool import OpenInode, open_spool
 from ..media.tiers import Tiers
 from ..store import policy
 from .analysis import Analyzer
+from .previews import Previews
 from ..media.catalog import Catalog
 from ..media.groups import SEQUENCES, Group, GroupIndex
 from ..media.catalog import build as build_catalog
 from ..store.verify import check_chunk
 from .events import Events
 from .mirror import Mirror, figures as copies_figures
-from .views import VAULT_INO, VAULT_NAME, Views, inode_attrs
+from .views import PREVIEWS, VAULT_INO, VAULT_NAME, Views, inode_attrs
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class VaultOperations(pyfuse3.Operations):
         self._analysed_early: set[int] = set()
         self._retiered: list[tuple[str, str, str | None]] = []
         self.analyzer: Analyzer | None = None  # set by mount.run
+        self.previews: Previews | None = None  # set by mount.run
         self.mirror: Mirror | None = None  # set by mount.run when the vault has a mirror
         self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
                            self.catalog, self.rules.names)
@@ -246,6 +248,7 @@ class VaultOperations(pyfuse3.Operations):
                 if self._catalog is None or self._catalog[0] != txn_id:
                     t0 = time.monotonic()
                     cat = build_catalog(tx, self.rules)
+                    self._add_previews(tx, cat)
                     self.groups.update(cat.group_files())
                     cat.groups = [g for k in SEQUENCES for g in self.groups.groups(k)]
                     self._note_joined(self._catalog[1] if self._catalog else None, cat)
@@ -263,6 +266,23 @@ class VaultOperations(pyfuse3.Operations):
             self._joined.extend((new.files[k].path, g) for k in g.keys
                                 if before.get((k, g.kind)) != g.name and k in new.files
                                 and (old is not None or k in self._fingerprinted))
+
+    def _add_previews(self, tx: Txn, cat: Catalog) -> None:
+        """Files whose version has a generated preview are in .vault/previews too."""
+        made = self.previews.made if self.previews is not None else ()
+        if not made:
+            return
+        folders: dict[str, int | None] = {"": ROOT_INO}
+        for ino, e in cat.files.items():
+            if e.node.content not in made:
+                continue
+            parts = e.path.split("/")[:-1]
+            prefixes = ["/".join(parts[:i]) for i in range(len(parts) + 1)]
+            for p in prefixes:
+                if p not in folders:
+                    folders[p] = tx.resolve(p)
+            if all(folders[p] is not None for p in prefixes):
+                cat.add(PREVIEWS, ino, [folders[p] for p in prefixes])
 
     def _note_tiers(self, tx: Txn, cat: Catalog, first: bool) -> None:
         """Files whose tier is newly known (their metadata read) or not the one last noted:
@@ -865,6 +885,8 @@ class VaultOperations(pyfuse3.Operations):
         path = self.event_path(ino)
         if self._catalog is None:
             self._analysed_early.add(ino)
+        if self.previews is not None and record.get("kind") == "image":
+            self.previews.enqueue(ino, path)
         self.events.publish("analysed", path, **{k: record[k] for k in ("kind", "rating",
                                                                         "label", "error")
                                                  if k in record})

@@ -104,7 +104,7 @@ def _jpeg(data: bytes, upright: bool = True) -> tuple[Image.Image, tuple[int, in
             img = ImageOps.exif_transpose(img)
         img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise FingerprintError(f"JPEG: {_why(e)}") from None
+        raise FingerprintError(f"JPEG: {complaint(e)}") from None
     return img, _upright(size, img)
 
 
@@ -129,7 +129,7 @@ def _raw(data: bytes):
                                                           output_bps=8, user_flip=0))
                 size, preview = img.size, None
     except (rawpy.LibRawError, OSError, ValueError) as e:
-        raise FingerprintError(f"LibRaw: {_why(e)}") from None
+        raise FingerprintError(f"LibRaw: {complaint(e)}") from None
     if turn is not None:
         img = img.transpose(turn)
         size = (size[1], size[0]) if turn != Image.Transpose.ROTATE_180 else size
@@ -151,7 +151,7 @@ def _heif(data: bytes):
         else:
             img = image.to_pillow()
     except (OSError, ValueError, RuntimeError, IndexError) as e:
-        raise FingerprintError(f"libheif: {_why(e)}") from None
+        raise FingerprintError(f"libheif: {complaint(e)}") from None
     return img, image.size, "heif", None
 
 
@@ -162,7 +162,7 @@ def _pillow(data: bytes):
             fmt, size = (img.format or "image").lower(), img.size
             img = ImageOps.exif_transpose(_reduced(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise FingerprintError(f"Pillow: {_why(e)}") from None
+        raise FingerprintError(f"Pillow: {complaint(e)}") from None
     return img, _upright(size, img), fmt, None
 
 
@@ -172,7 +172,7 @@ def _exif_thumbnail(data: bytes):
         with pyexiv2.ImageData(data) as meta:
             thumb = meta.read_thumbnail()
     except Exception as e:  # pyexiv2 raises plain Exceptions with Exiv2's text
-        raise FingerprintError(f"Exiv2: {_why(e)}") from None
+        raise FingerprintError(f"Exiv2: {complaint(e)}") from None
     if not thumb:
         raise FingerprintError("no EXIF thumbnail")
     img, size = _jpeg(thumb)
@@ -211,7 +211,7 @@ def _locate(data: bytes, jpeg: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _why(e: BaseException) -> str:
+def complaint(e: BaseException) -> str:
     """A decoder's complaint in a sentence (without Pillow's "<_io.BytesIO object at 0x...>")."""
     text = e.args[0] if e.args else ""
     if isinstance(text, bytes):

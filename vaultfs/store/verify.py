@@ -106,6 +106,9 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
             if number not in versions:
                 report.problems.append(f"media record of version {number}, which does not "
                                        f"exist")
+        for number, _, _ in tx.previews():
+            if number not in versions:
+                report.problems.append(f"preview of version {number}, which does not exist")
         for number in tx.held_versions():
             if number not in versions:
                 report.problems.append(f"held record of version {number}, which does not "

@@ -25,6 +25,7 @@ from typing import TypeVar
 import lmdb
 import pyfuse3
 import trio
+import xxhash
 from pyfuse3 import FUSEError
 
 from ..store import ROOT_INO, Inode, Store, Txn
@@ -41,7 +42,7 @@ from .previews import Previews
 from ..media.catalog import Catalog
 from ..media.groups import SEQUENCES, Group, GroupIndex
 from ..media.catalog import build as build_catalog
-from ..store.verify import check_chunk
+from ..store.verify import checked_chunk
 from .events import Events
 from .mirror import Mirror, figures as copies_figures
 from .views import PREVIEWS, VAULT_INO, VAULT_NAME, Views, inode_attrs
@@ -350,6 +351,9 @@ class VaultOperations(pyfuse3.Operations):
         figures["uncommitted_files"] = len(dirty)
         figures["oldest_uncommitted_s"] = round(time.monotonic() - min(dirty), 3) if dirty else 0
         figures.update(copies_figures(self.store, self.catalog()))
+        if self.analyzer is not None:  # (what the analyser read, and the samples it left)
+            figures["analysis"] = {"files": self.analyzer.analysed,
+                                   "samples_not_decoded_bytes": self.analyzer.skipped_bytes}
         return figures
 
     # ---- lookups and attributes ---------------------------------------------------------------
@@ -816,6 +820,8 @@ class VaultOperations(pyfuse3.Operations):
         self.changed = True
         self.events.publish("committed", self.event_path(ino), size=size)
         if self.nursery is not None:
+            if self.analyzer is not None:
+                self.analyzer.reading_back(ino)
             self.nursery.start_soon(self._verify, ino)
         if self.analyzer is not None:
             self.analyzer.enqueue(ino)
@@ -914,12 +920,17 @@ class VaultOperations(pyfuse3.Operations):
 
     async def _verify(self, ino: int) -> None:
         """Read a committed file back from the store and match every chunk against its
-        digests: only then is it `verified` (safe)."""
+        digests: only then is it `verified` (safe). The analyser waits for it, and has the
+        digest of the bytes when all were read."""
+        version, problem, digest = 0, None, None
         try:
-            version, problem = await self._thread(self._read_back, ino)
+            version, problem, digest = await self._thread(self._read_back, ino)
         except Exception as e:  # (it is in the store; `vaultfs verify` can say more)
             log.exception("reading back inode %d failed", ino)
-            version, problem = 0, str(e)
+            problem = str(e)
+        finally:
+            if self.analyzer is not None:
+                self.analyzer.read_back(ino, version, None if problem else digest)
         if problem:
             log.error("%s did not read back as written: %s", self.event_path(ino), problem)
             self.events.publish("error", self.event_path(ino), error=problem)
@@ -927,25 +938,36 @@ class VaultOperations(pyfuse3.Operations):
             self._verified[ino] = version
             self.events.publish("verified", self.event_path(ino), version=version)
 
-    def _read_back(self, ino: int) -> tuple[int, str | None]:
+    def _read_back(self, ino: int) -> tuple[int, str | None, str | None]:
         """Check the chunks of the file's current version that were not checked for its
-        previous one (a logger's fsyncs re-check only what was appended)."""
-        with self.store.reader() as tx:
+        previous one (a logger's fsyncs re-check only what was appended): (version, what is
+        wrong, and the XXH3-128 (hex) of all its bytes when every chunk was read)."""
+        with self.store.reader(buffers=True) as tx:
             node = tx.inode(ino)
             if node is None:
-                return 0, None  # deleted meanwhile
+                return 0, None, None  # deleted meanwhile
             done = self._checked.get(ino, set())
             now: set[bytes] = set()
+            whole, end = xxhash.xxh3_128(), 0  # (holes hashed as the zeros they read as)
             for off, chunk_id, _ in tx.extents(node.content):
                 now.add(chunk_id)
                 if chunk_id in done:
+                    whole = None
                     continue
                 rec = tx.chunk_record(chunk_id)
-                why = check_chunk(tx.chunk_data(chunk_id), chunk_id, rec) if rec else "missing"
+                data, why = checked_chunk(tx.chunk_data(chunk_id), chunk_id, rec) if rec \
+                    else (None, "missing")
                 if why:
-                    return node.content, f"bytes from {off}: {why}"
+                    return node.content, f"bytes from {off}: {why}", None
+                if whole is not None:
+                    _zeros(whole, off - end)
+                    whole.update(data)
+                    end = off + len(data)
             self._checked[ino] = now
-            return node.content, None
+            if whole is None:
+                return node.content, None, None
+            _zeros(whole, node.size - end)
+            return node.content, None, whole.hexdigest()
 
     def safety(self, path: str) -> dict:
         """Is the file at `path` safe yet: committed, read back and verified, and mirrored
@@ -960,7 +982,7 @@ class VaultOperations(pyfuse3.Operations):
         committed = not (of is not None and of.dirty) and ino not in self._failed
         if committed and node.content and self._verified.get(ino) != node.content and \
                 (of is None or of.streaming is None):
-            version, problem = self._read_back(ino)
+            version, problem, _ = self._read_back(ino)
             if version and not problem:
                 self._verified[ino] = version
         verified = committed and (self._verified.get(ino) == node.content if node.content
@@ -1199,6 +1221,14 @@ class VaultOperations(pyfuse3.Operations):
                 await self._delete_if_unused(ino)
             except Exception:  # the next mount's recovery frees it
                 log.exception("could not free unlinked inode %d at shutdown", ino)
+
+
+def _zeros(h: "xxhash.xxh3_128", n: int) -> None:
+    """Feed `n` zero bytes to a running hash (a hole)."""
+    block = bytes(min(n, 1 << 20))
+    while n > 0:
+        h.update(block[:n])
+        n -= len(block)
 
 
 def _drop_name(tx: Txn, node: Inode, now: int) -> None:

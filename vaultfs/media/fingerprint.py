@@ -54,7 +54,23 @@ def fingerprint(data: bytes) -> dict:
     `format` ("jpeg", "mpo", "raw" or Pillow's name in lower case), and `preview`
     ([offset, length] of a whole embedded JPEG, the file itself for a JPEG) when there is
     one. Raises FingerprintError."""
-    img, size, fmt, preview = _picture(data)
+    return _record(*_picture(data))
+
+
+def preview_fingerprint(data: bytes) -> dict | None:
+    """What `fingerprint` gives a RAW whose picture is an embedded JPEG preview stored whole in
+    the file (with its `preview` range), read without the sensor data: LibRaw reads the
+    preview alone, so those bytes may be anything (zeros not decoded). None for anything else
+    (no such preview, not a RAW, no fingerprint): its picture needs the file whole."""
+    try:
+        found = _raw(data, demosaic=False)
+        return _record(*found) if found is not None and found[3] is not None else None
+    except FingerprintError:
+        return None
+
+
+def _record(img: Image.Image, size: tuple[int, int], fmt: str,
+            preview: tuple[int, int] | None) -> dict:
     if min(size) < MIN_SIDE:
         raise FingerprintError(f"{size[0]}x{size[1]} pixels: too small to fingerprint")
     grey = img.convert("L").resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR,
@@ -108,9 +124,9 @@ def _jpeg(data: bytes, upright: bool = True) -> tuple[Image.Image, tuple[int, in
     return img, _upright(size, img)
 
 
-def _raw(data: bytes):
+def _raw(data: bytes, demosaic: bool = True):
     """A RAW's embedded preview (or thumbnail bitmap); with none, its sensor data demosaiced
-    at half size."""
+    at half size (or, without `demosaic`, None where the preview is not a JPEG)."""
     try:
         with rawpy.imread(io.BytesIO(data)) as raw:
             turn = _FLIPS.get(raw.sizes.flip)
@@ -121,6 +137,8 @@ def _raw(data: bytes):
             if thumb is not None and thumb.format == rawpy.ThumbFormat.JPEG:
                 img, size = _jpeg(bytes(thumb.data), upright=False)
                 preview = _locate(data, bytes(thumb.data))
+            elif not demosaic:
+                return None
             else:
                 if thumb is not None:  # an RGB bitmap
                     img = Image.fromarray(np.asarray(thumb.data, dtype=np.uint8))

@@ -109,6 +109,10 @@ rename = "{date}/{camera}{ext}"
     (tmp_path / "m").mkdir()
     r = vaultfs("mount", store_path, tmp_path / "m", check=False)
     assert r.returncode == 2 and "must be a relative path" in r.stderr and "{seq}" in r.stderr
+    toml = store_path / "vault.toml"
+    toml.write_text(toml.read_text().replace('rename = "{date}/{camera}{ext}"', "preview = 10"))
+    r = vaultfs("mount", store_path, tmp_path / "m", check=False)
+    assert r.returncode == 2 and "preview must be the long side" in r.stderr
 
 
 def test_imported_files_get_the_metadata_but_keep_the_import_layout(tmp_path, store_path,

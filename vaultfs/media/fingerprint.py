@@ -212,20 +212,26 @@ def _upright(size: tuple[int, int], img: Image.Image) -> tuple[int, int]:
 
 
 def _locate(data: bytes, jpeg: bytes) -> tuple[int, int] | None:
-    """Where the embedded JPEG lies in the file, if it is stored there whole. LibRaw hands
-    back a preview that has no EXIF of its own with an EXIF segment put in after its SOI
-    marker: the file holds it without that segment."""
+    """Where the embedded JPEG lies in the file (first), if it is stored there whole. LibRaw
+    hands back a preview that has no EXIF of its own with an EXIF segment put in after its
+    SOI marker: the file holds it without that segment."""
     bodies = [jpeg[2:]]
     if jpeg[2:4] == b"\xff\xe1":
         bodies.append(jpeg[4 + int.from_bytes(jpeg[4:6], "big"):])
-    view = memoryview(data)
-    for body in bodies:
-        head = b"\xff\xd8" + body[:62]
-        at = data.find(head)
-        while at >= 0:
-            if view[at + 2:at + 2 + len(body)] == body:
-                return at, len(body) + 2
-            at = data.find(head, at + 1)
+    # One scan for bytes from the middle of what all bodies end with (entropy-coded data,
+    # varied): the search skips by their length through zeros (the sensor data the analyser
+    # leaves undecoded), where the JPEG's first bytes, which end in zeros, would crawl.
+    view, tail = memoryview(data), bodies[-1]
+    mid = len(tail) // 2
+    needle = tail[mid:mid + 32]
+    at = data.find(needle)
+    while at >= 0:
+        for body in bodies:
+            start = at - (len(body) - len(tail) + mid) - 2
+            if start >= 0 and view[start:start + 2] == b"\xff\xd8" and \
+                    view[start + 2:start + 2 + len(body)] == body:
+                return start, len(body) + 2
+        at = data.find(needle, at + 1)
     return None
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import CORPUS, needs_fuse, vaultfs
 from vaultfs.store import Store
 from test_events import _until
-from test_import import listening
+from test_events import _listen
 
 pytestmark = needs_fuse
 
@@ -75,7 +75,7 @@ rename = "{date}/{camera}_{seq}{ext}"
 creator = "Ana Lima"
 ''')
     mnt = make_mount().path
-    proc, got = listening(mnt)
+    proc, got = _listen(mnt)
     (mnt / "tethered").mkdir()
     (mnt / "tethered" / "IMG_0042.xmp").write_text("<x:xmpmeta xmlns:x='adobe:ns:meta/'/>")
     shutil.copyfile(JPEG, mnt / "tethered" / "IMG_0042.jpg")

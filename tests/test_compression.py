@@ -12,6 +12,7 @@ import mmap
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -21,6 +22,7 @@ import rawpy
 import zstandard
 
 from conftest import CORPUS, needs_fuse, vaultfs
+from test_media import _wait
 from vaultfs.chunking import structure
 from vaultfs.store import Store
 from vaultfs.store import format as F
@@ -231,3 +233,73 @@ def test_the_reader_in_the_format_document_reads_what_vaultfs_wrote(make_mount, 
     for name, src in sources.items():
         assert read(name, "before") == src.read_bytes(), name
     assert read("burst.dng") == b"replaced"
+
+
+def _status(mountpoint: Path) -> dict:
+    return json.loads((mountpoint / ".vault" / "status.json").read_text())
+
+
+def _stored_bytes(store_path: Path, rels: list[str]) -> int:
+    return sum(stored for rel in rels for _, _, _, stored in stored_chunks(store_path, rel))
+
+
+def test_a_tier_of_a_stronger_level_is_recompressed_in_the_background(make_mount, store_path,
+                                                                       tmp_path):
+    """A select tier with compression = 19: its files' chunks are encoded again at level 19
+    by the mount, stored smaller, read back bit-exact, the counters exact (verify clean, as
+    after every test), the work noted and not done again at the next mount; a file that
+    becomes a select later is recompressed then, and a chunk shared with a general file
+    gets the stronger form for both."""
+    dng = tmp_path / "frame.dng"
+    make_dng(dng, 1200, 900)
+    tiff = CORPUS / "tiff" / "issue-metadata-extractor-152.tif"
+    m = make_mount()
+    keep = m.path / "keep"
+    keep.mkdir()
+    subprocess.run(["setfattr", "-n", "user.vaultfs.tier", "-v", "select", str(keep)],
+                   check=True)
+    subprocess.run(["cp", str(dng), str(tiff), str(keep)], check=True)
+    (m.path / "later").mkdir()
+    subprocess.run(["cp", str(CORPUS / "tiff" / "001.tif"), str(dng), str(m.path / "later")],
+                   check=True)
+    m.stop()  # ingested at the default level, the tier policy not set yet
+    selects = ["keep/frame.dng", "keep/" + tiff.name]
+    before = _stored_bytes(store_path, selects)
+    later_before = _stored_bytes(store_path, ["later/001.tif"])
+    toml = store_path / "vault.toml"
+    policy = toml.read_text()
+    (tmp_path / "mp").mkdir()
+    for bad in ("20", "0", "true", '"max"'):  # a level zstd has not: the mount does not start
+        toml.write_text(policy.replace('name = "select"', f'name = "select"\ncompression = {bad}'))
+        r = vaultfs("mount", store_path, tmp_path / "mp", check=False)
+        assert r.returncode == 2 and "tier select: compression must be a zstd level from 1 to 19" \
+            in r.stderr, r.stderr
+    toml.write_text(policy.replace('name = "select"', 'name = "select"\ncompression = 19'))
+
+    m = make_mount()
+    done = lambda: _status(m.path)["tiers"]["select"].get("recompressed") == {"19": 2}  # noqa
+    _wait(done, "the select tier recompressed at level 19", 180)
+    after = _stored_bytes(store_path, selects)
+    assert after < before * 0.99, (before, after)
+    # The general copy of the frame shares its chunks: it reads the stronger form, exactly.
+    assert (m.path / "later" / "frame.dng").read_bytes() == dng.read_bytes()
+    assert "zstd level 19: 2 recompressed" in vaultfs("status", store_path).stdout
+    # A file that becomes a select later is recompressed then.
+    subprocess.run(["setfattr", "-n", "user.vaultfs.tier", "-v", "select",
+                    str(m.path / "later" / "001.tif")], check=True)
+    _wait(lambda: _status(m.path)["tiers"]["select"].get("recompressed") == {"19": 3},
+          "the new select recompressed", 180)
+    assert _stored_bytes(store_path, ["later/001.tif"]) < later_before
+    m.stop()
+
+    m = make_mount()  # a fresh daemon: the bytes come out of the store; nothing redone
+    assert (m.path / "keep" / "frame.dng").read_bytes() == dng.read_bytes()
+    assert (m.path / "keep" / tiff.name).read_bytes() == tiff.read_bytes()
+    assert (m.path / "later" / "001.tif").read_bytes() == \
+        (CORPUS / "tiff" / "001.tif").read_bytes()
+    time.sleep(25)  # two rounds of looking for work
+    m.stop()
+    assert "recompressed" not in m.log.read_text()
+    assert _stored_bytes(store_path, selects) == after
+    r = vaultfs("verify", store_path)
+    assert r.returncode == 0

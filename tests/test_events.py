@@ -22,12 +22,22 @@ pytestmark = needs_fuse
 
 
 def _listen(mountpoint):
-    """`vaultfs events` in a subprocess, its JSON lines collected by a thread."""
+    """`vaultfs events` in a subprocess, its JSON lines collected by a thread, returned once it
+    is surely subscribed: a probe file written after it started is heard of (a start-up slowed
+    by a busy machine would miss the first events). The probe is removed again."""
     proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "events", str(mountpoint)],
                             stdout=subprocess.PIPE, text=True)
     got: list[dict] = []
     threading.Thread(target=lambda: [got.append(json.loads(line)) for line in proc.stdout],
                      daemon=True).start()
+    probe = os.path.join(mountpoint, ".events-probe")
+    deadline = time.monotonic() + 60
+    while not any(e["event"] == "committed" and e["path"] == ".events-probe" for e in got):
+        assert time.monotonic() < deadline, "vaultfs events did not subscribe within a minute"
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+        time.sleep(0.2)
+    os.unlink(probe)
     return proc, got
 
 
@@ -40,7 +50,6 @@ def _until(cond, timeout=20.0):
 
 def test_each_capture_is_announced_committed_then_verified(mnt):
     proc, got = _listen(mnt)
-    time.sleep(1.0)  # (the subscription is made when the command has started)
     data = os.urandom(3_000_000)
     (mnt / "close.NEF").write_bytes(data)                 # write, close
     with open(mnt / "fsync.NEF", "wb") as f:              # write, fsync (still open)

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import Mount, assert_clean, needs_fuse, set_policy, vaultfs
+from vaultfs.client import Vault
+from vaultfs.fs import control
+from vaultfs.store import Store
 
 pytestmark = [needs_fuse,
               pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")]
@@ -28,6 +31,20 @@ def small_disk(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], check=True)
     yield disk
     subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.fixture
+def mount_at(tmp_path):
+    """mount_at(store, name) -> a Mount started on tmp_path/name, cleaned up at the end."""
+    made: list[Mount] = []
+
+    def make(store: Path, name: str = "mnt") -> Mount:
+        (tmp_path / name).mkdir(exist_ok=True)
+        made.append(Mount(store, tmp_path / name))
+        return made[-1].start()
+    yield make
+    for m in made:
+        m.cleanup()
 
 
 def _vault(path: Path, keep_free: int) -> Path:
@@ -52,14 +69,13 @@ def _wait_offline(store: Path, paths: set[str], seconds: float = 30) -> dict:
 
 
 def test_a_vault_under_its_floor_evicts_what_peers_hold_and_fetches_it_back(small_disk,
-                                                                            tmp_path):
+                                                                            tmp_path, mount_at):
     field = _vault(small_disk / "field", keep_free=90)  # a floor it can never reach
     studio, third = _vault(tmp_path / "studio", 0), _vault(tmp_path / "third", 0)
     data = {name: os.urandom(4 * MB) for name in ("A.NEF", "B.NEF", "C.NEF", "D.NEF")}
 
     # Shoot A, B and a select C. Nothing is held elsewhere yet: nothing can go.
-    (tmp_path / "mnt").mkdir()
-    m = Mount(field, tmp_path / "mnt").start()
+    m = mount_at(field)
     day = m.path / "day1"
     day.mkdir()
     for i, name in enumerate(("A.NEF", "B.NEF", "C.NEF")):
@@ -78,12 +94,15 @@ def test_a_vault_under_its_floor_evicts_what_peers_hold_and_fetches_it_back(smal
     assert _offline(field) == {"day1/A.NEF": ["studio"], "day1/B.NEF": ["studio"]}
     assert_clean(field)  # offline is not damage
 
-    # Through the mount: listed with its size, read refused with "Object is remote".
+    # Through the mount: listed with its size, read refused with "Object is remote", and not
+    # "safe" any more (an import would not call a card safe to format on its strength).
     m.start()
     assert (day / "A.NEF").stat().st_size == 4 * MB
     with pytest.raises(OSError) as e:
         (day / "A.NEF").read_bytes()
     assert e.value.errno == errno.EREMOTE
+    answer = Vault(m.path).safe("day1/A.NEF")
+    assert answer["offline"] and not answer["safe"]
     assert (day / "C.NEF").read_bytes() == data["C.NEF"]
     (day / "D.NEF").write_bytes(data["D.NEF"])  # held nowhere: never evicted
     time.sleep(7)
@@ -109,8 +128,7 @@ def test_a_vault_under_its_floor_evicts_what_peers_hold_and_fetches_it_back(smal
     # A third vault cannot get B from here (only its bytes' holder can send them).
     report = json.loads(vaultfs("sync", field, third, "--push", "--json").stdout)
     assert report["offline"] == ["day1/B.NEF"]
-    (tmp_path / "mnt3").mkdir()
-    m3 = Mount(third, tmp_path / "mnt3").start()
+    m3 = mount_at(third, "mnt3")
     assert sorted(os.listdir(m3.path / "day1")) == ["A.NEF", "C.NEF", "D.NEF"]
     m3.stop()
 
@@ -135,3 +153,55 @@ def test_a_vault_under_its_floor_evicts_what_peers_hold_and_fetches_it_back(smal
     m.stop()
     for store in (field, studio, third):
         assert_clean(store)
+
+
+def test_two_vaults_never_each_evict_what_the_other_holds(tmp_path, mount_at):
+    field, studio = _vault(tmp_path / "field", 0), _vault(tmp_path / "studio", 0)
+    m = mount_at(field)
+    body = os.urandom(3 * MB)
+    (m.path / "A.NEF").write_bytes(body)
+    m.stop()
+    vaultfs("sync", field, studio)  # the field holds A at the studio, which now keeps it
+    # Asked by name, with no floor at all: it goes.
+    done = json.loads(vaultfs("evict", field, "A.NEF", "--json").stdout)
+    assert [e["path"] for e in done["evicted"]] == ["A.NEF"]
+    # The studio meets the field: the field's copy is offline, so the studio records no hold,
+    # and the field relies on the studio's copy, which therefore stays.
+    vaultfs("sync", studio, field)
+    kept = json.loads(vaultfs("evict", studio, "A.NEF", "--json").stdout)
+    assert kept["evicted"] == [] and kept["skipped"] == [
+        {"path": "A.NEF", "why": "a peer relies on this copy (field)"}]
+    vaultfs("fetch", field, studio)
+    m.start()
+    assert (m.path / "A.NEF").read_bytes() == body
+    m.stop()
+    for store in (field, studio):
+        assert_clean(store)
+
+
+def test_an_append_to_a_file_evicted_while_open_keeps_every_byte(tmp_path, mount_at):
+    field, studio = _vault(tmp_path / "field", 0), _vault(tmp_path / "studio", 0)
+    m = mount_at(field)
+    log = os.urandom(2 * MB)
+    (m.path / "log.csv").write_bytes(log)
+    m.stop()
+    vaultfs("sync", field, studio)
+    m.start()
+    with open(m.path / "log.csv", "ab") as f:
+        f.write(b"appended row\n")
+        f.flush()
+        # Evicted by the mount while the logger holds it open with a row not yet committed.
+        # (Asked from this process: a child process would close a copy of the descriptor,
+        # which commits the file.)
+        with Store.open(field) as store:
+            with store.reader() as tx:
+                ino = tx.resolve("log.csv")
+                content = tx.inode(ino).content
+            done = control.request(store, "evict", candidates=[[ino, content, "log.csv"]],
+                                   want=None, dry_run=False)
+        assert [e["path"] for e in done["evicted"]] == ["log.csv"], done
+    # The new version was stored whole from what was written: every byte is here.
+    assert (m.path / "log.csv").read_bytes() == log + b"appended row\n"
+    m.stop()
+    assert _offline(field) == {}
+    assert_clean(field)

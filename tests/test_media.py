@@ -64,6 +64,67 @@ def test_sidecars_link_by_each_applications_convention():
         "IMG_0004.CR2": ["IMG_0004.vrd"], "IMG_0005.HEIC": ["IMG_0005.AAE"]}
 
 
+def test_capture_one_settings_link_two_folders_down():
+    assert sidecars.capture_one(["IMG_0001.CR3", "IMG_0001.JPG", "IMG_0002.CR3"],
+                                ["IMG_0001.CR3.cos", "img_0001.jpg.cos", "IMG_0001.CR3.cot",
+                                 "IMG_0001.CR3.comask", "IMG_0003.CR3.cos"]) == \
+        {"IMG_0001.CR3": ["IMG_0001.CR3.cos"], "IMG_0001.JPG": ["img_0001.jpg.cos"]}
+    assert sidecars.is_capture_one_settings("CaptureOne", "Settings116")
+    assert not sidecars.is_capture_one_settings("CaptureOne", "Cache")
+
+
+def capture_one_settings() -> dict[str, bytes]:
+    """The two .cos files Capture One 4 and 5 wrote into the corpus's EIP package (a ZIP):
+    Settings45 (Basic_Rating 4, no colour tag) and Settings50 (3, colour tag 4: green)."""
+    import zipfile
+
+    with zipfile.ZipFile(CORPUS / "sidecars" / "captureone" / "CaptureOne.eip") as z:
+        return {n.split("/")[1]: z.read(n) for n in z.namelist() if n.endswith(".cos")}
+
+
+# A DxO PhotoLab sidecar, constructed (the corpus has none) in the structure of the .dop files
+# that github.com/SapporoTK/DxOKeyFrame.py reads and writes.
+DOP = b"""Sidecar = {
+	Date = "2026-11-24T09:15:12Z",
+	Source = {
+		CafId = "C0000001",
+		Items = {
+			{
+				Name = "IMG_0002.jpg",
+				Settings = {
+					Base = {
+						Version = "15.0",
+					},
+					Overrides = {
+						ExposureBias = 0.3,
+					},
+				},
+			},
+		},
+	},
+	Software = "DxO PhotoLab 7",
+	Version = "15.0",
+}
+"""
+
+
+def test_capture_one_dxo_and_dpp_sidecars_are_read():
+    settings = capture_one_settings()
+    assert metadata.read(settings["Settings45"]) == {
+        "kind": "sidecar", "develop": ["capture one"], "rating": 4}
+    assert metadata.read(settings["Settings50"]) == {
+        "kind": "sidecar", "develop": ["capture one"], "rating": 3, "label": "green"}
+    dpp = CORPUS / "sidecars" / "canon_dpp"
+    for name in ("CanonVRD.vrd", "CanonVRD.dr4"):  # DPP's check marks are not ratings
+        assert metadata.read((dpp / name).read_bytes()) == {"kind": "sidecar",
+                                                             "develop": ["canon dpp"]}
+    assert metadata.read(DOP) == {"kind": "sidecar", "develop": ["dxo"]}
+    for bad in (settings["Settings50"][:300], b"CANON OPTIONAL DATA\0" + b"\xff" * 8 +
+                b"\xff\xff\x00\xf6\x00\x00\x00\x04abcd"):
+        with pytest.raises(metadata.MetadataError):
+            metadata.read(bad)
+
+
 def test_tier_rules_are_data_not_code():
     t = tiers.Tiers([("select", "rating >= 4 or pick or label == 'red'"),
                      ("birds", "'eagle' in keywords"), ("reject", "reject")])
@@ -178,6 +239,61 @@ def test_ratings_and_sidecars_sort_files_into_tiers_and_views(make_mount, store_
     assert figures["select"]["files"] == 3 and sum(t["files"] for t in figures.values()) == 7
     log = (store_path / "vaultfs.log").read_text()
     assert log.count("cannot read the metadata of /shoot/broken.jpg") == 1
+
+
+@needs_fuse
+def test_capture_one_and_dpp_ratings_re_tier_their_image(make_mount, store_path):
+    """Capture One keeps DIR/CaptureOne/Settings<N>/IMG_0001.CR3.cos for DIR/IMG_0001.CR3: its
+    rating and colour tag count for the image (the newer of file and sidecar), and it follows
+    its image into the views. A rating that exiftool writes into DPP's .vrd does too; a .dr4
+    and a .dop say which editors left settings."""
+    m = make_mount()
+    shoot = m.path / "shoot"
+    settings = shoot / "CaptureOne" / "Settings50"
+    settings.mkdir(parents=True)
+    shutil.copy(CORPUS / "raw_metadata_only" / "Canon-R6-pruned.CR3", shoot / "IMG_0001.CR3")
+    cos = capture_one_settings()["Settings50"]  # Capture One 5's own file: 3 stars, green
+    (settings / "IMG_0001.CR3.cos").write_bytes(cos)
+    (settings / "IMG_0001.CR3.cot").write_bytes(b"\xff\xd8\xff\xe0 a thumbnail")
+    shutil.copy(CORPUS / "jpeg" / "medium" / "jolla.jpg", shoot / "IMG_0002.jpg")
+    dpp = CORPUS / "sidecars" / "canon_dpp"
+    shutil.copy(dpp / "CanonVRD.vrd", shoot / "IMG_0002.vrd")
+    shutil.copy(dpp / "CanonVRD.dr4", shoot / "IMG_0002.dr4")
+    (shoot / "IMG_0002.jpg.dop").write_bytes(DOP)
+    for p in shoot.glob("IMG_0002.*"):
+        p.chmod(0o644)
+    views = m.path / ".vault"
+    in_view = ["CaptureOne", "IMG_0001.CR3"]
+    _wait(lambda: sorted(os.listdir(views / "rating" / "3" / "shoot")) == in_view,
+          "the image rated 3 by its Capture One settings")
+    assert os.listdir(views / "rating" / "3" / "shoot" / "CaptureOne" / "Settings50") == \
+        ["IMG_0001.CR3.cos"]  # beside its image (its thumbnail is not a sidecar)
+    assert sorted(os.listdir(views / "labels" / "green" / "shoot")) == in_view
+    def found() -> dict[str, dict]:
+        return {f["path"]: f for f in json.loads(vaultfs("find", store_path, "--json").stdout)}
+
+    image = found()["shoot/IMG_0001.CR3"]
+    assert image["sidecars"] == ["shoot/CaptureOne/Settings50/IMG_0001.CR3.cos"]
+    assert image["metadata"]["develop"] == ["capture one"]
+    assert found()["shoot/CaptureOne/Settings50/IMG_0001.CR3.cos"]["tier"] == "general"
+    _wait(lambda: found()["shoot/IMG_0002.jpg"]["metadata"].get("develop") ==
+          ["canon dpp", "dxo"], "the DPP and DxO settings indexed")
+
+    # A rating made in Capture One (it rewrites the settings file) re-tiers the image.
+    (settings / "IMG_0001.CR3.cos").write_bytes(
+        cos.replace(b'K="Basic_Rating" V="3"', b'K="Basic_Rating" V="5"'))
+    _wait(lambda: sorted(os.listdir(views / "tiers" / "select" / "shoot")) == in_view,
+          "the image selected by its Capture One rating")
+    assert os.listdir(views / "tiers" / "select" / "shoot" / "CaptureOne" / "Settings50") \
+        == ["IMG_0001.CR3.cos"]
+    assert os.listdir(views / "rating" / "5" / "shoot") == in_view
+    # exiftool writes a rating into DPP's recipe as an XMP block: it counts for the JPEG.
+    subprocess.run(["exiftool", "-q", "-q", "-Rating=4", "-overwrite_original",
+                    str(shoot / "IMG_0002.vrd")], check=True)
+    _wait(lambda: "IMG_0002.jpg" in os.listdir(views / "tiers" / "select" / "shoot"),
+          "the image selected by the rating in its .vrd")
+    assert {"IMG_0002.vrd", "IMG_0002.dr4", "IMG_0002.jpg.dop"} <= \
+        set(os.listdir(views / "tiers" / "select" / "shoot"))
 
 
 @needs_fuse

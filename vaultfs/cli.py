@@ -137,6 +137,10 @@ def cmd_status(args) -> int:
         figures.update(copies_figures(store, _catalog(store)))
         with store.reader() as tx:
             figures["offline"] = evict.offline_files(tx)
+        for name, tp in policy.load(store.path).tier_policies.items():
+            if tp.compression:
+                figures["tiers"].setdefault(name, {"files": 0, "bytes": 0})["compression"] = \
+                    tp.compression
     if _json(args, figures):
         return 0
     rows = [
@@ -176,6 +180,10 @@ def _tier_line(t: dict) -> str:
                                                     if t["mirroring"] else "")
     elif t.get("mirrored"):
         line += f", the mirror holds {t['mirrored']:,}"
+    if t.get("compression"):
+        done = sum(n for level, n in t.get("recompressed", {}).items()
+                   if int(level) >= t["compression"])
+        line += f", zstd level {t['compression']}: {done:,} recompressed"
     last = t.get("last_scrub")
     if last is None:
         return line + ", never scrubbed"
@@ -731,9 +739,12 @@ def _evict(store: Store | str, paths: list[str] | None, dry_run: bool,
 
     def plan(s: Store) -> tuple:
         rules = policy.load(s.path)
-        want = evict.space(s, rules.keep_free_percent)["short_bytes"] if if_short else None
+        want = None  # (files named: all of them that may go)
+        if if_short:
+            want = evict.space(s, rules.keep_free_percent)["short_bytes"] \
+                if rules.keep_free_percent else 0
         cat = _catalog(s)
-        return (want if rules.keep_free_percent else 0), cat, cat.eviction_order(rules, paths)
+        return want, cat, cat.eviction_order(rules, paths)
 
     if isinstance(store, Store):
         want, cat, order = plan(store)

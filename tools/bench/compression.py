@@ -3,7 +3,7 @@ and how fast it ingests them, against cp + sync to the same disk.
 
     python tools/bench/compression.py [--workdir /var/tmp/vaultfs-bench] [--frames 20]
                                       [--size 4000x3000] [--sets burst16,burst14,corpus]
-                                      [--no-peers]
+                                      [--no-peers] [--levels 9,19]
 
 Sets of files (tools/bench/_dng.py makes the bursts, once, into WORKDIR/compression-cache):
   burst16  --frames uncompressed DNGs of one scene (a moving subject, fresh shot and read noise
@@ -12,12 +12,16 @@ Sets of files (tools/bench/_dng.py makes the bursts, once, into WORKDIR/compress
   burst14  the same frames packed 14 bits per sample (the DNG packing; needs imagecodecs)
   corpus   the corpus RAWs with image data: dng/ (Magic Lantern DNG, packed 14-bit) and raw/
            (GoPro GPR: VC-5 compressed)
+  tiff     the corpus TIFFs (8- and 16-bit scans and exports, with EXIF, IPTC, XMP and ICC)
 For each set, the page cache dropped before each phase:
   native   cp FILES native/ ; sync                                    (the speed reference)
   vaultfs  fresh store, mount, cp FILES mnt/ ; vaultfs umount           (MB/s, stored bytes)
   zstd -3  each whole file through the zstd command line (sizes only)
   borg     borg create --compression zstd,3 ; sync                        (if installed)
   restic   restic backup (repository v2, auto compression) ; sync         (if installed)
+  --levels each level N: a copy of the vaultfs store recompressed as a tier with
+           `compression = N` is (store/recompress.py, the operation a mount runs in the
+           background, here unpaced): stored bytes, and the CPU seconds it took
 Sizes are printed as a ratio to the logical bytes (full copies of the files).
 """
 
@@ -35,7 +39,7 @@ import _common as C
 import _dng
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
-SETS = ("burst16", "burst14", "corpus")
+SETS = ("burst16", "burst14", "corpus", "tiff")
 
 
 def main() -> int:
@@ -44,7 +48,11 @@ def main() -> int:
     p.add_argument("--size", default="4000x3000", help="burst frame size in photosites")
     p.add_argument("--sets", default=",".join(SETS), help="which sets (default: all)")
     p.add_argument("--no-peers", action="store_true", help="skip borg and restic")
+    p.add_argument("--levels", default="",
+                   help="also recompress each set's store at these zstd levels (a tier's "
+                        "compression = N), e.g. 9,19")
     args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(",") if x]
     C.need_root()
     work = Path(args.workdir)
     width, height = map(int, args.size.lower().split("x"))
@@ -54,7 +62,7 @@ def main() -> int:
     for name in args.sets.split(","):
         files = file_set(name, work, args.frames, width, height)
         if files:
-            summary.append(measure(name, files, work, not args.no_peers))
+            summary.append(measure(name, files, work, not args.no_peers, levels))
     print(f"\nsummary (stored / logical bytes; lower is better), load {_load()}")
     print(f"  {'set':<10} {'logical':>10} {'vaultfs':>8} {'zstd -3':>8} {'borg':>8} "
           f"{'restic':>8}   vaultfs ingest / cp+sync")
@@ -63,6 +71,14 @@ def main() -> int:
         print(f"  {s['set']:<10} {s['logical'] / C.MB:8.0f} MB " + " ".join(
             f"{c:>8}" for c in cells) + f"   {s['rate']:.0f} / {s['native']:.0f} MB/s "
             f"({s['rate'] / s['native']:.2f})")
+    if levels:
+        print(f"\n  a tier recompressed (stored / logical; CPU seconds of the recompression)")
+        print(f"  {'set':<10} {'level 1':>8} " + " ".join(f"{'level ' + str(n):>18}"
+                                                      for n in levels))
+        for s in summary:
+            print(f"  {s['set']:<10} {_ratio(s['vaultfs'], s['logical'])} " + " ".join(
+                f"{_ratio(s['levels'][n]['stored'], s['logical'])} {s['levels'][n]['cpu']:7.1f} s"
+                for n in levels))
     return 0
 
 
@@ -71,8 +87,9 @@ def file_set(name: str, work: Path, frames: int, width: int, height: int,
              preview: int = 0) -> list[Path]:
     """The files of a set, made once into WORKDIR/compression-cache (the bursts with a JPEG
     preview of `preview` pixels a side embedded, as cameras' DNGs have, when it is not 0)."""
-    if name == "corpus":
-        return sorted(p for d in ("dng", "raw") for p in (CORPUS / d).iterdir())
+    if name in ("corpus", "tiff"):
+        return sorted(p for d in (("dng", "raw") if name == "corpus" else ("tiff",))
+                      for p in (CORPUS / d).iterdir())
     if name not in SETS:
         sys.exit(f"unknown set {name!r}; sets: {', '.join(SETS)}")
     bits = 16 if name == "burst16" else 14
@@ -127,7 +144,7 @@ def check_dng(path: Path, samples) -> None:
 
 
 # ---- measuring -----------------------------------------------------------------------------
-def measure(name: str, files: list[Path], work: Path, peers: bool) -> dict:
+def measure(name: str, files: list[Path], work: Path, peers: bool, levels: list[int]) -> dict:
     logical = sum(f.stat().st_size for f in files)
     print(f"\n{name}: {len(files)} files, {logical / C.MB:,.1f} MB", flush=True)
     run = C.ingest(work, files)
@@ -144,6 +161,14 @@ def measure(name: str, files: list[Path], work: Path, peers: bool) -> dict:
     for codec, (chunks, raw, stored) in sorted(codecs(work / "store").items()):
         C.row(f"  codec {codec} ({CODEC_NAMES[codec]})", f"{chunks:8d} chunks",
               f"{raw / C.MB:,.1f} MB raw -> {stored / C.MB:,.1f} MB ({_ratio(stored, raw)})")
+
+    out["levels"] = {}
+    for level in levels:
+        r = out["levels"][level] = recompressed(work, level)
+        C.row(f"recompressed at zstd level {level}", _ratio(r["stored"], logical),
+              f"{r['stored'] / C.MB:,.1f} MB ({r['stored'] / st['stored_bytes']:.3f} of level 1"
+              f"); {r['cpu']:.1f} CPU s, {r['raw'] / C.MB / r['cpu']:.1f} MB/s of chunks "
+              f"re-encoded; {r['replaced']}/{r['chunks']} chunks replaced")
 
     zstd = sum(len(C.run(["zstd", "-3", "-q", "-c", str(f)], capture_output=True).stdout)
                for f in files) if shutil.which("zstd") else None
@@ -164,6 +189,32 @@ def measure(name: str, files: list[Path], work: Path, peers: bool) -> dict:
         C.row(f"{peer} repository", _ratio(size, logical),
               f"{size / C.MB:,.1f} MB; backup + sync {C.rate(logical, secs):.0f} MB/s")
     return out
+
+
+def recompressed(work: Path, level: int) -> dict:
+    """A copy of WORKDIR/store with every file's chunks recompressed at `level`, as a mount does
+    for a tier with `compression = level`, unpaced: the store's stored bytes afterwards, and
+    the CPU seconds of this process (the encoding, the checks and the commits)."""
+    import stat
+
+    from vaultfs.store import Store, recompress
+
+    copy = work / f"store-level{level}"
+    shutil.rmtree(copy, ignore_errors=True)
+    C.run(["cp", "-a", str(work / "store"), str(copy)])
+    try:
+        with Store.open(copy, writable=True) as store:
+            with store.reader() as tx:
+                versions = sorted({n.content for n in tx.inodes()
+                                   if stat.S_ISREG(n.mode) and n.content})
+            cpu = time.process_time()
+            r = recompress.recompress(store, [(v, level) for v in versions], duty=1.0)
+            cpu = time.process_time() - cpu
+            stored = store.figures()["stored_bytes"]
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    return {"stored": stored, "cpu": cpu, "raw": r.raw_bytes, "chunks": r.chunks,
+            "replaced": r.replaced}
 
 
 CODEC_NAMES = {0: "raw", 1: "zstd", 2: "predictor + zstd"}

@@ -95,6 +95,8 @@ class FileIngest:
                 tx.decref(chunk_id)
             if Counter(e[1] for e in extents) - Counter(held):
                 raise StoreError(f"inode {ino}: commit lost track of its pending chunks")
+            if any(tx.chunk_record(c).offline for _, c, _ in base):
+                raise _BaseOffline  # (evicted while the file was open: nothing is changed)
             for _, chunk_id, _ in base:  # the new version's own references
                 tx.incref(chunk_id)
             new = base + extents + _add_chunks(tx, chunks, encoded)
@@ -107,7 +109,13 @@ class FileIngest:
                 tx.drop_version(previous, ino)  # kept if a snapshot holds it
             return new, version.version
 
-        new, self.session_version = self.store.writer.call(finish) or ([], 0)
+        try:
+            new, self.session_version = self.store.writer.call(finish) or ([], 0)
+        except _BaseOffline:
+            # The chunks kept from the committed version were evicted meanwhile: the new version
+            # must not name bytes this vault no longer has. The spool holds them all: cut it whole.
+            self.abandon()
+            return self.commit(fd, size, mtime_ns, ctime_ns)
         self.base, self.done_to = appendable(new)
         self.extents, self.holds_pending = [], False
 
@@ -188,6 +196,10 @@ class FileIngest:
 
         self.holds_pending = True
         return self.store.writer.submit(put)
+
+
+class _BaseOffline(Exception):
+    """A commit found chunks it kept from the committed version evicted (store/evict.py)."""
 
 
 def appendable(extents: list[Extent]) -> tuple[list[Extent], int]:

@@ -308,8 +308,8 @@ class Mirror:
         for i, c in enumerate(missing):
             with self.vault.reader() as tx:
                 rec, value = tx.chunk_record(c), tx.chunk_data(c)
-                if rec is None:
-                    return False  # freed: the file is gone or changed
+                if rec is None or rec.blake3 != records[c].blake3:
+                    return False  # freed (and the id taken again): the file is gone or changed
                 value = bytes(value) if value is not None else None
             why = check_chunk(value, c, rec)
             if why:

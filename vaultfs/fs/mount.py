@@ -20,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from ..store import Store, admin, evict, history, policy, scrub
+from ..store import Store, admin, evict, history, policy, recompress, scrub
 from . import control
 from ..media.catalog import tier_rules
 from .analysis import Analyzer
@@ -36,6 +36,7 @@ VERSION_THINNING_S = 3600.0  # how often the timelines are thinned by the versio
 SELECT_CHECK_S = 10.0  # how often the catalogue is rebuilt to look for new selects
 SELECT_SNAPSHOT_GAP_S = 60.0  # new selects in a culling session: one snapshot a minute at most
 SCRUB_CHECK_S = 60.0  # how often the tiers' scrub schedules are looked at
+RECOMPRESS_CHECK_S = 10.0  # how often files newly in a stronger-compressed tier are looked for
 SPACE_CHECK_S = 5.0  # how often free space is held against the floor (a statvfs and a stat)
 SPACE_STUCK_S = 60.0  # when nothing more could be evicted (only a sync or a new tier changes it)
 M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
@@ -143,6 +144,7 @@ def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint:
                 nursery.start_soon(ops.previews.run)
                 nursery.start_soon(ops.keep_catalog)
                 nursery.start_soon(_scrubs, store, ops, rules)
+                nursery.start_soon(_recompress, store, ops, rules)
                 if ops.mirror is not None:
                     nursery.start_soon(ops.mirror.run, ops)
                 if rules.keep_free_percent:
@@ -250,6 +252,29 @@ def _scrub_tier(store: Store, ops: VaultOperations, tier: str) -> None:
     scrub.record(store, tier, chunks, nbytes, damaged,
                  sorted({p for c in repaired for p in owners[c]}), mirrored)
     log.info("scrubbed tier %s: %d chunks, %d damaged files", tier, chunks, len(damaged))
+
+
+async def _recompress(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:
+    """The chunks of files in a tier of a stronger zstd level (`compression`) encoded again at
+    that level (store/recompress.py), once their metadata is read and the analyser has caught
+    up (their tier is known then), at the scrub's pace; again for a file that moves to such a
+    tier later. What was done is kept in the media index: a remount does not do it again."""
+    levels = {t: tp.compression for t, tp in rules.tier_policies.items() if tp.compression}
+    if not levels:
+        return
+    while True:
+        await trio.sleep(RECOMPRESS_CHECK_S)
+        if ops.analyzer.busy:
+            continue
+        try:
+            due = (await ops.fresh_catalog()).recompression_due(levels)
+            if due:
+                done = await trio.to_thread.run_sync(
+                    lambda: recompress.recompress(store, due, stop=ops.stopping))
+                log.info("recompressed %d of %d files: %d chunks (%d replaced), %d bytes saved",
+                         done.versions, len(due), done.chunks, done.replaced, done.saved_bytes)
+        except Exception:
+            log.exception("recompressing failed; trying again later")
 
 
 async def _space(store: Store, ops: VaultOperations, rules: policy.Policy) -> None:

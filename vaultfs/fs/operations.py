@@ -235,6 +235,15 @@ class VaultOperations(pyfuse3.Operations):
             self.refresh_catalog()
         return self._catalog[1]
 
+    async def _view(self, ino: int) -> bool:
+        """Whether `ino` is a node of the views; before the first look at one, the catalogue is
+        built in a worker thread, so that its first build does not stall the whole mount."""
+        if not self.views.owns(ino):
+            return False
+        if self._catalog is None:
+            await self.fresh_catalog()
+        return True
+
     def want_catalog(self) -> None:
         """Have the catalogue (and the groups) rebuilt soon, though no one looks: a new
         fingerprint may put a file in a burst, which listeners hear of."""
@@ -361,7 +370,7 @@ class VaultOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         if parent_inode == ROOT_INO and name == VAULT_NAME:
             return self.views.attrs(VAULT_INO)
-        if self.views.owns(parent_inode):
+        if await self._view(parent_inode):
             attrs = self.views.attrs(self.views.find(parent_inode, name))
             self._remember(attrs.st_ino, attrs.st_mode, parent_inode)
             return attrs
@@ -396,6 +405,7 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def getattr(self, inode, ctx=None):
+        await self._view(inode)
         return self._get_attrs(inode)
 
     @handler
@@ -442,7 +452,7 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def readlink(self, inode, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             return self.views.readlink(inode)
         with self.store.reader() as tx:
             node = self._inode(tx, inode)
@@ -706,7 +716,7 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def open(self, inode, flags, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
                 raise FUSEError(errno.EROFS)
             if not self.views.is_generated(inode):  # a snapshot's file or a version
@@ -987,8 +997,11 @@ class VaultOperations(pyfuse3.Operations):
                 self._verified[ino] = version
         verified = committed and (self._verified.get(ino) == node.content if node.content
                                   else node.size == 0)
-        answer = {"path": path, "committed": committed, "verified": verified,
-                  "safe": verified, "copies": 1 if verified else 0, "version": node.content}
+        with self.store.reader() as tx:  # evicted since it was verified: its bytes are away
+            offline = bool(node.content) and tx.is_offline(node.content)
+        here = verified and not offline
+        answer = {"path": path, "committed": committed, "verified": here, "offline": offline,
+                  "safe": here, "copies": 1 if here else 0, "version": node.content}
         return answer if self.mirror is None else \
             self.mirror.judge(answer, ino, self.refresh_catalog())
 
@@ -1078,7 +1091,7 @@ class VaultOperations(pyfuse3.Operations):
     # ---- directories --------------------------------------------------------------------------
     @handler
     async def opendir(self, inode, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             if not stat.S_ISDIR(self.views.attrs(inode).st_mode):
                 raise FUSEError(errno.ENOTDIR)
             return inode
@@ -1098,9 +1111,12 @@ class VaultOperations(pyfuse3.Operations):
         for offset, (name, ino) in enumerate(head[start_id:], start_id + 1):
             if not pyfuse3.readdir_reply(token, name, self._get_attrs(ino), offset):
                 return  # the kernel takes no reference on these three
-        if self.views.owns(fh):
+        if await self._view(fh):
             for offset, name, ino in self.views.entries(fh, start_id):
-                attrs = self.views.attrs(ino)
+                try:
+                    attrs = self.views.attrs(ino)
+                except FUSEError:  # gone since the list was made (a deleted frame): skip it
+                    continue
                 if not pyfuse3.readdir_reply(token, name, attrs, offset):
                     return
                 self._remember(ino, attrs.st_mode, fh)
@@ -1133,7 +1149,7 @@ class VaultOperations(pyfuse3.Operations):
     # ---- extended attributes ------------------------------------------------------------------
     @handler
     async def getxattr(self, inode, name, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             value = dict(self.views.xattrs(inode)).get(name)
             if value is None:
                 raise FUSEError(pyfuse3.ENOATTR)
@@ -1147,7 +1163,7 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             return [name for name, _ in self.views.xattrs(inode)]
         with self.store.reader() as tx:
             self._inode(tx, inode)

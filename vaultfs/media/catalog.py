@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 
 from ..store import ROOT_INO, Inode, StoreError, Txn
 from ..store import policy
+from ..store.recompress import MEDIA_KEY as LEVEL_KEY
 from . import sidecars, tiers
 from .groups import Group
 from ..store.tags import TIER_XATTR
 
 FINGERPRINT_KEYS = ("digest", "fingerprint", "fingerprint_error", "picture", "format", "preview")
+KEPT_KEYS = FINGERPRINT_KEYS + (LEVEL_KEY,)  # of a record whose metadata could not be read
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Entry:
     tier: str
     sidecars: list[str]   # paths
     own: dict             # the file's own record (fingerprint, preview, capture...)
+    analysed: bool        # its version has a record: its metadata was read (or failed to be)
 
 
 @dataclass
@@ -48,12 +51,18 @@ class Catalog:
             yield ino, e.path, e.node.content, e.own
 
     def tier_figures(self, scrubs: dict[str, dict]) -> dict[str, dict]:
-        """Per tier: its files and their bytes, and its last scrub (`vaultfs status`)."""
+        """Per tier: its files and their bytes, its last scrub, and how many of its files have
+        chunks recompressed at each stronger zstd level ("recompressed": {level: files})
+        (`vaultfs status`)."""
         out: dict[str, dict] = {}
         for e in self.files.values():
             t = out.setdefault(e.tier, {"files": 0, "bytes": 0})
             t["files"] += 1
             t["bytes"] += e.node.size
+            level = e.own.get(LEVEL_KEY)
+            if level:
+                counts = t.setdefault("recompressed", {})
+                counts[str(level)] = counts.get(str(level), 0) + 1
         for tier, result in scrubs.items():
             out.setdefault(tier, {"files": 0, "bytes": 0})["last_scrub"] = result
         return out
@@ -68,6 +77,18 @@ class Catalog:
                  and not sidecars.is_sidecar(e.path.rsplit("/", 1)[-1])]
         files.sort(key=lambda e: (e.node.mtime_ns, e.path))
         return [[e.node.ino, e.node.content, e.path] for e in files]
+
+    def recompression_due(self, levels: dict[str, int]) -> list[tuple[int, int]]:
+        """(content version, level) of the files in a tier of a stronger zstd level (`levels`:
+        tier -> level) whose chunks were not compressed at that level yet (store/
+        recompress.py), in path order. Only files whose metadata is read: before that, their
+        tier is not known."""
+        due: dict[int, int] = {}
+        for e in sorted(self.files.values(), key=lambda e: e.path):
+            level = levels.get(e.tier, 0)
+            if e.node.content and e.analysed and e.own.get(LEVEL_KEY, 0) < level:
+                due[e.node.content] = max(level, due.get(e.node.content, 0))
+        return list(due.items())
 
     def under(self, paths: list[str] | None) -> list[Entry]:
         """The files at or below `paths` (relative to the root; None: all)."""
@@ -92,40 +113,52 @@ def tier_rules(rules: policy.Policy) -> tiers.Tiers:
 
 def build(tx: Txn, rules: tiers.Tiers) -> Catalog:
     cat = Catalog()
-    _walk(tx, rules, cat, ROOT_INO, "", [ROOT_INO], None)
+    _walk(tx, rules, cat, ROOT_INO, "", [ROOT_INO], None, {})
     return cat
 
 
 def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
-          parents: list[int], inherited_tag: str | None) -> None:
+          parents: list[int], inherited_tag: str | None, adopted: dict[int, int]) -> None:
+    """Catalogue a folder and what is below it. `adopted`: sidecars found from a folder above
+    (Capture One's), by inode -> their image's inode."""
     tag = _tag(tx, dino) or inherited_tag
     nodes: dict[str, Inode] = {}
     for _, name, child in tx.entries(dino):
         node = tx.inode(child)
         if node is not None:
             nodes[name.decode(errors="surrogateescape")] = node
-    links = sidecars.link(n for n, node in nodes.items() if stat.S_ISREG(node.mode))
+    links = sidecars.link(n for n, node in nodes.items()  # (Capture One's are linked above)
+                          if stat.S_ISREG(node.mode) and node.ino not in adopted)
     owner = {s: image for image, sides in links.items() for s in sides}
-    # Images first: a sidecar goes where its image goes.
-    for name, node in sorted(nodes.items(), key=lambda kv: kv[0] in owner):
+    # (path from this folder, inode) of each image's sidecars, Capture One's two folders down
+    side_nodes = {image: [(s, nodes[s]) for s in sides] for image, sides in links.items()}
+    for image, found in _capture_one(tx, nodes).items():
+        side_nodes.setdefault(image, []).extend(found)
+        adopted.update((snode.ino, nodes[image].ino) for _, snode in found)
+    # Images first: a sidecar goes where its image goes (Capture One's folder too).
+    for name, node in sorted(nodes.items(), key=lambda kv: (
+            kv[0] in owner, kv[0].lower() == sidecars.CAPTURE_ONE)):
         path = prefix + name
         if stat.S_ISDIR(node.mode):
-            _walk(tx, rules, cat, node.ino, path + "/", parents + [node.ino], tag)
+            _walk(tx, rules, cat, node.ino, path + "/", parents + [node.ino], tag, adopted)
             continue
         if not stat.S_ISREG(node.mode):
             continue
-        own = _meta(tx, node)
+        record = tx.media(node.content)
+        own = _meta(record)
         version = tx.version(node.content)
         side = []
-        for s in links.get(name, []):
-            sversion = tx.version(nodes[s].content)
+        for _, snode in side_nodes.get(name, []):
+            sversion = tx.version(snode.content)
             if sversion is not None:
-                side.append((_meta(tx, nodes[s]), sversion.committed_ns))
+                side.append((_meta(tx.media(snode.content)), sversion.committed_ns))
         meta = tiers.effective(own, version.committed_ns if version else 0, side)
-        image = cat.files.get(nodes[owner[name]].ino) if name in owner else None
+        image_ino = nodes[owner[name]].ino if name in owner else adopted.get(node.ino)
+        image = cat.files.get(image_ino) if image_ino is not None else None
         tier = image.tier if image is not None else rules.tier_of(
             tiers.variables(meta, path, bool(side)), _tag(tx, node.ino) or tag)
-        entry = Entry(path, node, meta, tier, [prefix + s for s in links.get(name, [])], own)
+        entry = Entry(path, node, meta, tier, [prefix + s for s, _ in side_nodes.get(name, [])],
+                      own, record is not None)
         cat.files[node.ino] = entry
         cat.add(("tier", tier), node.ino, parents)
         if "preview" in own:
@@ -143,12 +176,36 @@ def _walk(tx: Txn, rules: tiers.Tiers, cat: Catalog, dino: int, prefix: str,
                 cat.add(("label", meta["label"]), node.ino, parents)
 
 
-def _meta(tx: Txn, node: Inode) -> dict:
+def _capture_one(tx: Txn, nodes: dict[str, Inode]) -> dict[str, list[tuple[str, Inode]]]:
+    """Capture One's settings of a folder's images, CaptureOne/Settings<N>/IMG_0001.CR3.cos:
+    {image name: [(path from the folder, inode)]}."""
+    images = [n for n, node in nodes.items()
+              if stat.S_ISREG(node.mode) and not sidecars.is_sidecar(n)]
+    out: dict[str, list[tuple[str, Inode]]] = {}
+    for folder, node in nodes.items():
+        if folder.lower() != sidecars.CAPTURE_ONE or not stat.S_ISDIR(node.mode):
+            continue
+        for _, raw, child in tx.entries(node.ino):
+            sub, settings = raw.decode(errors="surrogateescape"), tx.inode(child)
+            if settings is None or not stat.S_ISDIR(settings.mode) or \
+                    not sidecars.is_capture_one_settings(folder, sub):
+                continue
+            files = {}
+            for _, fname, fino in tx.entries(child):
+                f = tx.inode(fino)
+                if f is not None and stat.S_ISREG(f.mode):
+                    files[fname.decode(errors="surrogateescape")] = f
+            for image, cos in sidecars.capture_one(images, files).items():
+                out.setdefault(image, []).extend((f"{folder}/{sub}/{c}", files[c]) for c in cos)
+    return out
+
+
+def _meta(record: dict | None) -> dict:
     """A version's record; of one whose metadata could not be read, only what its fingerprint
-    gave (a picture can be decodable with metadata Exiv2 refuses)."""
-    meta = tx.media(node.content) or {}
+    gave (a picture can be decodable with metadata Exiv2 refuses) and its chunks' level."""
+    meta = record or {}
     if "error" in meta:
-        return {k: meta[k] for k in FINGERPRINT_KEYS if k in meta}
+        return {k: meta[k] for k in KEPT_KEYS if k in meta}
     return meta
 
 

@@ -3,9 +3,11 @@ GPS, rating, colour label, pick/reject, keywords, title, caption, and which edit
 develop settings. Bytes in, a plain dict out (stored as JSON in the index).
 
 In-file metadata (EXIF with makernotes, IPTC, XMP) and XMP sidecars are read with pyexiv2
-(Exiv2); RawTherapee's .pp3 is an INI file read here. Other sidecars (DxO .dop, Capture One .cos,
-Canon DPP .vrd/.dr4, Apple .aae) hold no rating a library can read; they are still linked to
-their image (sidecars.py) and kept like any file.
+(Exiv2); RawTherapee's .pp3 is an INI file read here, Capture One's .cos an XML file read here
+(rating and colour tag), Canon DPP's .vrd for the XMP block it may hold (pyexiv2 reads that).
+DxO's .dop and DPP's .dr4 are recognised (their editor's settings are present) but hold nothing
+read here; Apple's .aae is not read at all. All are linked to their image (sidecars.py) and kept
+like any file.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import configparser
 import math
 import re
+import struct
 from fractions import Fraction
+from xml.etree import ElementTree
 
 import pyexiv2
 
@@ -46,8 +50,8 @@ IMAGE_EXTENSIONS = frozenset(
 
 
 def sniff(head: bytes, name: str | None = None) -> str | None:
-    """'image', 'xmp' or 'pp3' from a file's first bytes (or, for an image, from its name),
-    or None (not analysed)."""
+    """'image', 'xmp', 'pp3', 'cos', 'dop', 'vrd' or 'dr4' from a file's first bytes (or, for
+    an image, from its name), or None (not analysed)."""
     if head.startswith((b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"IIRO", b"IIU\x00",
                         b"FUJIFILM", b"\x00MRM", b"FOVb", b"II\x1a\x00\x00\x00HEAPCCDR",
                         b"\x89PNG", b"\xff\x01Exiv2")):
@@ -55,10 +59,18 @@ def sniff(head: bytes, name: str | None = None) -> str | None:
     if head[4:8] == b"ftyp" and head[8:12] in IMAGE_BRANDS:  # not MP4/MOV video
         return "image"
     stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if _COS.match(stripped):
+        return "cos"
     if stripped.startswith((b"<?xpacket", b"<x:xmpmeta", b"<?xml")) and b"xmp" in head[:512]:
         return "xmp"
     if stripped.startswith(b"[Version]") and b"AppVersion" in head[:200]:
         return "pp3"
+    if _DOP.match(stripped):
+        return "dop"
+    if head.startswith(VRD_MAGIC):
+        return "vrd"
+    if head.startswith(DR4_MAGIC):
+        return "dr4"
     if name and "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
         return "image"
     return None
@@ -70,8 +82,8 @@ def read(data: bytes) -> dict:
     what = sniff(data[:512])
     if what is None:
         raise MetadataError("not an image or sidecar format vaultfs reads")
-    if what == "pp3":
-        return _pp3(data)
+    if what in _SIDECARS:
+        return _SIDECARS[what](data)
     for encoding in ("utf-8", "iso-8859-1"):  # old cameras write Latin-1 text into EXIF
         try:
             with pyexiv2.ImageData(data) as img:
@@ -170,6 +182,91 @@ def _pp3(data: bytes) -> dict:
     if "InTrash" in general or "rating" in out:
         out["reject"] = str(general.get("InTrash", "")).lower() == "true"
     return out
+
+
+# Capture One's settings (.cos): XML whose root is IMG.
+_COS = re.compile(rb"(<\?xml[^>]{0,200}\?>\s*)?<IMG[\s>]")
+# DxO's sidecar (.dop): a Lua-like table, `Sidecar = { Source = { Items = { { Settings = {
+# Base = {...}, Overrides = {...} }, ... } } } }` (the structure that github.com/SapporoTK/
+# DxOKeyFrame.py reads and writes).
+_DOP = re.compile(rb"Sidecar\s*=\s*\{")
+# Canon DPP: a VRD file (a header and footer that begin so, blocks between) and a DR4 file,
+# as exiftool's Image/ExifTool/CanonVRD.pm reads them (ProcessCanonVRD, ProcessDR4).
+VRD_MAGIC = b"CANON OPTIONAL DATA\0"
+DR4_MAGIC = b"IIII\x04\x00\x04\x00"
+VRD_XMP = 0xFFFF00F6  # the VRD block of XMP (CanonVRD.pm's Main table)
+# Capture One's colour tags by Color_tag_index, in the order of its menu: 0 none, then red,
+# orange, yellow, green, blue, pink, purple (the table of github.com/walterrowe/
+# capture-one-scripts, copy-labels-to-finder/README.md).
+CAPTURE_ONE_TAGS = (None, "red", "orange", "yellow", "green", "blue", "pink", "purple")
+
+
+def _cos(data: bytes) -> dict:
+    """Capture One's settings file (CaptureOne/Settings*/IMG_0001.CR3.cos): XML elements
+    <E K="key" V="value"/>, which exiftool reads as K = V (Image/ExifTool/CaptureOne.pm,
+    HandleCOSAttrs), grouped by variant: <IMG><VAR><MD> (metadata: Basic_Rating 0-5,
+    Color_tag_index) <DL>/<AL> (adjustments; AL repeats Rating)</VAR></IMG>, as the two files
+    of Capture One 4 and 5 in the corpus's EIP package (sidecars/captureone/) hold them. The
+    first variant is read. (Python's XML parser resolves no external entity, and its Expat
+    refuses entity expansion bombs.)"""
+    try:  # (Capture One pads its files with NUL bytes after the XML)
+        root = ElementTree.fromstring(data.rstrip(b"\0"))
+    except ElementTree.ParseError as e:
+        raise MetadataError(f"not a readable .cos: {e}") from None
+    variant = root.find("VAR")
+    values: dict[str, str] = {}
+    for e in (variant if variant is not None else root).iter("E"):
+        key, value = e.get("K"), e.get("V")
+        if key is not None and value is not None:
+            values.setdefault(key, value)
+    out: dict = {"kind": "sidecar", "develop": ["capture one"]}
+    rating = number(values.get("Basic_Rating", values.get("Rating")))
+    if rating is not None:
+        out["rating"] = max(0, min(5, int(rating)))
+    tag = number(values.get("Color_tag_index"))
+    if tag is not None and 0 < tag < len(CAPTURE_ONE_TAGS):
+        out["label"] = CAPTURE_ONE_TAGS[int(tag)]
+    return out
+
+
+def _dop(data: bytes) -> dict:
+    """DxO PhotoLab's sidecar: its settings are present. Its rating is not read: PhotoLab 5
+    and later keep ratings in XMP instead (read with the image's XMP sidecar), and no public
+    description of where older versions put it was found."""
+    return {"kind": "sidecar", "develop": ["dxo"]}
+
+
+def _dr4(data: bytes) -> dict:
+    """Canon DPP 4's recipe file: its settings are present. It holds no star rating (DPP
+    writes those into the image); its check marks (CheckMark 1-5) are DPP's own sorting
+    marks, not ratings, and are not read."""
+    return {"kind": "sidecar", "develop": ["canon dpp"]}
+
+
+def _vrd(data: bytes) -> dict:
+    """Canon DPP's recipe file: its settings are present, and the XMP block it may hold (which
+    exiftool writes: `exiftool -Rating=4 IMG_0001.vrd`) is read as an XMP sidecar. Big-endian:
+    a header of 0x1c bytes with the blocks' length at 0x18, then blocks of (type u32, length
+    u32, data), then a footer (CanonVRD.pm, ProcessCanonVRD). DPP's check marks are not read
+    (see _dr4)."""
+    out: dict = {}
+    if len(data) >= 0x1c:
+        end = min(len(data), 0x1c + struct.unpack_from(">I", data, 0x18)[0])
+        pos = 0x1c
+        while pos + 8 <= end:
+            kind, length = struct.unpack_from(">II", data, pos)
+            if kind == VRD_XMP and pos + 8 + length <= end:
+                try:
+                    out = read(data[pos + 8:pos + 8 + length])
+                except MetadataError as e:
+                    raise MetadataError(f"the XMP block of a .vrd: {e}") from None
+                break
+            pos += 8 + length
+    return {**out, "kind": "sidecar",
+            "develop": sorted(set(out.get("develop", [])) | {"canon dpp"})}
+
+
+_SIDECARS = {"pp3": _pp3, "cos": _cos, "dop": _dop, "vrd": _vrd, "dr4": _dr4}
 
 
 def _put(out: dict, key: str, value) -> None:

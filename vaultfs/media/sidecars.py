@@ -32,7 +32,7 @@ def is_sidecar(name: str) -> bool:
 
 def link(names: Iterable[str]) -> dict[str, list[str]]:
     """For the names in one folder, each image's sidecars: {image name: [sidecar names]}.
-    (.cos files live two folders down: the caller passes them with their image's folder.)"""
+    (.cos files live two folders down: capture_one links them.)"""
     names = list(names)
     images = [n for n in names if not is_sidecar(n)]
     by_full = {n.lower(): n for n in images}
@@ -54,4 +54,27 @@ def link(names: Iterable[str]) -> dict[str, list[str]]:
                 targets = by_stem[inner.lower()]
         for t in targets:
             out.setdefault(t, []).append(side)
+    return out
+
+
+CAPTURE_ONE = "captureone"      # the folder of Capture One's settings, beside the images
+SETTINGS_PREFIX = "settings"    # its folders Settings<N> (one per version of its format)
+
+
+def is_capture_one_settings(folder: str, subfolder: str) -> bool:
+    """Whether FOLDER/SUBFOLDER is where Capture One keeps settings: CaptureOne/Settings<N>."""
+    return folder.lower() == CAPTURE_ONE and subfolder.lower().startswith(SETTINGS_PREFIX)
+
+
+def capture_one(images: Iterable[str], settings: Iterable[str]) -> dict[str, list[str]]:
+    """For the image names of a folder and the file names in one of its CaptureOne/Settings<N>
+    folders, each image's settings files: IMG_0001.CR3.cos -> IMG_0001.CR3. (Its .cot
+    thumbnails and .comask masks are kept as ordinary files: Capture One makes thumbnails
+    again, and masks are not read.)"""
+    by_full = {n.lower(): n for n in images}
+    out: dict[str, list[str]] = {}
+    for name in settings:
+        stem, ext = _split(name)
+        if ext == ".cos" and stem.lower() in by_full:
+            out.setdefault(by_full[stem.lower()], []).append(name)
     return out

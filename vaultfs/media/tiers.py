@@ -22,11 +22,16 @@ import ast
 import operator
 from collections.abc import Callable
 
+from ..store.recompress import MEDIA_KEY as LEVEL_KEY
+
 FALLBACK = "general"  # when no rule holds
 MAX_RULE = 500  # characters: keeps evaluation shallow (no deep recursion in a tree walk)
 # The decisions where the newest source wins (in the file, or a sidecar saved later): a
 # rating and a reject are one decision (a reject is a rating of -1 in most editors).
 DECISIONS = (("rating", "reject"), ("label",), ("pick",))
+# What a sidecar never lends its image: an image stays an image whatever its sidecar is, and
+# the level its chunks were recompressed at is its own.
+OWN_KEYS = ("kind", LEVEL_KEY)
 
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
             ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
@@ -106,8 +111,8 @@ def _eval(node: ast.AST, v: dict):
 
 def effective(own: dict | None, own_time: int, sidecars: list[tuple[dict, int]]) -> dict:
     """A file's metadata with its sidecars': for each decision (rating with reject, label,
-    pick) the newest source that makes it wins, whole; keywords are all of them; the rest is
-    the file's own, else a sidecar's."""
+    pick) the newest source that makes it wins, whole; keywords and the editors whose settings
+    are present (develop) are all of them; the rest is the file's own, else a sidecar's."""
     sources = sorted([(own_time, own or {})] + [(t, m) for m, t in sidecars],
                      key=lambda s: s[0], reverse=True)
     out = dict(own or {})
@@ -122,11 +127,12 @@ def effective(own: dict | None, own_time: int, sidecars: list[tuple[dict, int]])
                 break
     for _, meta in sources:
         for key, value in meta.items():
-            if key != "kind":  # an image stays an image, whatever its sidecar is
+            if key not in OWN_KEYS:
                 out.setdefault(key, value)
-    keywords = sorted({k for _, m in sources for k in m.get("keywords", ())})
-    if keywords:
-        out["keywords"] = keywords
+    for key in ("keywords", "develop"):  # all of them: every source's keywords and editors
+        values = sorted({k for _, m in sources for k in m.get(key, ())})
+        if values:
+            out[key] = values
     return out
 
 

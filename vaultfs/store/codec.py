@@ -30,6 +30,9 @@ from .format import CODEC_RAW, CODEC_SAMPLES, CODEC_ZSTD, HASH_LEN
 # predictor residuals, level 3 gains nothing over level 1 (their bytes are noise that only
 # the entropy stage can shrink).
 DEFAULT_LEVEL = 1
+# The strongest level a tier may ask for (`compression` in vault.toml): zstd's standard levels
+# end at 19; its "ultra" levels 20-22 are not offered.
+MAX_LEVEL = 19
 
 # What the measuring looks at: WINDOWS windows of WINDOW bytes spread over the chunk. A chunk
 # smaller than twice that is tried whole, every way.
@@ -359,6 +362,25 @@ def encode(data: bytes | memoryview, layout: Layout | None = None, region_offset
     if len(packed) < n * WORTH:
         return bytes((CODEC_ZSTD,)) + packed
     return bytes((CODEC_RAW,)) + data
+
+
+def recoded(stored: bytes | memoryview, raw: bytes | memoryview, level: int) -> bytes | None:
+    """A chunk's stored value (`stored`, holding the raw bytes `raw`) in the same form with its
+    zstd frame made at `level`: the same codec, and for the predictor the same layout from its
+    header. None for a raw chunk: zstd at the ingest level saved under 1% of it (JPEG scans,
+    HEVC, VC-5), which no level changes much. The caller checks the result (decode, digests)
+    before it keeps it. A compressor of its own, not the thread's cached one: the strong levels'
+    tables (tens of MB) are freed with it."""
+    stored = memoryview(stored)
+    comp = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    if stored[0] == CODEC_ZSTD:
+        return bytes((CODEC_ZSTD,)) + comp.compress(raw)
+    if stored[0] == CODEC_SAMPLES:
+        bits, flags, period, lead, stride, _ = SAMPLES_HEAD.unpack_from(stored, 1)
+        head, content = _predicted(memoryview(raw).cast("B"),
+                                   Layout(bits, bool(flags & 1), period, stride), lead)
+        return bytes((CODEC_SAMPLES,)) + head + comp.compress(content)
+    return None
 
 
 def predicted(data: bytes | memoryview, layout: Layout, lead: int = 0,

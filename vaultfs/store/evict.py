@@ -1,6 +1,8 @@
 """Making room on a field vault: evicting the bytes of files that a peer is known to hold.
 
-A sync records, per version, the peers seen holding exactly its bytes (`Txn.hold`). Evicting a
+A sync records, per version, the peers seen holding exactly its bytes online (`Txn.hold`), and
+has each of them record that this vault relies on its copy (`Txn.rely`: a version another vault
+relies on is never evicted, so two vaults cannot each evict what the other holds). Evicting a
 file drops the data of those of its chunks that nothing else references (its record stays, so the
 file is still listed, with its size and metadata); the chunks are *offline* and a read of them
 fails with a clear error until `vaultfs fetch` or a sync brings them back (docs/store-format.md
@@ -59,7 +61,13 @@ def evict(store: Store, candidates: list, want: int | None = None,
             if node is None or not stat.S_ISREG(node.mode) or node.content != content:
                 out["skipped"].append({"path": path, "why": "changed since it was listed"})
                 continue
-            holders = tx.holders(content)
+            reliers = tx.reliers(content)
+            if reliers:
+                out["skipped"].append({"path": path, "why": "a peer relies on this copy ("
+                                       + ", ".join(sorted({n for _, n, _ in reliers})) + ")"})
+                continue
+            # Peers met in a sync; not a mirror of this vault, which is its second copy.
+            holders = [h for h in tx.holders(content) if tx.is_sync_peer(h[0])]
             if not holders:
                 out["skipped"].append({"path": path, "why": "no peer is known to hold it"})
                 continue

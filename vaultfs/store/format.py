@@ -29,13 +29,14 @@ DB_SNAPSHOTS = b"snapshots"
 DB_MEDIA = b"media"
 DB_SYNCBASE = b"syncbase"
 DB_HELD = b"held"
+DB_RELIED = b"relied"
 DB_PREVIEWS = b"previews"
 ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_EXTENTS, DB_XATTRS,
            DB_CHUNKS, DB_CHUNKDATA, DB_PENDING, DB_VERSIONS, DB_TIMELINES, DB_EPOCHS, DB_BRANCHES,
-           DB_SNAPSHOTS, DB_MEDIA, DB_SYNCBASE, DB_HELD, DB_PREVIEWS)
+           DB_SNAPSHOTS, DB_MEDIA, DB_SYNCBASE, DB_HELD, DB_RELIED, DB_PREVIEWS)
 # Added after a format's first stores were made: a writable open creates them, a reader that
 # finds one missing sees it empty.
-LATER_DBS = (DB_MEDIA, DB_SYNCBASE, DB_HELD, DB_PREVIEWS)
+LATER_DBS = (DB_MEDIA, DB_SYNCBASE, DB_HELD, DB_RELIED, DB_PREVIEWS)
 # Records of these databases are versioned by epoch (see "Epochs" below).
 VERSIONED_DBS = (DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_XATTRS)
 
@@ -116,8 +117,10 @@ class ChunkRecord:
 # no chunkdata; a peer holds its bytes (held, below) and a sync or fetch brings them back.
 
 # held: version u64 + peer vault id (16 bytes) -> confirmed ns i64 + the peer's name (UTF-8).
-# The peer was seen holding exactly this version's bytes when the two vaults last met: what
-# makes the version's chunks safe to evict. Dropped with the version.
+# The peer was seen holding exactly this version's bytes, online, when the two vaults last met:
+# what makes the version's chunks safe to evict. Dropped with the version.
+# relied: the same layout, the other way round: the peer recorded that it holds this vault's
+# copy (it may evict its own), so this vault never evicts the version. Dropped with it.
 HELD_REC = struct.Struct(">q")
 
 # ---- epochs -------------------------------------------------------------------------------

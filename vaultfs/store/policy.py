@@ -30,6 +30,9 @@
     evict = false        # whether its files may be evicted once a peer holds them
     copies = 2           # 2: a file is safe once the mirror holds it too (fs/mirror.py); the
                          # default is 2 for select where a mirror is configured, else 1
+    compression = 19     # a stronger zstd level (1-19) for the tier's chunks, re-encoded in
+                         # the background once a file is in the tier (store/recompress.py);
+                         # default: the ingest level, nothing re-encoded
     [[tiers]]
     name = "reject"
     rule = "reject"
@@ -51,8 +54,8 @@
                          # of an image without an embedded JPEG preview as large (fs/previews.py)
 
 A missing key takes the default above; `vaultfs init` writes them all (the mirror's path and
-`copies` as comments: their defaults depend on each other), so they can be read and changed in
-one place. Snapshots made by hand are never pruned by policy. A tier that asks for 2 copies
+`copies` as comments: their defaults depend on each other; `compression` as a comment), so they
+can be read and changed in one place. Snapshots made by hand are never pruned by policy. A tier that asks for 2 copies
 without a mirror, or for 2 copies and eviction, is an error: never silently one copy.
 """
 
@@ -64,6 +67,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .codec import DEFAULT_LEVEL, MAX_LEVEL
 from .txn import StoreError
 
 RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")  # see history.retained
@@ -89,6 +93,7 @@ class TierPolicy:
     sync_priority: int   # lower leaves first when the vault syncs (issue 6)
     evict: bool = False  # its files may be evicted once a peer holds them
     copies: int = 1      # 2: safe only once the mirror holds the file too
+    compression: int | None = None  # a zstd level above the ingest level: chunks re-encoded
 
 
 CAPTURE_METADATA = ("copyright", "creator", "keywords", "session")
@@ -131,6 +136,9 @@ def default_toml() -> str:
         lines += ["", "[[tiers]]", f'name = "{name}"', f'rule = "{rule}"',
                   f"verify_days = {DEFAULT_VERIFY_DAYS.get(name, 30)}", f"sync_priority = {i}",
                   f"evict = {'true' if name in EVICTABLE else 'false'}"]
+        if i == 1:
+            lines += [f"# compression = 9   # a stronger zstd level ({DEFAULT_LEVEL + 1}-"
+                      f"{MAX_LEVEL}) for the tier's chunks, in the background"]
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +182,8 @@ def load(store_path: Path, mirror: str | os.PathLike | None = None) -> Policy:
                          f'"..", no "/") and a rule = "..."')
     p.tiers = [(t["name"], t.get("rule", "true")) for t in tiers]
     for i, t in enumerate(tiers):
-        unknown = set(t) - {"name", "rule", "verify_days", "sync_priority", "evict", "copies"}
+        unknown = set(t) - {"name", "rule", "verify_days", "sync_priority", "evict", "copies",
+                            "compression"}
         if unknown:
             raise StoreError(f"{path}: tier {t['name']}: {', '.join(sorted(unknown))} "
                              f"is not something this vaultfs does (yet)")
@@ -198,7 +207,12 @@ def load(store_path: Path, mirror: str | os.PathLike | None = None) -> Policy:
         if copies == 2 and evict:
             raise StoreError(f"{path}: tier {t['name']}: a tier kept in two copies is not "
                              f"evicted (evict = false, or copies = 1)")
-        p.tier_policies[t["name"]] = TierPolicy(float(days), prio, evict, copies)
+        level = t.get("compression", DEFAULT_LEVEL)
+        if type(level) is not int or not 1 <= level <= MAX_LEVEL:
+            raise StoreError(f"{path}: tier {t['name']}: compression must be a zstd level from "
+                             f"1 to {MAX_LEVEL} (default {DEFAULT_LEVEL}, the ingest level)")
+        p.tier_policies[t["name"]] = TierPolicy(float(days), prio, evict, copies,
+                                                level if level > DEFAULT_LEVEL else None)
     p.tier_policies.setdefault("general", TierPolicy(30.0, len(tiers) + 1, True))
     capture = doc.get("capture", [])
     if not isinstance(capture, list) or not all(isinstance(c, dict) for c in capture):

@@ -44,13 +44,19 @@ def check(store: Store, chunk_ids: Iterable[bytes], duty: float = DUTY,
         nbytes += rec.raw_len
         if why:
             bad[chunk_id] = why
-        if duty < 1:
-            pause = (time.perf_counter() - t0) * (1 - duty) / duty
-            if stop is not None:
-                stop.wait(pause)
-            else:
-                time.sleep(pause)
+        pace(t0, duty, stop)
     return chunks, nbytes, bad
+
+
+def pace(t0: float, duty: float, stop: threading.Event | None) -> None:
+    """After work begun at perf_counter() `t0`, sleep so that work takes `duty` of one core:
+    (1 - duty) / duty times as long as it worked (cut short when `stop` is set)."""
+    if duty < 1:
+        pause = (time.perf_counter() - t0) * (1 - duty) / duty
+        if stop is not None:
+            stop.wait(pause)
+        else:
+            time.sleep(pause)
 
 
 def repair(store: Store, chunk_ids: Iterable[bytes], source: Store

@@ -473,8 +473,9 @@ class Txn:
         for db in (F.DB_MEDIA, F.DB_PREVIEWS):
             if db in self.dbs:
                 self.txn.delete(u64(number), db=self.dbs[db])
-        for peer, _, _ in self.holders(number):
-            self.txn.delete(u64(number) + peer, db=self.dbs[F.DB_HELD])
+        for db in (F.DB_HELD, F.DB_RELIED):
+            for peer, _, _ in self._peer_records(db, number):
+                self.txn.delete(u64(number) + peer, db=self.dbs[db])
         db = self.dbs[F.DB_EXTENTS]
         old = list(self.extents(number))
         for off, chunk_id, length in old:
@@ -560,6 +561,10 @@ class Txn:
         self.bump(F.STAT_STORED, rec.stored_len)
         return chunk_id
 
+    def is_offline(self, content: int) -> bool:
+        """Whether some of a version's chunks were evicted (store/evict.py)."""
+        return any(self.chunk_record(c).offline for _, c, _ in self.extents(content))
+
     def evict_chunk(self, chunk_id: bytes) -> int:
         """Drop a chunk's bytes, keeping its record (it goes offline); the bytes freed."""
         rec = self.chunk_record(chunk_id)
@@ -579,6 +584,24 @@ class Txn:
         rec = self.chunk_record(chunk_id)
         if rec is None or rec.offline:  # (an offline chunk is evicted, not damaged)
             raise StoreError(f"chunk {chunk_id.hex()} has no stored bytes to repair")
+        self._replace_value(chunk_id, rec, stored)
+
+    def recompress_chunk(self, chunk_id: bytes, blake3: bytes, stored: bytes) -> int:
+        """Replace a chunk's stored value by a smaller stored form of the same raw bytes, made
+        at a stronger zstd level and checked by the caller (decoded; xxh3, BLAKE3 `blake3` and
+        length matched: store/recompress.py). Nothing changes when the chunk is gone, offline,
+        holds other bytes now (its id reused after it was freed: another BLAKE3) or is stored
+        as small already. Returns the bytes saved."""
+        rec = self.chunk_record(chunk_id)
+        if rec is None or rec.offline or rec.blake3 != blake3 or \
+                len(stored) - 1 >= rec.stored_len:
+            return 0
+        self._replace_value(chunk_id, rec, stored)
+        return rec.stored_len - (len(stored) - 1)
+
+    def _replace_value(self, chunk_id: bytes, rec: ChunkRecord, stored: bytes) -> None:
+        """Another stored form of a chunk's bytes: its value, its record's stored_len and
+        stat.stored_bytes change together; references, raw_len and digests stay."""
         self.txn.put(chunk_id, stored, db=self.dbs[F.DB_CHUNKDATA])
         self.txn.put(chunk_id, ChunkRecord(rec.refcount, rec.raw_len, len(stored) - 1,
                                            rec.blake3).pack(), db=self.dbs[F.DB_CHUNKS])
@@ -650,21 +673,51 @@ class Txn:
             self.decref(chunk_id)
         return len(refs)
 
-    # ---- versions held by peers -----------------------------------------------------------------
+    # ---- versions held by peers, and relied on by them ----------------------------------------
     def hold(self, number: int, peer: bytes, name: str, now_ns: int) -> None:
         """Record that `peer` holds version `number`'s bytes (seen when the two last met)."""
-        if self.version(number) is not None:
-            self.txn.put(u64(number) + peer, F.HELD_REC.pack(now_ns) + name.encode(),
-                         db=self.dbs[F.DB_HELD])
+        self._put_peer_record(F.DB_HELD, number, peer, name, now_ns)
 
     def holders(self, number: int) -> list[tuple[bytes, str, int]]:
         """(peer id, peer name, confirmed ns) of the peers seen holding a version's bytes."""
-        db = self.dbs.get(F.DB_HELD)
+        return self._peer_records(F.DB_HELD, number)
+
+    def rely(self, number: int, peer: bytes, name: str, now_ns: int) -> None:
+        """Record that `peer` relies on this vault's copy of version `number`."""
+        self._put_peer_record(F.DB_RELIED, number, peer, name, now_ns)
+
+    def reliers(self, number: int) -> list[tuple[bytes, str, int]]:
+        """(peer id, peer name, ns) of the peers that rely on this vault's copy."""
+        return self._peer_records(F.DB_RELIED, number)
+
+    def peer_record_versions(self, db: bytes) -> Iterator[int]:
+        """The versions that `held` or `relied` has a record of (for checks)."""
+        if db in self.dbs:
+            with self.txn.cursor(db=self.dbs[db]) as c:
+                for k in c.iternext(values=False):
+                    yield from_u64(k[:8])
+
+    def is_sync_peer(self, peer: bytes) -> bool:
+        """Whether this vault has met `peer` in a sync (it has bases with it)."""
+        db = self.dbs.get(F.DB_SYNCBASE)
+        if db is None:
+            return False
+        with self.txn.cursor(db=db) as c:
+            return c.set_range(peer) and bytes(c.key()[:len(peer)]) == peer
+
+    def _put_peer_record(self, db: bytes, number: int, peer: bytes, name: str,
+                         now_ns: int) -> None:
+        if self.version(number) is not None:
+            self.txn.put(u64(number) + peer, F.HELD_REC.pack(now_ns) + name.encode(),
+                         db=self.dbs[db])
+
+    def _peer_records(self, db: bytes, number: int) -> list[tuple[bytes, str, int]]:
+        handle = self.dbs.get(db)
         out: list[tuple[bytes, str, int]] = []
-        if db is None or not number:
+        if handle is None or not number:
             return out
         prefix = u64(number)
-        with self.txn.cursor(db=db) as c:
+        with self.txn.cursor(db=handle) as c:
             if c.set_range(prefix):
                 for k, v in c:
                     if k[:8] != prefix:
@@ -672,13 +725,6 @@ class Txn:
                     out.append((bytes(k[8:]), bytes(v[F.HELD_REC.size:]).decode(errors="replace"),
                                 F.HELD_REC.unpack_from(v)[0]))
         return out
-
-    def held_versions(self) -> Iterator[int]:
-        """The versions some peer is recorded holding (for checks)."""
-        if F.DB_HELD in self.dbs:
-            with self.txn.cursor(db=self.dbs[F.DB_HELD]) as c:
-                for k in c.iternext(values=False):
-                    yield from_u64(k[:8])
 
     # ---- sync bases ---------------------------------------------------------------------------
     def sync_base(self, peer: bytes) -> dict[bytes, bytes]:

@@ -109,10 +109,11 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
         for number, _, _ in tx.previews():
             if number not in versions:
                 report.problems.append(f"preview of version {number}, which does not exist")
-        for number in tx.held_versions():
-            if number not in versions:
-                report.problems.append(f"held record of version {number}, which does not "
-                                       f"exist")
+        for db in (F.DB_HELD, F.DB_RELIED):
+            for number in tx.peer_record_versions(db):
+                if number not in versions:
+                    report.problems.append(f"{db.decode()} record of version {number}, which "
+                                           f"does not exist")
         for number, off, chunk_id, length in tx.all_extents():
             refs[chunk_id] += 1
             logical += length

@@ -95,6 +95,29 @@ class Endpoint:
                 tx.set_sync_base(peer, path, signature if isinstance(signature, bytes) else None)
         self.store.write(put)
 
+    def rely(self, peer: bytes, name: str, files: list) -> None:
+        """Record that `peer` relies on this vault's copy of the files at these paths with
+        these contents ([[path, content digest], ...]): it may evict its own, so this vault
+        never evicts them. (Taken from a client: it can only keep more here.)"""
+        self._note(peer, name, files, "reliers", "rely")
+
+    def _note(self, peer: object, name: object, files: list, have: str, add: str) -> None:
+        """Txn.hold or Txn.rely for the versions at `files` whose content is the one given;
+        a path whose content here is another is passed over."""
+        peer = _peer_id(peer)
+        name = name if isinstance(name, str) else ""
+        now = time.time_ns()
+
+        def put(tx: Txn) -> None:
+            for path, digest in files:
+                node = _file(tx, check_path(path))
+                if node is None or not node.content or any(
+                        p == peer for p, _, _ in getattr(tx, have)(node.content)):
+                    continue
+                if tree.content_digest(node.size, tree.file_extents(tx, node.content)) == digest:
+                    getattr(tx, add)(node.content, peer, name, now)
+        self.store.write(put)
+
     def extents(self, paths: list) -> dict[bytes, list | str]:
         """The chunks of the files at `paths` now: [[offset, length, hash], ...] each, or
         OFFLINE for a file whose bytes were evicted here (they cannot be sent from here)."""
@@ -104,7 +127,7 @@ class Endpoint:
                 node = _file(tx, path)
                 if node is None:
                     continue
-                if any(tx.chunk_record(c).offline for _, c, _ in tx.extents(node.content)):
+                if tx.is_offline(node.content):
                     out[path] = OFFLINE
                 else:
                     out[path] = [list(x) for x in tree.file_extents(tx, node.content)]
@@ -119,29 +142,16 @@ class Endpoint:
             found = [(p, _file(tx, p)) for p in map(check_path, paths)] if paths is not None \
                 else [(p, n) for p, n in tx.walk() if stat.S_ISREG(n.mode)]
             for path, node in found:
-                if node is not None and any(tx.chunk_record(c).offline
-                                            for _, c, _ in tx.extents(node.content)):
+                if node is not None and tx.is_offline(node.content):
                     out[path] = [node.size, tree.content_digest(
                         node.size, tree.file_extents(tx, node.content))]
         return out
 
     def hold(self, peer: bytes, name: str, files: list) -> None:
-        """Record that `peer` holds the files at these paths with these contents
+        """Record that `peer` holds the files at these paths with these contents online
         ([[path, content digest], ...], from its own listing or what it applied): their
-        versions may then be evicted here (store/evict.py). A path whose content here is
-        not that one is passed over."""
-        peer = _peer_id(peer)
-        now = time.time_ns()
-
-        def put(tx: Txn) -> None:
-            for path, digest in files:
-                node = _file(tx, check_path(path))
-                if node is None or not node.content or any(
-                        p == peer for p, _, _ in tx.holders(node.content)):
-                    continue
-                if tree.content_digest(node.size, tree.file_extents(tx, node.content)) == digest:
-                    tx.hold(node.content, peer, name, now)
-        self.store.write(put)
+        versions may then be evicted here (store/evict.py)."""
+        self._note(peer, name, files, "holders", "hold")
 
     def missing(self, hashes: list) -> list[bytes]:
         with self.store.reader() as tx:

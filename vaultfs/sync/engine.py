@@ -208,13 +208,17 @@ class _Run:
         self.hold(paths)
 
     def hold(self, paths: list[bytes]) -> None:
-        """Tell this vault (side 0) which of the files at `paths` the other now holds with
-        the same content: the other's own listing or its apply says so. (Only this side
-        records it: a vault does not take a client's word that its data is safe elsewhere.)"""
+        """Tell this vault (side 0) which of the files at `paths` the other now holds online
+        with the same content (the other's own listing or its apply says so), and the other
+        that this vault relies on its copy of them. (Only this side records a hold: a vault
+        does not take a client's word that its data is safe elsewhere; being relied on only
+        keeps more.)"""
         mine, theirs = self.now
         held = [[p, mine[p].content] for p in paths if p in mine and mine[p].kind == "f"
-                and theirs.get(p) is not None and mine[p].same_content(theirs[p])]
+                and theirs.get(p) is not None and mine[p].same_content(theirs[p])
+                and not theirs[p].offline]
         for part in _parts(held, PATHS_PER_CALL):
+            self.ends[1].rely(self.ids[0], self.names[0], part)
             self.ends[0].hold(self.ids[1], self.names[1], part)
 
     def apply(self, s: int, ops: list[P.Op], extents: dict[bytes, list]) -> None:

@@ -38,7 +38,7 @@ IDLE_S = 120.0
 HANDSHAKE_S = 15.0  # before it has proved anything, a client may not hold the server long
 PAIR_WAIT_S = 600.0
 # The calls a peer may make, with the messages they carry (endpoint.Endpoint's methods).
-CALLS = ("hello", "listing", "base", "set_base", "extents", "missing", "get_chunks",
+CALLS = ("hello", "listing", "base", "set_base", "rely", "extents", "missing", "get_chunks",
          "put_chunks", "apply", "note_conflicts", "finish")
 # Chunks travel as stored (compressing them again is waste), each as a raw frame of its own
 # after the message that names them: [[hash, raw length], ...] (wire.Channel.send).
@@ -281,7 +281,8 @@ def answer(store_path: Path, ch: wire.Channel, name: str, peer: bytes | None) ->
                 raise wire.ProtocolError(f"{name} sent a malformed request")
             method, args = request
             try:
-                if method in ("base", "set_base") and peer is not None and args[:1] != [peer]:
+                if method in ("base", "set_base", "rely") and peer is not None \
+                        and args[:1] != [peer]:
                     raise StoreError("a vault reads and writes only its own bases")
                 result = getattr(endpoint, method)(*args)
             except (StoreError, TypeError, ValueError, KeyError, IndexError) as e:

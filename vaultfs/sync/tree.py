@@ -35,22 +35,24 @@ class Entry:
     xattrs: list        # [[name, value], ...] sorted
     tier: str           # files: the tier its own vault gives it
     priority: int       # that tier's sync_priority there: lower leaves first
+    offline: bool = False  # files: some of its bytes were evicted there (not in the signature)
 
     def wire(self) -> list:
         return [self.kind, self.mode, self.mtime_ns, self.size, self.content, self.xattrs,
-                self.tier, self.priority]
+                self.tier, self.priority, self.offline]
 
     @classmethod
     def from_wire(cls, w: list) -> "Entry":
-        kind, mode, mtime_ns, size, content, xattrs, tier, priority = w
+        kind, mode, mtime_ns, size, content, xattrs, tier, priority, offline = w
         if kind not in ("f", "d", "l", "o") or not all(
                 isinstance(x, int) for x in (mode, mtime_ns, size, priority)) or \
                 not isinstance(content, bytes) or not isinstance(tier, str) or \
+                not isinstance(offline, bool) or \
                 not all(isinstance(a, list) and len(a) == 2 and all(isinstance(b, bytes)
                                                                     for b in a) for a in xattrs):
             raise ValueError("malformed entry")
         return cls(kind, mode, mtime_ns, size, content, [list(a) for a in xattrs], tier,
-                   priority)
+                   priority, offline)
 
     @property
     def signature(self) -> bytes:
@@ -96,8 +98,10 @@ def listing(store: Store) -> dict[bytes, Entry]:
         for path, node in tx.walk():
             kind = KINDS.get(stat.S_IFMT(node.mode), "o")
             tier = files[node.ino].tier if node.ino in files else ""
+            offline = False
             if kind == "f":
                 content = content_digest(node.size, file_extents(tx, node.content))
+                offline = tx.is_offline(node.content)
             elif kind == "l":
                 content = node.target or b""
             elif kind == "o":
@@ -106,5 +110,5 @@ def listing(store: Store) -> dict[bytes, Entry]:
                 content = b""
             xattrs = sorted([bytes(k), bytes(v)] for k, v in tx.xattrs(node.ino))
             out[path] = Entry(kind, node.mode, node.mtime_ns, node.size, content, xattrs, tier,
-                              priority.get(tier, 0))
+                              priority.get(tier, 0), offline)
     return out

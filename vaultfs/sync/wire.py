@@ -38,7 +38,9 @@ SLICE = 1024 * 1024     # bytes per socket call
 BUFFER = 256 * 1024     # small frames gather in a buffer this large; larger ones pass through
 COMPRESS_MIN = 1024
 CONFIRM = b"vaultfs sync 1 ready"
-PROTOCOL = 3  # 2: chunks as raw frames after the message that names them; 3: store format 4
+# 2 (after 1): chunks as raw frames after the message that names them, store format 4's codec,
+# entries that say whether a file is offline, `rely`.
+PROTOCOL = 2
 #   chunks (the predictor codec, which a protocol-2 vault cannot decode)
 MAX_ATTACHMENTS = 65536
 

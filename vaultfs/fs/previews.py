@@ -21,7 +21,7 @@ import trio
 from ..media import preview
 from ..store import Store, Txn
 from ..store import format as F
-from ..store.reader import ChunkCache, OfflineData, read_range
+from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_range
 from .analysis import MAX_BYTES
 from .capture import CapturePolicies
 
@@ -66,6 +66,9 @@ class Previews:
             self._queued.discard(ino)
             try:
                 made = await trio.to_thread.run_sync(self._make, ino, path)
+            except DamagedChunk as e:  # (the read-back, `verify` and reads say it too)
+                log.error("cannot make the preview of %s: damaged data: %s", path, e)
+                continue
             except Exception:  # (the next version, or the next mount, tries again)
                 log.exception("making the preview of %s failed", path)
                 continue

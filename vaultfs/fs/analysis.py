@@ -61,15 +61,19 @@ class Analyzer:
             self._queued.add(ino)
             self._send.send_nowait(ino)
 
-    def reading_back(self, ino: int) -> None:
-        """The mount reads `ino` back (before `read_back` is called, once for each call)."""
-        self._reading[ino] += 1
+    def reading_back(self, ino: int, size: int) -> None:
+        """The mount reads `ino`, of `size` bytes, back (and calls `read_back` after). A file
+        too large to be read here is not waited for (its read-back can take minutes)."""
+        if size <= MAX_BYTES:
+            self._reading[ino] += 1
 
     def read_back(self, ino: int, version: int, digest: str | None) -> None:
-        """The mount has read `ino` back: the digest of its `version` when it read it all."""
-        self._reading[ino] -= 1
-        if self._reading[ino] <= 0:
-            del self._reading[ino]
+        """The mount has read `ino` back: the digest of its `version` when it read it all.
+        (Only the use of the digest depends on the two being paired, never the record.)"""
+        if ino in self._reading:
+            self._reading[ino] -= 1
+            if self._reading[ino] <= 0:
+                del self._reading[ino]
         if digest is not None:
             self._digests[ino] = (version, digest)
         self._read.set()

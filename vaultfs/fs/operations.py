@@ -831,7 +831,7 @@ class VaultOperations(pyfuse3.Operations):
         self.events.publish("committed", self.event_path(ino), size=size)
         if self.nursery is not None:
             if self.analyzer is not None:
-                self.analyzer.reading_back(ino)
+                self.analyzer.reading_back(ino, size)
             self.nursery.start_soon(self._verify, ino)
         if self.analyzer is not None:
             self.analyzer.enqueue(ino)

@@ -11,10 +11,12 @@ import shutil
 import subprocess
 import time
 
+from PIL import Image
+
 from conftest import CORPUS, needs_fuse, vaultfs
 from vaultfs.fs.capture import QUIET_S
-from test_events import _until
-from test_import import listening
+from vaultfs.store import Store
+from test_events import _listen, _until
 
 pytestmark = needs_fuse
 
@@ -33,7 +35,7 @@ def mount_with(store, make_mount, policy: str):
     (mount point, events process, the events seen)."""
     add_policy(store, policy)
     mnt = make_mount().path
-    return (mnt, *listening(mnt))
+    return (mnt, *_listen(mnt))
 
 
 RENAME_ANYWHERE = '''
@@ -122,6 +124,10 @@ rename = "{date}/{camera}{ext}"
     (tmp_path / "m").mkdir()
     r = vaultfs("mount", store_path, tmp_path / "m", check=False)
     assert r.returncode == 2 and "must be a relative path" in r.stderr and "{seq}" in r.stderr
+    toml = store_path / "vault.toml"
+    toml.write_text(toml.read_text().replace('rename = "{date}/{camera}{ext}"', "preview = 10"))
+    r = vaultfs("mount", store_path, tmp_path / "m", check=False)
+    assert r.returncode == 2 and "preview must be the long side" in r.stderr
 
 
 def test_imported_files_get_the_metadata_but_keep_the_import_layout(tmp_path, store_path,
@@ -145,11 +151,6 @@ copyright = "(c) 2026 Ana Lima"
     assert sorted(p.name for p in image.parent.iterdir()) == ["IMG_0001.JPG", "IMG_0001.xmp"]
 
 
-def listed(folder) -> list[str]:
-    """A folder's names but the probes `listening` writes."""
-    return sorted(n for n in os.listdir(folder) if not n.startswith(".probe-"))
-
-
 def test_an_edit_saved_as_a_new_file_is_no_capture(store_path, make_mount):
     mnt, proc, got = mount_with(store_path, make_mount, RENAME_ANYWHERE)
     shutil.copyfile(JPEG, mnt / "IMG_0001.JPG")
@@ -165,7 +166,7 @@ def test_an_edit_saved_as_a_new_file_is_no_capture(store_path, make_mount):
     # A capture after the edits is judged after them: once it has its name, they were judged.
     shutil.copyfile(JPEG2, mnt / "IMG_0002.JPG")
     _until((mnt / f"{second}.xmp").exists)
-    assert listed(mnt) == [f"{first}.JPG", f"{first}.JPG_original", f"{second}.JPG",
+    assert sorted(os.listdir(mnt)) == [f"{first}.JPG", f"{first}.JPG_original", f"{second}.JPG",
                            f"{second}.xmp"]
     assert exif(mnt / f"{first}.JPG", "Rating")["Rating"] == 3
     assert exif(mnt / f"{first}.JPG_original", "Rating")["Rating"] == 5
@@ -185,13 +186,13 @@ def test_a_capture_is_left_to_its_writer_until_it_is_done(store_path, make_mount
         os.fsync(f.fileno())
         _until(lambda: ("analysed", tmp.name) in {(e["event"], e["path"]) for e in got})
         time.sleep(QUIET_S + 1)  # still open: not its turn, however long
-        assert listed(mnt) == [tmp.name]
+        assert sorted(os.listdir(mnt)) == [tmp.name]
     time.sleep(QUIET_S + 1)  # closed, but under a temporary name
-    assert listed(mnt) == [tmp.name]
+    assert sorted(os.listdir(mnt)) == [tmp.name]
     os.rename(tmp, mnt / "IMG_0003.JPG")
     name = "Canon-PowerShot-SX60-HS_0001"
     _until((mnt / f"{name}.xmp").exists)
-    assert listed(mnt) == [f"{name}.JPG", f"{name}.xmp"]
+    assert sorted(os.listdir(mnt)) == [f"{name}.JPG", f"{name}.xmp"]
     assert (mnt / f"{name}.JPG").read_bytes() == JPEG.read_bytes()
     proc.terminate()
     assert [e["from"] for e in got if e["event"] == "renamed"] == [tmp.name, "IMG_0003.JPG"]
@@ -215,8 +216,8 @@ rename = "shot_{seq}{ext}"
     mnt = make_mount().path
     for i, name in enumerate(shots, 1):
         shutil.copyfile(tmp_path / name, mnt / name)
-        _until(lambda: len([n for n in listed(mnt) if n.startswith("shot_")]) == i)
-    assert listed(mnt) == ["shot_0001.JPG", "shot_0002.JPG", "shot_0002.NEF", "shot_0003.JPG",
+        _until(lambda: len([n for n in sorted(os.listdir(mnt)) if n.startswith("shot_")]) == i)
+    assert sorted(os.listdir(mnt)) == ["shot_0001.JPG", "shot_0002.JPG", "shot_0002.NEF", "shot_0003.JPG",
                            "shot_0003.NEF"]
     for name, new in (("IMG_0002.NEF", "shot_0002.NEF"), ("IMG_0003.JPG", "shot_0003.JPG")):
         assert (mnt / new).read_bytes() == (tmp_path / name).read_bytes()
@@ -259,3 +260,58 @@ creator = "Ana Lima"
     proc.terminate()
     for i in [*range(20), 100, 101]:
         assert (mnt / f"IMG_{i:04d}.xmp").read_bytes() == own, i
+
+
+HEIC = CORPUS / "heic" / "IMG_3578.heic"                        # iPhone XR, 4032x3024
+TIFF16 = CORPUS / "tiff" / "issue-metadata-extractor-152.tif"   # 16-bit grey, 1280x964
+
+
+def test_images_without_a_large_enough_jpeg_get_a_generated_preview(store_path, make_mount):
+    add_policy(store_path, '''
+[[capture]]
+folder = "proxies"
+preview = 1024
+''')
+    m = make_mount()
+    mnt, previews = m.path, m.path / ".vault" / "previews"
+    for folder in ("plain", "proxies"):  # (the analyser and the previews go in this order)
+        (mnt / folder).mkdir()
+        shutil.copyfile(HEIC, mnt / folder / "IMG_3578.heic")
+        shutil.copyfile(TIFF16, mnt / folder / "scan.tif")
+        shutil.copyfile(JPEG, mnt / folder / "IMG_0001.jpg")
+    (mnt / "proxies" / "bad.tif").write_bytes(TIFF16.read_bytes()[:3000])  # truncated
+    for name, size in (("IMG_3578.heic", (1024, 768)), ("scan.tif", (1024, 771))):
+        made = previews / "proxies" / f"{name}.jpg"
+        _until(made.exists, timeout=60)
+        with Image.open(made) as img:
+            assert img.format == "JPEG" and img.size == size
+            img.load()
+        got = exif(made, "FileType", "ImageWidth", "ImageHeight")
+        assert (got["FileType"], got["ImageWidth"], got["ImageHeight"]) == ("JPEG", *size)
+    # A JPEG is its own preview; without a policy, nothing is generated.
+    assert (previews / "proxies" / "IMG_0001.jpg.jpg").read_bytes() == JPEG.read_bytes()
+    assert sorted(os.listdir(previews / "plain")) == ["IMG_0001.jpg.jpg"]
+    _until(lambda: "no preview can be made of proxies/bad.tif" in m.log.read_text())
+    (mnt / "proxies" / "scan.tif").unlink()
+    _until(lambda: not (previews / "proxies" / "scan.tif.jpg").exists())
+    m.stop()
+    assert m.log.read_text().count("no preview can be made") == 1
+    with Store.open(store_path) as store, store.reader() as tx:
+        records = {path: tx.preview(tx.inode(tx.resolve(path)).content)
+                   for path in ("proxies/IMG_3578.heic", "proxies/bad.tif")}
+        assert len(list(tx.previews())) == 2  # (the deleted image's went with its version)
+    assert records["proxies/IMG_3578.heic"].asked == 1024
+    assert records["proxies/bad.tif"].jpeg is None and records["proxies/bad.tif"].why
+
+    # The policy for the whole vault: the next mount makes what it asks for (its backlog),
+    # and says nothing more of the file it could not read.
+    toml = store_path / "vault.toml"
+    toml.write_text(toml.read_text().replace('folder = "proxies"', 'folder = ""'))
+    m = make_mount()
+    previews = m.path / ".vault" / "previews"
+    for name in ("IMG_3578.heic", "scan.tif"):
+        _until((previews / "plain" / f"{name}.jpg").exists, timeout=60)
+    with Image.open(previews / "proxies" / "IMG_3578.heic.jpg") as img:
+        assert img.size == (1024, 768)
+    m.stop()
+    assert "no preview can be made" not in m.log.read_text()

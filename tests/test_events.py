@@ -7,13 +7,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 
-from conftest import needs_fuse, vaultfs
+from conftest import CORPUS, needs_fuse, vaultfs
 from vaultfs.client import Vault
 from vaultfs.fs import control
 from vaultfs.store import Store
@@ -22,12 +23,22 @@ pytestmark = needs_fuse
 
 
 def _listen(mountpoint):
-    """`vaultfs events` in a subprocess, its JSON lines collected by a thread."""
+    """`vaultfs events` in a subprocess, its JSON lines collected by a thread, returned once it
+    is surely subscribed: a probe file written after it started is heard of (a start-up slowed
+    by a busy machine would miss the first events). The probe is removed again."""
     proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "events", str(mountpoint)],
                             stdout=subprocess.PIPE, text=True)
     got: list[dict] = []
     threading.Thread(target=lambda: [got.append(json.loads(line)) for line in proc.stdout],
                      daemon=True).start()
+    probe = os.path.join(mountpoint, ".events-probe")
+    deadline = time.monotonic() + 60
+    while not any(e["event"] == "committed" and e["path"] == ".events-probe" for e in got):
+        assert time.monotonic() < deadline, "vaultfs events did not subscribe within a minute"
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+        time.sleep(0.2)
+    os.unlink(probe)
     return proc, got
 
 
@@ -40,7 +51,6 @@ def _until(cond, timeout=20.0):
 
 def test_each_capture_is_announced_committed_then_verified(mnt):
     proc, got = _listen(mnt)
-    time.sleep(1.0)  # (the subscription is made when the command has started)
     data = os.urandom(3_000_000)
     (mnt / "close.NEF").write_bytes(data)                 # write, close
     with open(mnt / "fsync.NEF", "wb") as f:              # write, fsync (still open)
@@ -115,32 +125,52 @@ def test_files_committed_before_a_remount_are_safe_after_it(make_mount):
 
 
 def test_a_name_that_is_not_utf8_comes_as_valid_json_and_exactly_in_base64(mnt):
-    # Strict JSON parsers (Rust's serde_json, Go's encoding/json with validation, Java's) reject
-    # an escaped lone surrogate such as "\udce9": each line must be UTF-8 text throughout.
-    proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "events", str(mnt)],
-                            stdout=subprocess.PIPE)
-    lines: list[bytes] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    # Strict JSON parsers (Rust's serde_json, Java's) reject an escaped lone surrogate such as
+    # "\udce9": every line must be Unicode text throughout.
+    proc, got = _listen(mnt)
     name = b"caf\xe9 \xff.JPG"
-
-    def paths() -> set[bytes]:
-        return {base64.b64decode(e["path_b64"]) if "path_b64" in e else e["path"].encode()
-                for e in map(json.loads, list(lines)) if e["event"] == "verified"}
-
-    for i in range(60):  # (until the listener is surely subscribed)
-        (mnt / f".probe-{i}").write_bytes(b"probe")
-        time.sleep(0.5)
-        if any(p.startswith(b".probe-") for p in paths()):
-            break
     with open(os.fsencode(mnt) + b"/" + name, "wb") as f:
         f.write(b"x" * 1000)
-    _until(lambda: name in paths())
+    _until(lambda: any(e["event"] == "verified" and "path_b64" in e for e in got))
     proc.terminate()
-    for line in lines:
-        event = json.loads(line.decode("utf-8"))
-        json.dumps(event, ensure_ascii=False).encode("utf-8")  # no lone surrogate anywhere
-    event = next(e for e in map(json.loads, lines) if e.get("path_b64") and
-                 e["event"] == "committed")
+    for e in got:
+        json.dumps(e, ensure_ascii=False).encode("utf-8")  # no lone surrogate anywhere
+    event = next(e for e in got if e["event"] == "committed" and "path_b64" in e)
     assert event["path"] == "caf\\xe9 \\xff.JPG"
     assert open(os.fsencode(mnt) + b"/" + base64.b64decode(event["path_b64"]), "rb").read() \
         == b"x" * 1000
+
+
+def test_a_files_tier_is_announced_when_known_and_each_time_it_changes(mnt):
+    proc, got = _listen(mnt)
+    image, other = mnt / "IMG_0001.jpg", mnt / "IMG_0002.jpg"
+    shutil.copyfile(CORPUS / "jpeg" / "medium" / "door-knocker.jpg", image)
+    shutil.copyfile(CORPUS / "jpeg" / "medium" / "jolla.jpg", other)
+
+    def tiers(name: str) -> list[tuple]:
+        return [(e["tier"], e.get("from")) for e in got
+                if e["event"] == "tiered" and e["path"] == name]
+
+    _until(lambda: tiers("IMG_0001.jpg") and tiers("IMG_0002.jpg"))
+    # A rating written into the file by exiftool (a new file renamed over it).
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-Rating=5", str(image)],
+                   check=True)
+    _until(lambda: len(tiers("IMG_0001.jpg")) == 2)
+    os.setxattr(image, "user.vaultfs.tier", b"reject")    # a tag
+    _until(lambda: len(tiers("IMG_0001.jpg")) == 3)
+    os.removexattr(image, "user.vaultfs.tier")             # back to the rules
+    _until(lambda: len(tiers("IMG_0001.jpg")) == 4)
+    (mnt / "IMG_0002.xmp").write_text(                     # a sidecar's colour label
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+        '22-rdf-syntax-ns#"><rdf:Description xmlns:xmp="http://ns.adobe.com/xap/1.0/" '
+        'xmp:Label="Red"/></rdf:RDF></x:xmpmeta>')
+    _until(lambda: len(tiers("IMG_0002.jpg")) == 2)
+    time.sleep(2)  # (nothing more comes: no tier flickers while new bytes are analysed)
+    proc.terminate()
+    assert tiers("IMG_0001.jpg") == [("general", None), ("select", "general"),
+                                     ("reject", "select"), ("select", "reject")]
+    assert tiers("IMG_0002.jpg") == [("general", None), ("select", "general")]
+    assert tiers("IMG_0002.xmp") == [("select", None)]
+    assert {e["path"] for e in got if e["event"] == "tiered"} - {  # (and exiftool's temp file
+        "IMG_0001.jpg", "IMG_0002.jpg", "IMG_0002.xmp", ".events-probe",  # if it was seen)
+        "IMG_0001.jpg_exiftool_tmp"} == set()

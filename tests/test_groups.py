@@ -259,3 +259,37 @@ def test_records_from_before_fingerprints_are_completed_at_mount(make_mount, sto
     m = make_mount()
     _wait(lambda: "fingerprint" in find(), "the backlog fingerprints the file")
     assert find()["fingerprint"] == record["fingerprint"] and find()["rating"] == 3
+
+
+def test_a_raw_is_analysed_without_decoding_its_sensor_data_and_the_record_is_the_same(
+        make_mount, tmp_path):
+    """A DNG with a JPEG preview is analysed without its sensor data (codec-2 chunks left
+    undecoded), and its record is what its whole bytes give; a DNG without a preview and a
+    16-bit TIFF, whose pictures are their samples, are read whole."""
+    from vaultfs.media import metadata
+    from vaultfs.store import Store
+    import _dng
+
+    still, disc = _dng.scene(1600, 1200, seed=9)
+    for name, preview in (("with.dng", 800), ("without.dng", 0)):
+        _dng.write(tmp_path / name, _dng.frame(still, disc, 0, seed=9), preview=preview)
+    shutil.copyfile(CORPUS / "tiff" / "issue-metadata-extractor-152.tif", tmp_path / "scan.tif")
+    m = make_mount()
+    status = m.path / ".vault" / "status.json"
+    skipped = []
+    for name in ("with.dng", "without.dng", "scan.tif"):
+        before = json.loads(status.read_text())["analysis"]
+        shutil.copyfile(tmp_path / name, m.path / name)
+        after = _wait(lambda: (s := json.loads(status.read_text())["analysis"])["files"]
+                      > before["files"] and s, f"{name} analysed")
+        skipped.append(after["samples_not_decoded_bytes"] - before["samples_not_decoded_bytes"])
+    m.stop()
+    # Nearly all of the first DNG was left undecoded; the others were read whole.
+    assert skipped[0] > 0.9 * 1600 * 1200 * 2 and skipped[1:] == [0, 0]
+    with Store.open(m.store) as store, store.reader() as tx:
+        for name in ("with.dng", "without.dng", "scan.tif"):
+            data = (tmp_path / name).read_bytes()
+            want = {**metadata.read(data), **fingerprint.image_record(data)}
+            got = tx.media(tx.inode(tx.resolve(name)).content)
+            assert got == json.loads(json.dumps(want)), name
+            assert ("preview" in got) == (name == "with.dng")

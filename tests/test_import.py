@@ -30,22 +30,6 @@ DAY = "2026-11-24"
 MTIME = time.mktime(time.strptime(f"{DAY} 09:15:12", "%Y-%m-%d %H:%M:%S"))
 
 
-def listening(mnt: Path):
-    """`vaultfs events` on the mount, once it is surely subscribed: a probe file written after
-    it started is seen (a start-up slowed by a busy machine would miss the first events)."""
-    proc, got = _listen(mnt)
-    for i in range(60):
-        probe = mnt / f".probe-{i}"
-        probe.write_bytes(b"probe")
-        try:
-            _until(lambda: ("committed", probe.name) in {(e["event"], e["path"]) for e in got},
-                   timeout=1.0)
-            return proc, got
-        except AssertionError:
-            continue
-    raise AssertionError("vaultfs events did not subscribe within a minute")
-
-
 def make_card(root: Path, files: dict[str, bytes | Path]) -> Path:
     """A card as a camera leaves it: DCIM/<folder>/<files>, times of the shoot."""
     for rel, body in files.items():
@@ -109,7 +93,7 @@ def test_import_through_a_running_mount_skips_what_it_holds_under_any_name(tmp_p
     card = corpus_card(tmp_path / "card")
     dest = mnt / DAY / "100CANON" / SHOTS[1].name
     assert not dest.exists()  # (the kernel may now hold a negative entry for it)
-    proc, got = listening(mnt)
+    proc, got = _listen(mnt)
     report = import_json(store_path, card)
     files = by_path(report)
     held = files[f"DCIM/100CANON/{SHOTS[0].name}"]

@@ -67,7 +67,6 @@ def test_select_files_are_mirrored_and_safe_only_then(make_mount, store_path, mi
     assert (mirror / "vault.toml").is_file()  # created on first use, and said so
     assert "created the mirror store" in (store_path / "vaultfs.log").read_text()
     proc, got = _listen(m.path)
-    time.sleep(1.0)
     day1 = _select_folder(m.path, "day1")
     shot = os.urandom(3 * MB)
     (day1 / "DSC_0001.NEF").write_bytes(shot)
@@ -140,7 +139,6 @@ def test_a_file_the_mirror_cannot_take_is_not_safe(make_mount, store_path, mirro
     other.stop()
     m = make_mount()
     proc, got = _listen(m.path)
-    time.sleep(1.0)
     day1 = _select_folder(m.path, "day1")
     (day1 / "DSC_0003.NEF").write_bytes(os.urandom(MB))
     _until(lambda: any(e["event"] == "error" and "not mirrored" in e["error"]
@@ -217,7 +215,6 @@ def test_the_scrub_mends_each_copy_from_the_other(make_mount, store_path, mirror
 def test_a_read_mends_a_damaged_chunk_from_the_mirror(make_mount, store_path, mirror):
     m = make_mount()
     proc, got = _listen(m.path)
-    time.sleep(1.0)
     data = random.Random(6).randbytes(3 * MB)
     (_select_folder(m.path, "day1") / "a.raw").write_bytes(data)
     _until(lambda: "day1/a.raw" in _events(got, "mirrored"))
@@ -235,7 +232,6 @@ def test_a_read_mends_a_damaged_chunk_from_the_mirror(make_mount, store_path, mi
 def test_kill9_while_mirroring_then_the_next_mount_finishes(make_mount, store_path, mirror):
     m = make_mount()
     proc, got = _listen(m.path)
-    time.sleep(1.0)
     day1 = _select_folder(m.path, "day1")
     digests = {}
     for i in range(5):  # larger than a mirror transaction's batch: copied in several

@@ -11,6 +11,12 @@ socket.
     for event in vault.events():              # blocks; one dict per event
         if event["event"] == "verified":
             print("safe:", event["path"])
+        elif event["event"] == "tiered":       # {'tier': 'select', 'from': 'general', ...}
+            print(event["path"], "is now", event["tier"])
+
+Events (fs/events.py): committed, verified, mirrored, analysed, fingerprinted, tiered (`tier`,
+and `from` when it changed), burst, renamed, error; each with `event`, `path` (relative to the
+mount) and `time` (Unix seconds).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ read them.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +60,12 @@ def frame(still: np.ndarray, disc: np.ndarray, index: int, seed: int) -> np.ndar
     return np.clip(np.round(signal / GAIN) + BLACK, 0, WHITE).astype(np.uint16)
 
 
-def write(path: Path, samples: np.ndarray, model: str = "vaultfs SimCam", bits: int = 16) -> None:
+def write(path: Path, samples: np.ndarray, model: str = "vaultfs SimCam", bits: int = 16,
+          preview: int = 0) -> None:
     """One uncompressed little-endian DNG, one strip per 16 rows: samples in 16-bit words, or
     with `bits` 14 packed without gaps (the DNG packing, most significant bit first; tifffile
-    needs imagecodecs for it)."""
+    needs imagecodecs for it). With `preview`, a JPEG preview that long a side in a SubIFD,
+    as cameras and converters embed one (also needs imagecodecs)."""
     height, width = samples.shape
     tags = [
         (50706, "B", 4, (1, 4, 0, 0), True),            # DNGVersion
@@ -81,8 +84,29 @@ def write(path: Path, samples: np.ndarray, model: str = "vaultfs SimCam", bits: 
         (50778, "H", 1, 21, True),                      # CalibrationIlluminant1: D65
         (50728, "2I", 3, _rational((0.48, 1.0, 0.62)), True),  # AsShotNeutral
     ]
-    tifffile.imwrite(path, samples, photometric=32803, bitspersample=bits, rowsperstrip=16,
-                     subfiletype=0, extratags=tags, metadata=None, byteorder="<")
+    with tifffile.TiffWriter(path, byteorder="<") as tif:
+        tif.write(samples, photometric=32803, bitspersample=bits, rowsperstrip=16,
+                  subfiletype=0, extratags=tags, metadata=None, subifds=1 if preview else 0)
+        if preview:
+            jpeg, (width, height) = _preview(samples, preview)
+            tif.write(iter([jpeg]), shape=(height, width, 3), dtype="uint8", photometric="ycbcr",
+                      compression="jpeg", subsampling=(2, 2), rowsperstrip=height,
+                      subfiletype=1, metadata=None)
+
+
+def _preview(samples: np.ndarray, long_side: int) -> tuple[bytes, tuple[int, int]]:
+    """A JPEG of the frame, `long_side` pixels on its long side: each RGGB quad as one pixel
+    (the two greens averaged), black to white with a 2.2 gamma, then reduced."""
+    from PIL import Image
+
+    s = (samples.astype(np.float32) - BLACK) / (WHITE - BLACK)
+    rgb = np.stack([s[0::2, 0::2], (s[0::2, 1::2] + s[1::2, 0::2]) / 2, s[1::2, 1::2]], axis=2)
+    rgb = np.clip(rgb / np.array([CHANNEL_GAIN[c] for c in (0, 1, 2)]), 0, 1) ** (1 / 2.2)
+    img = Image.fromarray(np.round(rgb * 255).astype(np.uint8))
+    img.thumbnail((long_side, long_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90)
+    return out.getvalue(), img.size
 
 
 def _rational(values: tuple[float, ...]) -> tuple[int, ...]:

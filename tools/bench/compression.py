@@ -83,7 +83,10 @@ def main() -> int:
 
 
 # ---- the file sets ---------------------------------------------------------------------------
-def file_set(name: str, work: Path, frames: int, width: int, height: int) -> list[Path]:
+def file_set(name: str, work: Path, frames: int, width: int, height: int,
+             preview: int = 0) -> list[Path]:
+    """The files of a set, made once into WORKDIR/compression-cache (the bursts with a JPEG
+    preview of `preview` pixels a side embedded, as cameras' DNGs have, when it is not 0)."""
     if name in ("corpus", "tiff"):
         return sorted(p for d in (("dng", "raw") if name == "corpus" else ("tiff",))
                       for p in (CORPUS / d).iterdir())
@@ -97,8 +100,10 @@ def file_set(name: str, work: Path, frames: int, width: int, height: int) -> lis
             print(f"\n{name}: unavailable (tifffile needs imagecodecs to pack 14-bit samples: "
                   f"pip install imagecodecs)")
             return []
-    cache = work / "compression-cache" / name
+    cache = work / "compression-cache" / (f"{name}-preview" if preview else name)
     want = {"frames": frames, "width": width, "height": height, "bits": bits, "generator": 1}
+    if preview:
+        want["preview"] = preview
     manifest = cache / "manifest.json"
     paths = [cache / f"DSC_{i:04d}.DNG" for i in range(frames)]
     if manifest.exists() and json.loads(manifest.read_text()) == want and \
@@ -112,7 +117,7 @@ def file_set(name: str, work: Path, frames: int, width: int, height: int) -> lis
     still, disc = _dng.scene(width, height, seed=7)
     for i, path in enumerate(paths):
         samples = _dng.frame(still, disc, i, seed=7)
-        _dng.write(path, samples, bits=bits)
+        _dng.write(path, samples, bits=bits, preview=preview)
         if i == 0:
             check_dng(path, samples)
     manifest.write_text(json.dumps(want))

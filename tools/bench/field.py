@@ -1,10 +1,14 @@
 """Field resources: importing a card's worth of RAW files, against `cp -r` + `sync` of the card.
 
     python tools/bench/field.py [--total 2G] [--workdir /var/tmp/vaultfs-bench]   (--total 32G)
+                                [--card raw|dng] [--import-only]
 
 The card is a plain folder in DCIM layout (WORKDIR/card/DCIM/100BENCH/DSC_NNNN.NEF, 999 files a
 folder as cameras number them, hard links to the generated RAW-like set of ingest.py, plus every
-file of the corpus in DCIM/101CORPUS/). The page cache is dropped before each phase:
+file of the corpus in DCIM/101CORPUS/). With `--card dng`, the RAWs are real DNGs instead (a
+burst of 12 Mpx frames by tools/bench/_dng.py, 14-bit samples in 16-bit words and a 1600-pixel
+JPEG preview, as cameras write them: DSC_NNNN.DNG, made once into WORKDIR/compression-cache;
+needs imagecodecs). `--import-only` stops after the first import. The page cache is dropped before each phase:
 
   cp       cp -r card WORKDIR/field-cp ; sync                        (the reference: 1.00)
   import   vaultfs import STORE card --json on a fresh, unmounted store: it mounts the store,
@@ -33,8 +37,10 @@ import time
 from pathlib import Path
 
 import _common as C
+import compression
 
 PER_FOLDER = 999
+DNG_BYTES = 24_000_000  # a 4000x3000 frame of 16-bit words, its preview and its tags
 
 
 def make_card(work: Path, files: list[Path], corpus: Path) -> Path:
@@ -43,7 +49,7 @@ def make_card(work: Path, files: list[Path], corpus: Path) -> Path:
     for i, src in enumerate(files):
         folder = card / "DCIM" / f"{100 + i // PER_FOLDER}BENCH"
         folder.mkdir(parents=True, exist_ok=True)
-        os.link(src, folder / f"DSC_{i % PER_FOLDER + 1:04d}.NEF")
+        os.link(src, folder / f"DSC_{i % PER_FOLDER + 1:04d}{src.suffix}")
     extra = card / "DCIM" / f"{101 + (len(files) - 1) // PER_FOLDER}CORPUS"
     extra.mkdir(parents=True)
     for src in sorted(p for p in corpus.rglob("*") if p.is_file() and p.suffix != ".md"):
@@ -88,11 +94,18 @@ def timed_import(store: Path, card: Path) -> tuple[float, dict, C.PeakRSS, C.Pea
 
 def main() -> int:
     p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--card", choices=("raw", "dng"), default="raw",
+                   help="RAW-like files of ingest.py (default), or real DNG frames")
+    p.add_argument("--import-only", action="store_true", help="stop after the first import")
     args = p.parse_args()
     C.need_root()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    files = C.file_set(work, C.parse_size(args.total))
+    if args.card == "dng":
+        frames = max(1, C.parse_size(args.total) // DNG_BYTES)
+        files = compression.file_set("burst16", work, frames, 4000, 3000, preview=1600)
+    else:
+        files = C.file_set(work, C.parse_size(args.total))
     card = make_card(work, files, Path(__file__).resolve().parents[3] / "shared" / "corpus")
     nfiles = sum(1 for p in card.rglob("*") if p.is_file())
     logical = sum(p.stat().st_size for p in card.rglob("*") if p.is_file())
@@ -115,6 +128,18 @@ def main() -> int:
     C.init_store(store)
     C.drop_caches()
     t_imp, report, importer, daemon, cpu_imp = timed_import(store, card)
+    r_cp, r_imp = C.rate(logical, t_cp), C.rate(logical, t_imp)
+    C.rate_rows("cp -r + sync", r_cp, t_cp, "vaultfs import (whole command)", r_imp, t_imp)
+    C.row("CPU s per GB: import + daemon", f"{(cpu_imp + daemon.cpu_used) / gb:8.1f} s",
+          f"import {cpu_imp / gb:.1f}, daemon {daemon.cpu_used / gb:.1f};  "
+          f"cp + sync {cpu_cp / gb:.1f}")
+    cards = report["cards"][0]
+    C.row("  safe to format", str(report["safe_to_format"]),
+          f"{cards['imported']:,} imported, {cards['held']:,} held, "
+          f"{cards['not_safe']:,} not safe   (goal: 0.60 of cp; seeds: 18 MB/s)")
+    if args.import_only:
+        shutil.rmtree(store)
+        return 0
     C.drop_caches()
     t_again, again, importer2, daemon2, cpu_again = timed_import(store, card)
 
@@ -130,19 +155,10 @@ def main() -> int:
     tethered.stop()
     shutil.rmtree(mstore)
 
-    r_cp, r_imp, r_again, r_mount = (C.rate(logical, t)
-                                     for t in (t_cp, t_imp, t_again, t_mount))
-    C.rate_rows("cp -r + sync", r_cp, t_cp, "vaultfs import (whole command)", r_imp, t_imp)
-    cards = report["cards"][0]
-    C.row("  safe to format", str(report["safe_to_format"]),
-          f"{cards['imported']:,} imported, {cards['held']:,} held, "
-          f"{cards['not_safe']:,} not safe   (goal: 0.60 of cp; seeds: 18 MB/s)")
+    r_again, r_mount = C.rate(logical, t_again), C.rate(logical, t_mount)
     C.row("again (everything held)", f"{r_again:8.1f} MB/s",
           f"{t_again:6.1f} s   {r_again / r_cp:.2f} of cp;  "
           f"{again['cards'][0]['held']:,} held, safe {again['safe_to_format']}")
-    C.row("CPU s per GB: import + daemon", f"{(cpu_imp + daemon.cpu_used) / gb:8.1f} s",
-          f"import {cpu_imp / gb:.1f}, daemon {daemon.cpu_used / gb:.1f};  "
-          f"cp + sync {cpu_cp / gb:.1f}")
     C.row("  again (everything held)", f"{(cpu_again + daemon2.cpu_used) / gb:8.1f} s",
           f"import {cpu_again / gb:.1f}, daemon {daemon2.cpu_used / gb:.1f}")
     C.row("peak RSS: daemon / import", f"{daemon.peak / 2**20:8.0f} MiB",

@@ -2,20 +2,33 @@
 with each image's perceptual fingerprint, preview location and digest, after commit and off
 the FUSE path: a trio task hands files to a worker thread one at a time, so capture never waits
 for it. A file that cannot be read is still stored and listed; its record says why, and the
-reason is logged once."""
+reason is logged once.
+
+A file is analysed once the mount has read it back (verified it), and an image whose read-back
+saw all of it comes with the digest of its bytes. Such an image is first read without its
+sensor data: the chunks stored as samples (codec 2) that lie inside the uncompressed image
+data its TIFF structure declares are not decoded (zeros). A RAW's metadata and its embedded
+JPEG preview lie elsewhere, and decoding the samples was a quarter of the daemon's work in a
+card import. That reading is used only when nothing in the record can have come from those
+bytes (`_without_samples`); anything else (a TIFF whose picture is its samples, a RAW without
+a JPEG preview) is read again whole.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import stat
+from collections import Counter
 from collections.abc import Callable
 
 import trio
 
+from ..chunking import formats
 from ..media import fingerprint, metadata
-from ..store import Store
-from ..store.reader import ChunkCache, OfflineData, read_range
+from ..store import Inode, Store, Txn
+from ..store.format import CODEC_SAMPLES
+from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_except, read_range
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +43,14 @@ class Analyzer:
         self._queued: set[int] = set()
         self._working = True  # (until the backlog is queued)
         self.analysed = 0  # records written
+        self.skipped_bytes = 0  # sensor data of them that was never decoded
         self.on_analysed: Callable[[int, dict], None] | None = None  # called on the loop
         self.name_of: Callable[[int], str | None] = lambda ino: None  # a file's name, if known
+        # Read-backs in flight per file (a file is analysed after its own), and the XXH3-128
+        # (hex) of the bytes of a file's version where its read-back saw them all.
+        self._reading: Counter[int] = Counter()
+        self._read = trio.Event()  # set, and replaced, when a read-back ends
+        self._digests: dict[int, tuple[int, str]] = {}
 
     @property
     def busy(self) -> bool:
@@ -41,6 +60,24 @@ class Analyzer:
         if ino not in self._queued:
             self._queued.add(ino)
             self._send.send_nowait(ino)
+
+    def reading_back(self, ino: int, size: int) -> None:
+        """The mount reads `ino`, of `size` bytes, back (and calls `read_back` after). A file
+        too large to be read here is not waited for (its read-back can take minutes)."""
+        if size <= MAX_BYTES:
+            self._reading[ino] += 1
+
+    def read_back(self, ino: int, version: int, digest: str | None) -> None:
+        """The mount has read `ino` back: the digest of its `version` when it read it all.
+        (Only the use of the digest depends on the two being paired, never the record.)"""
+        if ino in self._reading:
+            self._reading[ino] -= 1
+            if self._reading[ino] <= 0:
+                del self._reading[ino]
+        if digest is not None:
+            self._digests[ino] = (version, digest)
+        self._read.set()
+        self._read = trio.Event()
 
     async def caught_up(self) -> None:
         """Wait until every file queued so far (the backlog first) is analysed."""
@@ -60,8 +97,14 @@ class Analyzer:
             ino = await self._recv.receive()
             self._working = True
             self._queued.discard(ino)
+            while self._reading.get(ino):
+                await self._read.wait()
             try:
                 record = await trio.to_thread.run_sync(self._analyse, ino)
+            except DamagedChunk as e:  # (the read-back, `verify` and reads say it too)
+                log.error("cannot read the metadata of %s: damaged data: %s",
+                          self._path(ino), e)
+                continue
             except Exception:  # the next commit of the file tries again
                 log.exception("reading the metadata of inode %d failed", ino)
                 continue
@@ -88,37 +131,83 @@ class Analyzer:
     def _analyse(self, ino: int) -> dict | None:
         """Read one file's metadata (and fingerprint) into the index; the record written
         (None: nothing to do)."""
-        data = None
-        with self.store.reader() as tx:
+        data, skipped, known = None, [], self._digests.pop(ino, None)
+        with self.store.reader(buffers=True) as tx:  # (values not copied: read_except peeks)
             node = tx.inode(ino)
             if node is None or not node.content or not pending(tx.media(node.content)):
                 return None
+            digest = known[1] if known is not None and known[0] == node.content else None
             try:
                 what = metadata.sniff(read_range(tx, self.cache, node, 0, 512),
                                       self.name_of(ino))
-                if what is not None and node.size <= MAX_BYTES:
+                if what == "image" and digest is not None and node.size <= MAX_BYTES:
+                    data, skipped = self._read_but_samples(tx, node)
+                elif what is not None and node.size <= MAX_BYTES:
                     data = read_range(tx, self.cache, node, 0, node.size)
             except OfflineData:  # evicted: read when it is back (the next mount's backlog)
                 return None
         # (The bytes are read; the decoding needs no transaction held open.)
+        record = self._without_samples(data, skipped, digest) if skipped else None
+        if record is not None:
+            self.skipped_bytes += sum(n for _, n in skipped)
+        else:
+            if skipped:  # the samples are needed after all: the same version, whole
+                try:
+                    with self.store.reader(buffers=True) as tx:
+                        data = read_range(tx, self.cache, node, 0, node.size)
+                except OfflineData:
+                    return None
+            record = self._record(ino, what, data)
+        self.store.write(lambda tx: tx.put_media(node.content, record))
+        self.analysed += 1
+        return record
+
+    def _record(self, ino: int, what: str | None, data: bytes | None) -> dict:
+        """The record of a file of kind `what`, from its whole bytes (None: too large)."""
         if what is None:
-            record: dict = {"kind": None}  # not a format with metadata to read
-        elif data is None:
+            return {"kind": None}  # not a format with metadata to read
+        if data is None:
             why = f"larger than {MAX_BYTES >> 20} MiB: not read"
             record = {"kind": what, "error": why}
             if what == "image":
                 record["fingerprint_error"] = why
-        else:
-            try:
-                record = self._metadata(data)
-            except (metadata.MetadataError, MemoryError, OverflowError) as e:
-                record = {"kind": what, "error": str(e) or type(e).__name__}
-                log.warning("cannot read the metadata of %s: %s", self._path(ino),
-                            record["error"])
-            if what == "image":
-                record.update(self._fingerprint(ino, data))
-        self.store.write(lambda tx: tx.put_media(node.content, record))
-        self.analysed += 1
+            return record
+        try:
+            record = self._metadata(data)
+        except (metadata.MetadataError, MemoryError, OverflowError) as e:
+            record = {"kind": what, "error": str(e) or type(e).__name__}
+            log.warning("cannot read the metadata of %s: %s", self._path(ino), record["error"])
+        if what == "image":
+            record.update(self._fingerprint(ino, data))
+        return record
+
+    def _read_but_samples(self, tx: Txn, node: Inode) -> tuple[bytes, list[tuple[int, int]]]:
+        """A file whole but for its chunks of sensor data, as zeros: those stored as samples
+        (codec 2) that lie inside the uncompressed image data its TIFF structure declares
+        (chunking/formats.py, reading the IFDs' own bytes, decoded whatever their codec); and
+        the ranges left out."""
+        images = formats.structure(lambda off, n: read_range(tx, self.cache, node, off, n),
+                                   node.size).images
+        return read_except(tx, self.cache, node, CODEC_SAMPLES,
+                           [(i.start, i.end) for i in images])
+
+    def _without_samples(self, data: bytes, skipped: list[tuple[int, int]],
+                         digest: str) -> dict | None:
+        """The record of an image read with its sensor data left out (`skipped`, as zeros),
+        when nothing in it comes from those bytes, else None: Exiv2 reads no image data, and
+        the picture fingerprinted must be the RAW's embedded JPEG, found whole outside them
+        (LibRaw reads the preview alone). The digest of the whole bytes is the read-back's."""
+        found = fingerprint.preview_fingerprint(data)
+        if found is None:
+            return None
+        start, length = found["preview"]
+        if any(off < start + length and start < off + n for off, n in skipped):
+            return None
+        try:
+            record = self._metadata(data)
+        except (metadata.MetadataError, MemoryError, OverflowError):
+            return None  # (said by the reading of the whole file)
+        record.update(found, digest=digest)
         return record
 
     def _fingerprint(self, ino: int, data: bytes) -> dict:

@@ -1,7 +1,8 @@
 """On-capture policies (vault.toml [[capture]]) applied by the mount: the first policy for a
 new image's folder or tier renames it by its template (only when the policy has one; its own
-sidecars go with it) and gives it an XMP sidecar with the policy's metadata. The captured
-file's bytes are never changed, and a sidecar already there is left as it is.
+sidecars go with it) and gives it an XMP sidecar with the policy's metadata. (Its `preview`,
+for every version of an image, is made by previews.py.) The captured file's bytes are never
+changed, and a sidecar already there is left as it is.
 
 A capture is a file created under a name that no file held before in this mount, whose
 metadata says it is an image: a file put in another's place (renamed over it, or after it was
@@ -138,8 +139,7 @@ class CapturePolicies:
             record = tx.media(node.content) if node is not None else None
             if record is None:
                 return []  # changed since it was read: its next reading decides
-            tier = self.tiers.tier_of(variables(record, path, False), _tag(tx, path))
-        policy = next((p for p in self.policies if capture.applies(p, path, tier)), None)
+            policy = self.policy_for(tx, path, record)
         if policy is None:
             return []
         placed = []
@@ -153,6 +153,11 @@ class CapturePolicies:
             if side is not None:
                 placed.append(side)
         return placed
+
+    def policy_for(self, tx: Txn, path: str, record: dict) -> CapturePolicy | None:
+        """The first policy for an image at `path` whose metadata is `record`, if any."""
+        tier = self.tiers.tier_of(variables(record, path, False), _tag(tx, path))
+        return next((p for p in self.policies if capture.applies(p, path, tier)), None)
 
     def _rename(self, ino: int, path: str, template: str, record: dict,
                 mtime_ns: int) -> list[Placed]:

@@ -8,6 +8,9 @@
     analysed    its metadata is in the index (with its rating and label when it has them)
     fingerprinted  an image's fingerprint is in the index (`phash`, `whash`, and `preview`:
                 whether .vault/previews serves one), or `error` says why it has none
+    tiered      the file's tier is known (its metadata read), or has changed since (a rating,
+                label or pick in it or in a sidecar, a tag, a rename): `tier`, and `from` (the
+                tier before) when it changed
     burst       an image joined a burst or bracket (`group`: its folder in .vault/bursts,
                 `kind`, `files`: how many it holds now)
     renamed     a committed file got its name by a rename (`from`: the path it had): its
@@ -38,6 +41,10 @@ SEND_TIMEOUT = 30.0  # seconds a listener may take to accept one event
 class Events:
     def __init__(self) -> None:
         self._listeners: set[trio.MemorySendChannel] = set()
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._listeners)
 
     def publish(self, event: str, path: str, **details) -> None:
         message = {"event": event, "path": path, "time": time.time(), **details}

@@ -27,6 +27,7 @@ from .analysis import Analyzer
 from .capture import CapturePolicies
 from .mirror import Mirror, note as note_mirror
 from .operations import VaultOperations
+from .previews import Previews
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint:
     ops.analyzer.name_of = lambda ino: ops.event_path(ino).rsplit("/", 1)[-1]
     if rules.capture:
         ops.capture = CapturePolicies(store, rules.capture, ops.rules)
+    ops.previews = Previews(store, ops.cache, ops.capture)
+    ops.previews.on_made = ops.want_catalog
     store.mounted = True
     logging.getLogger("pyfuse3").addFilter(_dropped_replies)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -139,6 +142,7 @@ def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint:
                                     {"events": ops.events.listen})
                 nursery.start_soon(_policies, store, ops, rules)
                 nursery.start_soon(ops.analyzer.run)
+                nursery.start_soon(ops.previews.run)
                 nursery.start_soon(ops.keep_catalog)
                 if ops.capture is not None:
                     nursery.start_soon(ops.keep_captures)

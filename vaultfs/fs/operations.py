@@ -25,6 +25,7 @@ from typing import TypeVar
 import lmdb
 import pyfuse3
 import trio
+import xxhash
 from pyfuse3 import FUSEError
 
 from ..store import ROOT_INO, Inode, Store, Txn
@@ -37,13 +38,14 @@ from .spool import OpenInode, open_spool
 from ..media.tiers import Tiers
 from ..store import policy
 from .analysis import Analyzer
+from .previews import Previews
 from ..media.catalog import Catalog
 from ..media.groups import SEQUENCES, Group, GroupIndex
 from ..media.catalog import build as build_catalog
-from ..store.verify import check_chunk
+from ..store.verify import checked_chunk
 from .events import Events
 from .mirror import Mirror, figures as copies_figures
-from .views import VAULT_INO, VAULT_NAME, Views, inode_attrs
+from .views import PREVIEWS, VAULT_INO, VAULT_NAME, Views, inode_attrs
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,14 @@ class VaultOperations(pyfuse3.Operations):
         self.groups = GroupIndex()  # kept up to date with each rebuild (under its lock)
         self._joined: list[tuple[str, Group]] = []  # files that joined a burst or bracket
         self._fingerprinted: set[int] = set()  # files this mount fingerprinted
+        # Tiers for `tiered` events: each file's (path, tier) as last announced or known, the
+        # files this mount analysed before its first catalogue, and what to announce.
+        self._tiers: dict[int, tuple[str, str]] = {}
+        self._left: dict[str, str] = {}  # path -> tier of a file gone from it (saved over?)
+        self._analysed_early: set[int] = set()
+        self._retiered: list[tuple[str, str, str | None]] = []
         self.analyzer: Analyzer | None = None  # set by mount.run
+        self.previews: Previews | None = None  # set by mount.run
         self.mirror: Mirror | None = None  # set by mount.run when the vault has a mirror
         self.views = Views(store, self.cache, self.status, os.getuid(), os.getgid(),
                            self.catalog, self.rules.names)
@@ -225,6 +234,15 @@ class VaultOperations(pyfuse3.Operations):
             self.refresh_catalog()
         return self._catalog[1]
 
+    async def _view(self, ino: int) -> bool:
+        """Whether `ino` is a node of the views; before the first look at one, the catalogue is
+        built in a worker thread, so that its first build does not stall the whole mount."""
+        if not self.views.owns(ino):
+            return False
+        if self._catalog is None:
+            await self.fresh_catalog()
+        return True
+
     def want_catalog(self) -> None:
         """Have the catalogue (and the groups) rebuilt soon, though no one looks: a new
         fingerprint may put a file in a burst, which listeners hear of."""
@@ -239,9 +257,11 @@ class VaultOperations(pyfuse3.Operations):
                 if self._catalog is None or self._catalog[0] != txn_id:
                     t0 = time.monotonic()
                     cat = build_catalog(tx, self.rules)
+                    self._add_previews(tx, cat)
                     self.groups.update(cat.group_files())
                     cat.groups = [g for k in SEQUENCES for g in self.groups.groups(k)]
                     self._note_joined(self._catalog[1] if self._catalog else None, cat)
+                    self._note_tiers(tx, cat, first=self._catalog is None)
                     self._catalog = (txn_id, cat)
                     self._catalog_s = time.monotonic() - t0
             return self._catalog[1]
@@ -256,19 +276,67 @@ class VaultOperations(pyfuse3.Operations):
                                 if before.get((k, g.kind)) != g.name and k in new.files
                                 and (old is not None or k in self._fingerprinted))
 
+    def _add_previews(self, tx: Txn, cat: Catalog) -> None:
+        """Files whose version has a generated preview are in .vault/previews too."""
+        made = self.previews.made if self.previews is not None else ()
+        if not made:
+            return
+        folders: dict[str, int | None] = {"": ROOT_INO}
+        for ino, e in cat.files.items():
+            if e.node.content not in made:
+                continue
+            parts = e.path.split("/")[:-1]
+            prefixes = ["/".join(parts[:i]) for i in range(len(parts) + 1)]
+            for p in prefixes:
+                if p not in folders:
+                    folders[p] = tx.resolve(p)
+            if all(folders[p] is not None for p in prefixes):
+                cat.add(PREVIEWS, ino, [folders[p] for p in prefixes])
+
+    def _note_tiers(self, tx: Txn, cat: Catalog, first: bool) -> None:
+        """Files whose tier is newly known (their metadata read) or not the one last noted:
+        for `tiered` events. A file whose bytes, or whose sidecar's or image's, are not
+        analysed yet keeps the tier noted (the metadata to come may move it); an empty file
+        has none yet. A file saved by renaming a new one over it takes over the tier noted
+        for its path. The first catalogue of a mount notes what was known before it quietly:
+        only the files this mount analysed are new."""
+        waiting = {e.path for e in cat.files.values() if e.node.content and not e.own
+                   and tx.media(e.node.content) is None}
+        moving = set(waiting)
+        for e in cat.files.values():
+            if e.sidecars and (e.path in waiting or waiting.intersection(e.sidecars)):
+                moving.update([e.path, *e.sidecars])
+        for ino in [ino for ino in self._tiers if ino not in cat.files]:
+            path, tier = self._tiers.pop(ino)
+            self._left[path] = tier
+        paths = {e.path for e in cat.files.values()}
+        self._left = {path: tier for path, tier in self._left.items() if path in paths}
+        for ino, e in cat.files.items():
+            if not e.node.content or e.path in moving:
+                continue
+            noted = self._tiers.get(ino)
+            before = noted[1] if noted is not None else self._left.pop(e.path, None)
+            self._tiers[ino] = (e.path, e.tier)
+            if before != e.tier and (before is not None or not first
+                                     or ino in self._analysed_early):
+                self._retiered.append((e.path, e.tier, before))
+        if first:
+            self._analysed_early.clear()
+
     async def fresh_catalog(self) -> Catalog:
         return await self._thread(self.refresh_catalog)
 
     async def keep_catalog(self) -> None:
         """Rebuild the catalogue in a worker thread when the store has moved on and views or
         status have asked for it since, at most CATALOG_REFRESH_S apart: views follow changes
-        within about a second (a view a second time after a change shows it)."""
+        within about a second (a view a second time after a change shows it). While someone
+        listens to events, after every change: a change of tier is announced (`tiered`)."""
         while True:
             # (A walk of a large tree is not free, ~2 s per 100,000 files: at most a fifth of
             # the time goes to it.)
             await trio.sleep(max(CATALOG_REFRESH_S, 4 * self._catalog_s))
-            # Only while someone looks, or something may have joined a group.
-            if self._catalog_wanted and (self._catalog is None or
+            # Only while someone looks or listens, or something may have joined a group.
+            if (self._catalog_wanted or self.events.listening) and (self._catalog is None or
                                          self.store.env.info()["last_txnid"] != self._catalog[0]):
                 self._catalog_wanted = False
                 try:
@@ -279,6 +347,10 @@ class VaultOperations(pyfuse3.Operations):
             for path, group in joined:
                 self.events.publish("burst", path, group=group.name, kind=group.kind,
                                     files=len(group.keys))
+            retiered, self._retiered = self._retiered, []
+            for path, tier, before in retiered:
+                self.events.publish("tiered", path, tier=tier,
+                                    **({"from": before} if before is not None else {}))
 
     def status(self) -> dict:
         figures = self.store.figures()
@@ -287,6 +359,9 @@ class VaultOperations(pyfuse3.Operations):
         figures["uncommitted_files"] = len(dirty)
         figures["oldest_uncommitted_s"] = round(time.monotonic() - min(dirty), 3) if dirty else 0
         figures.update(copies_figures(self.store, self.catalog()))
+        if self.analyzer is not None:  # (what the analyser read, and the samples it left)
+            figures["analysis"] = {"files": self.analyzer.analysed,
+                                   "samples_not_decoded_bytes": self.analyzer.skipped_bytes}
         return figures
 
     # ---- lookups and attributes ---------------------------------------------------------------
@@ -294,7 +369,7 @@ class VaultOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         if parent_inode == ROOT_INO and name == VAULT_NAME:
             return self.views.attrs(VAULT_INO)
-        if self.views.owns(parent_inode):
+        if await self._view(parent_inode):
             attrs = self.views.attrs(self.views.find(parent_inode, name))
             self._remember(attrs.st_ino, attrs.st_mode, parent_inode)
             return attrs
@@ -329,6 +404,7 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def getattr(self, inode, ctx=None):
+        await self._view(inode)
         return self._get_attrs(inode)
 
     @handler
@@ -375,7 +451,7 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def readlink(self, inode, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             return self.views.readlink(inode)
         with self.store.reader() as tx:
             node = self._inode(tx, inode)
@@ -675,7 +751,7 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def open(self, inode, flags, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
                 raise FUSEError(errno.EROFS)
             if not self.views.is_generated(inode):  # a snapshot's file or a version
@@ -787,6 +863,8 @@ class VaultOperations(pyfuse3.Operations):
         self.changed = True
         self.events.publish("committed", self.event_path(ino), size=size)
         if self.nursery is not None:
+            if self.analyzer is not None:
+                self.analyzer.reading_back(ino, size)
             self.nursery.start_soon(self._verify, ino)
         if self.analyzer is not None:
             self.analyzer.enqueue(ino)
@@ -852,6 +930,10 @@ class VaultOperations(pyfuse3.Operations):
         capture policies to an image captured in this mount. A fingerprint may complete a
         burst: the catalogue is rebuilt to see."""
         path = self.event_path(ino)
+        if self._catalog is None:
+            self._analysed_early.add(ino)
+        if self.previews is not None and record.get("kind") == "image":
+            self.previews.enqueue(ino, path)
         self.events.publish("analysed", path, **{k: record[k] for k in ("kind", "rating",
                                                                         "label", "error")
                                                  if k in record})
@@ -888,12 +970,17 @@ class VaultOperations(pyfuse3.Operations):
 
     async def _verify(self, ino: int) -> None:
         """Read a committed file back from the store and match every chunk against its
-        digests: only then is it `verified` (safe)."""
+        digests: only then is it `verified` (safe). The analyser waits for it, and has the
+        digest of the bytes when all were read."""
+        version, problem, digest = 0, None, None
         try:
-            version, problem = await self._thread(self._read_back, ino)
+            version, problem, digest = await self._thread(self._read_back, ino)
         except Exception as e:  # (it is in the store; `vaultfs verify` can say more)
             log.exception("reading back inode %d failed", ino)
-            version, problem = 0, str(e)
+            problem = str(e)
+        finally:
+            if self.analyzer is not None:
+                self.analyzer.read_back(ino, version, None if problem else digest)
         if problem:
             log.error("%s did not read back as written: %s", self.event_path(ino), problem)
             self.events.publish("error", self.event_path(ino), error=problem)
@@ -901,25 +988,36 @@ class VaultOperations(pyfuse3.Operations):
             self._verified[ino] = version
             self.events.publish("verified", self.event_path(ino), version=version)
 
-    def _read_back(self, ino: int) -> tuple[int, str | None]:
+    def _read_back(self, ino: int) -> tuple[int, str | None, str | None]:
         """Check the chunks of the file's current version that were not checked for its
-        previous one (a logger's fsyncs re-check only what was appended)."""
-        with self.store.reader() as tx:
+        previous one (a logger's fsyncs re-check only what was appended): (version, what is
+        wrong, and the XXH3-128 (hex) of all its bytes when every chunk was read)."""
+        with self.store.reader(buffers=True) as tx:
             node = tx.inode(ino)
             if node is None:
-                return 0, None  # deleted meanwhile
+                return 0, None, None  # deleted meanwhile
             done = self._checked.get(ino, set())
             now: set[bytes] = set()
+            whole, end = xxhash.xxh3_128(), 0  # (holes hashed as the zeros they read as)
             for off, chunk_id, _ in tx.extents(node.content):
                 now.add(chunk_id)
                 if chunk_id in done:
+                    whole = None
                     continue
                 rec = tx.chunk_record(chunk_id)
-                why = check_chunk(tx.chunk_data(chunk_id), chunk_id, rec) if rec else "missing"
+                data, why = checked_chunk(tx.chunk_data(chunk_id), chunk_id, rec) if rec \
+                    else (None, "missing")
                 if why:
-                    return node.content, f"bytes from {off}: {why}"
+                    return node.content, f"bytes from {off}: {why}", None
+                if whole is not None:
+                    _zeros(whole, off - end)
+                    whole.update(data)
+                    end = off + len(data)
             self._checked[ino] = now
-            return node.content, None
+            if whole is None:
+                return node.content, None, None
+            _zeros(whole, node.size - end)
+            return node.content, None, whole.hexdigest()
 
     def safety(self, path: str) -> dict:
         """Is the file at `path` safe yet: committed, read back and verified, and mirrored
@@ -934,7 +1032,7 @@ class VaultOperations(pyfuse3.Operations):
         committed = not (of is not None and of.dirty) and ino not in self._failed
         if committed and node.content and self._verified.get(ino) != node.content and \
                 (of is None or of.streaming is None):
-            version, problem = self._read_back(ino)
+            version, problem, _ = self._read_back(ino)
             if version and not problem:
                 self._verified[ino] = version
         verified = committed and (self._verified.get(ino) == node.content if node.content
@@ -1035,7 +1133,7 @@ class VaultOperations(pyfuse3.Operations):
     # ---- directories --------------------------------------------------------------------------
     @handler
     async def opendir(self, inode, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             if not stat.S_ISDIR(self.views.attrs(inode).st_mode):
                 raise FUSEError(errno.ENOTDIR)
             return inode
@@ -1055,9 +1153,12 @@ class VaultOperations(pyfuse3.Operations):
         for offset, (name, ino) in enumerate(head[start_id:], start_id + 1):
             if not pyfuse3.readdir_reply(token, name, self._get_attrs(ino), offset):
                 return  # the kernel takes no reference on these three
-        if self.views.owns(fh):
+        if await self._view(fh):
             for offset, name, ino in self.views.entries(fh, start_id):
-                attrs = self.views.attrs(ino)
+                try:
+                    attrs = self.views.attrs(ino)
+                except FUSEError:  # gone since the list was made (a deleted frame): skip it
+                    continue
                 if not pyfuse3.readdir_reply(token, name, attrs, offset):
                     return
                 self._remember(ino, attrs.st_mode, fh)
@@ -1090,7 +1191,7 @@ class VaultOperations(pyfuse3.Operations):
     # ---- extended attributes ------------------------------------------------------------------
     @handler
     async def getxattr(self, inode, name, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             value = dict(self.views.xattrs(inode)).get(name)
             if value is None:
                 raise FUSEError(pyfuse3.ENOATTR)
@@ -1104,7 +1205,7 @@ class VaultOperations(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode, ctx):
-        if self.views.owns(inode):
+        if await self._view(inode):
             return [name for name, _ in self.views.xattrs(inode)]
         with self.store.reader() as tx:
             self._inode(tx, inode)
@@ -1178,6 +1279,14 @@ class VaultOperations(pyfuse3.Operations):
                 await self._delete_if_unused(ino)
             except Exception:  # the next mount's recovery frees it
                 log.exception("could not free unlinked inode %d at shutdown", ino)
+
+
+def _zeros(h: "xxhash.xxh3_128", n: int) -> None:
+    """Feed `n` zero bytes to a running hash (a hole)."""
+    block = bytes(min(n, 1 << 20))
+    while n > 0:
+        h.update(block[:n])
+        n -= len(block)
 
 
 def _drop_name(tx: Txn, node: Inode, now: int) -> None:

@@ -15,15 +15,17 @@ view of live directory `id`; 3: the timeline directory of live file `id`; 4: ver
 5: live directory `id` seen through filter number `epoch` (a tier, a rating, a label, the
 previews, or one burst: the numbers are handed out as a mount first shows each filter; a
 burst's filter on the root is its folder, listing its files flat); 6: live file `id`,
-read-only; 7: the embedded preview of live file `id`.
+read-only; 7: the preview of live file `id`.
 
     .vault/tiers/<tier>/<path>            live files by tier (catalog.py)
     .vault/rating/<0..5>/<path>           live images by star rating
     .vault/labels/<colour>/<path>         live images by colour label
     .vault/bursts/<group>/<name>          the files of each burst and bracket (groups.py), under
                                           names unique in the group (IMG_1.JPG, IMG_1~2.JPG)
-    .vault/previews/<path>.jpg            the JPEG preview inside each image (its byte range,
-                                          from the media index; a JPEG is its own preview)
+    .vault/previews/<path>.jpg            each image's preview: the one generated for it by a
+                                          capture policy (previews.py), else the JPEG inside it
+                                          (its byte range, from the media index; a JPEG is its
+                                          own preview)
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ class Views:
                 a.st_mode &= ~0o222  # looked up anew (the name may go, or come back as another)
                 a.entry_timeout = a.attr_timeout = 0
             return a
-        with self.store.reader() as tx:
+        with self.store.reader(buffers=kind == PREVIEW_FILE) as tx:
             if kind in (VERSIONS_DIR, TIMELINE, FILTER_DIR):
                 node = tx.inode(ident)
                 if node is None:
@@ -175,7 +177,7 @@ class Views:
                 a.st_mode &= ~0o222
                 return a
             if kind == PREVIEW_FILE:
-                node, start, length = self._preview(tx, ident)
+                node, _, _, length = self._preview(tx, ident)
                 a = inode_attrs(node, ino, 0)  # a new version may move or drop it
                 a.st_mode = stat.S_IFREG | (node.mode & 0o444)
                 a.st_nlink, a.st_size, a.st_blocks = 1, length, (length + 511) >> 9
@@ -263,15 +265,20 @@ class Views:
         raise FUSEError(errno.ENOENT)
 
     @staticmethod
-    def _preview(tx: Txn, ino: int) -> tuple[Inode, int, int]:
-        """A live file and the byte range of its preview in its current version."""
+    def _preview(tx: Txn, ino: int) -> tuple[Inode, memoryview | bytes | None, int, int]:
+        """A live file and its current version's preview: the one generated for it (fs/
+        previews.py: its JPEG, 0, its length), else the byte range of the JPEG inside it
+        (None, offset, length)."""
         node = tx.inode(ino)
+        made = tx.preview(node.content) if node is not None else None
+        if made is not None and made.jpeg is not None:
+            return node, made.jpeg, 0, len(made.jpeg)
         record = tx.media(node.content) if node is not None else None
         span = record.get("preview") if record else None
         if not (isinstance(span, list) and len(span) == 2 and 0 <= span[0]
                 and 0 < span[1] <= node.size - span[0]):
             raise FUSEError(errno.ENOENT)
-        return node, span[0], span[1]
+        return node, None, span[0], span[1]
 
     def entries(self, parent: int, start: int) -> Iterator[tuple[int, bytes, int]]:
         """(offset of the next entry, name, inode) of a directory's entries after `start`
@@ -386,9 +393,11 @@ class Views:
         kind, epoch, ident = decode(ino)
         if kind == PREVIEW_FILE:
             with self._tree(None, buffers=True) as tx:
-                node, begin, length = self._preview(tx, ident)
+                node, made, begin, length = self._preview(tx, ident)
                 if off >= length:
                     return b""
+                if made is not None:
+                    return bytes(made[off:off + size])
                 return read_range(tx, self.cache, node, begin + off, min(size, length - off))
         if kind not in (SNAPSHOT_NODE, VERSION_FILE, FILTER_FILE):
             raise FUSEError(errno.EISDIR)

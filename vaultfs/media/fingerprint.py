@@ -54,7 +54,23 @@ def fingerprint(data: bytes) -> dict:
     `format` ("jpeg", "mpo", "raw" or Pillow's name in lower case), and `preview`
     ([offset, length] of a whole embedded JPEG, the file itself for a JPEG) when there is
     one. Raises FingerprintError."""
-    img, size, fmt, preview = _picture(data)
+    return _record(*_picture(data))
+
+
+def preview_fingerprint(data: bytes) -> dict | None:
+    """What `fingerprint` gives a RAW whose picture is an embedded JPEG preview stored whole in
+    the file (with its `preview` range), read without the sensor data: LibRaw reads the
+    preview alone, so those bytes may be anything (zeros not decoded). None for anything else
+    (no such preview, not a RAW, no fingerprint): its picture needs the file whole."""
+    try:
+        found = _raw(data, demosaic=False)
+        return _record(*found) if found is not None and found[3] is not None else None
+    except FingerprintError:
+        return None
+
+
+def _record(img: Image.Image, size: tuple[int, int], fmt: str,
+            preview: tuple[int, int] | None) -> dict:
     if min(size) < MIN_SIDE:
         raise FingerprintError(f"{size[0]}x{size[1]} pixels: too small to fingerprint")
     grey = img.convert("L").resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR,
@@ -104,13 +120,13 @@ def _jpeg(data: bytes, upright: bool = True) -> tuple[Image.Image, tuple[int, in
             img = ImageOps.exif_transpose(img)
         img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise FingerprintError(f"JPEG: {_why(e)}") from None
+        raise FingerprintError(f"JPEG: {complaint(e)}") from None
     return img, _upright(size, img)
 
 
-def _raw(data: bytes):
+def _raw(data: bytes, demosaic: bool = True):
     """A RAW's embedded preview (or thumbnail bitmap); with none, its sensor data demosaiced
-    at half size."""
+    at half size (or, without `demosaic`, None where the preview is not a JPEG)."""
     try:
         with rawpy.imread(io.BytesIO(data)) as raw:
             turn = _FLIPS.get(raw.sizes.flip)
@@ -121,6 +137,8 @@ def _raw(data: bytes):
             if thumb is not None and thumb.format == rawpy.ThumbFormat.JPEG:
                 img, size = _jpeg(bytes(thumb.data), upright=False)
                 preview = _locate(data, bytes(thumb.data))
+            elif not demosaic:
+                return None
             else:
                 if thumb is not None:  # an RGB bitmap
                     img = Image.fromarray(np.asarray(thumb.data, dtype=np.uint8))
@@ -129,7 +147,7 @@ def _raw(data: bytes):
                                                           output_bps=8, user_flip=0))
                 size, preview = img.size, None
     except (rawpy.LibRawError, OSError, ValueError) as e:
-        raise FingerprintError(f"LibRaw: {_why(e)}") from None
+        raise FingerprintError(f"LibRaw: {complaint(e)}") from None
     if turn is not None:
         img = img.transpose(turn)
         size = (size[1], size[0]) if turn != Image.Transpose.ROTATE_180 else size
@@ -151,7 +169,7 @@ def _heif(data: bytes):
         else:
             img = image.to_pillow()
     except (OSError, ValueError, RuntimeError, IndexError) as e:
-        raise FingerprintError(f"libheif: {_why(e)}") from None
+        raise FingerprintError(f"libheif: {complaint(e)}") from None
     return img, image.size, "heif", None
 
 
@@ -162,7 +180,7 @@ def _pillow(data: bytes):
             fmt, size = (img.format or "image").lower(), img.size
             img = ImageOps.exif_transpose(_reduced(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise FingerprintError(f"Pillow: {_why(e)}") from None
+        raise FingerprintError(f"Pillow: {complaint(e)}") from None
     return img, _upright(size, img), fmt, None
 
 
@@ -172,7 +190,7 @@ def _exif_thumbnail(data: bytes):
         with pyexiv2.ImageData(data) as meta:
             thumb = meta.read_thumbnail()
     except Exception as e:  # pyexiv2 raises plain Exceptions with Exiv2's text
-        raise FingerprintError(f"Exiv2: {_why(e)}") from None
+        raise FingerprintError(f"Exiv2: {complaint(e)}") from None
     if not thumb:
         raise FingerprintError("no EXIF thumbnail")
     img, size = _jpeg(thumb)
@@ -194,24 +212,30 @@ def _upright(size: tuple[int, int], img: Image.Image) -> tuple[int, int]:
 
 
 def _locate(data: bytes, jpeg: bytes) -> tuple[int, int] | None:
-    """Where the embedded JPEG lies in the file, if it is stored there whole. LibRaw hands
-    back a preview that has no EXIF of its own with an EXIF segment put in after its SOI
-    marker: the file holds it without that segment."""
+    """Where the embedded JPEG lies in the file (first), if it is stored there whole. LibRaw
+    hands back a preview that has no EXIF of its own with an EXIF segment put in after its
+    SOI marker: the file holds it without that segment."""
     bodies = [jpeg[2:]]
     if jpeg[2:4] == b"\xff\xe1":
         bodies.append(jpeg[4 + int.from_bytes(jpeg[4:6], "big"):])
-    view = memoryview(data)
-    for body in bodies:
-        head = b"\xff\xd8" + body[:62]
-        at = data.find(head)
-        while at >= 0:
-            if view[at + 2:at + 2 + len(body)] == body:
-                return at, len(body) + 2
-            at = data.find(head, at + 1)
+    # One scan for bytes from the middle of what all bodies end with (entropy-coded data,
+    # varied): the search skips by their length through zeros (the sensor data the analyser
+    # leaves undecoded), where the JPEG's first bytes, which end in zeros, would crawl.
+    view, tail = memoryview(data), bodies[-1]
+    mid = len(tail) // 2
+    needle = tail[mid:mid + 32]
+    at = data.find(needle)
+    while at >= 0:
+        for body in bodies:
+            start = at - (len(body) - len(tail) + mid) - 2
+            if start >= 0 and view[start:start + 2] == b"\xff\xd8" and \
+                    view[start + 2:start + 2 + len(body)] == body:
+                return start, len(body) + 2
+        at = data.find(needle, at + 1)
     return None
 
 
-def _why(e: BaseException) -> str:
+def complaint(e: BaseException) -> str:
     """A decoder's complaint in a sentence (without Pillow's "<_io.BytesIO object at 0x...>")."""
     text = e.args[0] if e.args else ""
     if isinstance(text, bytes):

@@ -30,12 +30,13 @@ DB_MEDIA = b"media"
 DB_SYNCBASE = b"syncbase"
 DB_HELD = b"held"
 DB_RELIED = b"relied"
+DB_PREVIEWS = b"previews"
 ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_EXTENTS, DB_XATTRS,
            DB_CHUNKS, DB_CHUNKDATA, DB_PENDING, DB_VERSIONS, DB_TIMELINES, DB_EPOCHS, DB_BRANCHES,
-           DB_SNAPSHOTS, DB_MEDIA, DB_SYNCBASE, DB_HELD, DB_RELIED)
+           DB_SNAPSHOTS, DB_MEDIA, DB_SYNCBASE, DB_HELD, DB_RELIED, DB_PREVIEWS)
 # Added after a format's first stores were made: a writable open creates them, a reader that
 # finds one missing sees it empty.
-LATER_DBS = (DB_MEDIA, DB_SYNCBASE, DB_HELD, DB_RELIED)
+LATER_DBS = (DB_MEDIA, DB_SYNCBASE, DB_HELD, DB_RELIED, DB_PREVIEWS)
 # Records of these databases are versioned by epoch (see "Epochs" below).
 VERSIONED_DBS = (DB_INODES, DB_DIRENTS, DB_DIRLIST, DB_XATTRS)
 
@@ -192,6 +193,29 @@ class Version:
 
 # media: version u64 -> JSON object: what the version's bytes say as an image or a sidecar
 # (media/metadata.py), or {"error": why} when they could not be read. Dropped with the version.
+
+# previews: version u64 -> long side asked u32 + made u8 + a JPEG file (made 1), or the UTF-8
+# reason none could be made (made 0). A generated preview of the version's image (an
+# on-capture policy's `preview`): derived data, like media; dropped with the version.
+PREVIEW_HEAD = struct.Struct(">IB")
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    asked: int                          # the long side the policy asked for, in pixels
+    jpeg: bytes | memoryview | None     # the proxy, or
+    why: str | None = None              # why there is none
+
+    def pack(self) -> bytes:
+        body = self.jpeg if self.jpeg is not None else (self.why or "").encode()
+        return PREVIEW_HEAD.pack(self.asked, self.jpeg is not None) + bytes(body)
+
+    @classmethod
+    def unpack(cls, b: bytes | memoryview) -> "Preview":
+        asked, made = PREVIEW_HEAD.unpack_from(b)
+        body = b[PREVIEW_HEAD.size:]
+        return cls(asked, body, None) if made else cls(asked, None, bytes(body).decode())
+
 
 # extents: version u64 + file offset u64 -> chunk id (17 bytes) + length u32.
 # Extents of one version never overlap; a gap between them is a hole that reads as zeros.

@@ -50,6 +50,8 @@
     session = "Ana & Tom"               # (XMP photoshop:TransmissionReference, IPTC Job Id)
     rename = "{date}/{camera}_{seq}{ext}"   # only when given: the file's new path, from its
                                             # folder ({date} {camera} {seq} {name} {ext})
+    preview = 2048       # a JPEG proxy this long a side, for .vault/previews, of each version
+                         # of an image without an embedded JPEG preview as large (fs/previews.py)
 
 A missing key takes the default above; `vaultfs init` writes them all (the mirror's path and
 `copies` as comments: their defaults depend on each other; `compression` as a comment), so they
@@ -96,6 +98,7 @@ class TierPolicy:
 
 CAPTURE_METADATA = ("copyright", "creator", "keywords", "session")
 RENAME_FIELDS = ("date", "camera", "seq", "name", "ext")
+PREVIEW_SIDES = (64, 8192)  # the long sides a policy may ask a generated preview to have
 
 
 @dataclass
@@ -104,6 +107,7 @@ class CapturePolicy:
     tier: str | None     # ...or files of this tier when captured
     metadata: dict       # copyright, creator, session (strings), keywords (strings)
     rename: str | None   # the template of a new path, relative to the file's folder
+    preview: int | None = None  # the long side of a generated preview, in pixels
 
 
 @dataclass
@@ -233,10 +237,11 @@ def _mirror(path: Path, doc: dict, given: str | os.PathLike | None) -> Path | No
 
 def _capture(path: Path, c: dict, tiers: dict) -> CapturePolicy:
     where = f"{path}: [[capture]] {c.get('folder', c.get('tier', ''))!r}"
-    unknown = set(c) - {"folder", "tier", "rename", *CAPTURE_METADATA}
+    unknown = set(c) - {"folder", "tier", "rename", "preview", *CAPTURE_METADATA}
     if unknown:
         raise StoreError(f"{where}: {', '.join(sorted(unknown))} is not something this vaultfs "
-                         f"does (keys: folder or tier, {', '.join(CAPTURE_METADATA)}, rename)")
+                         f"does (keys: folder or tier, {', '.join(CAPTURE_METADATA)}, rename, "
+                         f"preview)")
     if ("folder" in c) == ("tier" in c):
         raise StoreError(f'{where}: give folder = "..." or tier = "...", one of them')
     folder, tier = c.get("folder"), c.get("tier")
@@ -259,9 +264,14 @@ def _capture(path: Path, c: dict, tiers: dict) -> CapturePolicy:
             raise StoreError(f"{where}: rename {rename!r} must be a relative path made of "
                              f"{{{'}, {'.join(RENAME_FIELDS)}}} and text, with {{seq}} "
                              f"(so that no two files get one name)")
+    preview = c.get("preview")
+    if preview is not None and (type(preview) is not int or
+                                not PREVIEW_SIDES[0] <= preview <= PREVIEW_SIDES[1]):
+        raise StoreError(f"{where}: preview must be the long side of a generated preview in "
+                         f"pixels, a whole number from {PREVIEW_SIDES[0]} to {PREVIEW_SIDES[1]}")
     metadata = {k: c[k] for k in CAPTURE_METADATA if k in c and c[k]}
     return CapturePolicy(folder.strip("/") if folder is not None else None, tier, metadata,
-                         rename)
+                         rename, preview)
 
 
 def _rules(path: Path, section: str, table: dict, default: dict[str, int]) -> dict[str, int]:

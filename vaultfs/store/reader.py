@@ -114,17 +114,41 @@ def read_range(tx: Txn, cache: ChunkCache, node: Content, offset: int, size: int
 def iter_extents(tx: Txn, cache: ChunkCache, node: Content, start: int = 0,
                  end: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(file offset, decoded chunk) of the extents overlapping [start, end)."""
-    ino = node.ino
     for ext_off, chunk_id, length in tx.extents(node.content, start):
         if end is not None and ext_off >= end:
             return
-        try:
-            data = cache.get(tx, chunk_id)
-        except ChunkCorrupt as e:
-            raise DamagedChunk(ino, ext_off, length, chunk_id, str(e)) from None
-        except ChunkOffline:
-            raise OfflineData(ino, ext_off, length) from None
-        if len(data) != length:
-            raise StoreError(f"inode {ino}: extent at {ext_off} says {length} bytes, "
-                             f"chunk {chunk_id.hex()} holds {len(data)}")
-        yield ext_off, data
+        yield ext_off, _chunk(tx, cache, node.ino, ext_off, chunk_id, length)
+
+
+def read_except(tx: Txn, cache: ChunkCache, node: Content, codec: int,
+                within: list[tuple[int, int]]) -> tuple[bytes, list[tuple[int, int]]]:
+    """A committed file whole, holes as zeros, but for its chunks stored with `codec` that lie
+    wholly inside one of the `within` ranges ([start, end) of the file): those are not even
+    decoded, and read as zeros. Their (offset, length) are the second value (they are not
+    checked either: nothing is read of them)."""
+    out = bytearray(node.size)
+    skipped: list[tuple[int, int]] = []
+    for ext_off, chunk_id, length in tx.extents(node.content):
+        stored = tx.chunk_data(chunk_id)
+        if stored is not None and len(stored) and stored[0] == codec and \
+                any(lo <= ext_off and ext_off + length <= hi for lo, hi in within):
+            skipped.append((ext_off, length))
+        else:
+            out[ext_off:ext_off + length] = _chunk(tx, cache, node.ino, ext_off, chunk_id,
+                                                   length)
+    return bytes(out), skipped
+
+
+def _chunk(tx: Txn, cache: ChunkCache, ino: int, ext_off: int, chunk_id: bytes,
+           length: int) -> bytes:
+    """The decoded chunk of the extent of inode `ino` at `ext_off`."""
+    try:
+        data = cache.get(tx, chunk_id)
+    except ChunkCorrupt as e:
+        raise DamagedChunk(ino, ext_off, length, chunk_id, str(e)) from None
+    except ChunkOffline:
+        raise OfflineData(ino, ext_off, length) from None
+    if len(data) != length:
+        raise StoreError(f"inode {ino}: extent at {ext_off} says {length} bytes, "
+                         f"chunk {chunk_id.hex()} holds {len(data)}")
+    return data

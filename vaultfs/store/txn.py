@@ -449,9 +449,30 @@ class Txn:
             self.txn.put(u64(number), json.dumps(record, sort_keys=True).encode(),
                          db=self.dbs[F.DB_MEDIA])
 
+    def preview(self, number: int) -> F.Preview | None:
+        """The generated preview of a version (None: none made or tried yet). In a reader
+        with buffers, its JPEG is a view of the map: copy what must outlive the reader."""
+        db = self.dbs.get(F.DB_PREVIEWS)
+        v = self.txn.get(u64(number), db=db) if db is not None and number else None
+        return F.Preview.unpack(v) if v is not None else None
+
+    def previews(self) -> Iterator[tuple[int, int, bool]]:
+        """(version, long side asked, made) of every preview record (in a reader with
+        buffers, this touches only their first bytes)."""
+        if F.DB_PREVIEWS in self.dbs:
+            with self.txn.cursor(db=self.dbs[F.DB_PREVIEWS]) as c:
+                for k, v in c:
+                    asked, made = F.PREVIEW_HEAD.unpack_from(v)
+                    yield from_u64(k), asked, bool(made)
+
+    def put_preview(self, number: int, preview: F.Preview) -> None:
+        if self.version(number) is not None:  # (dropped while it was being made)
+            self.txn.put(u64(number), preview.pack(), db=self.dbs[F.DB_PREVIEWS])
+
     def free_content(self, number: int) -> None:
-        if F.DB_MEDIA in self.dbs:
-            self.txn.delete(u64(number), db=self.dbs[F.DB_MEDIA])
+        for db in (F.DB_MEDIA, F.DB_PREVIEWS):
+            if db in self.dbs:
+                self.txn.delete(u64(number), db=self.dbs[db])
         for db in (F.DB_HELD, F.DB_RELIED):
             for peer, _, _ in self._peer_records(db, number):
                 self.txn.delete(u64(number) + peer, db=self.dbs[db])

@@ -106,6 +106,9 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Repor
             if number not in versions:
                 report.problems.append(f"media record of version {number}, which does not "
                                        f"exist")
+        for number, _, _ in tx.previews():
+            if number not in versions:
+                report.problems.append(f"preview of version {number}, which does not exist")
         for db in (F.DB_HELD, F.DB_RELIED):
             for number in tx.peer_record_versions(db):
                 if number not in versions:
@@ -201,16 +204,22 @@ def _check_tree(tx: Txn, label: str, report: Report) -> None:
 def check_chunk(value: bytes | None, chunk_id: bytes, rec: F.ChunkRecord) -> str | None:
     """What is wrong with a chunk's stored value, or None: it decodes to bytes with both
     digests and the recorded lengths."""
+    return checked_chunk(value, chunk_id, rec)[1]
+
+
+def checked_chunk(value: bytes | None, chunk_id: bytes,
+                  rec: F.ChunkRecord) -> tuple[bytes | None, str | None]:
+    """A chunk's raw bytes, checked as by check_chunk: (bytes, None), or (None, why not)."""
     if value is None:
-        return "data missing"
+        return None, "data missing"
     if len(value) - 1 != rec.stored_len:
-        return f"stored length {len(value) - 1}, record says {rec.stored_len}"
+        return None, f"stored length {len(value) - 1}, record says {rec.stored_len}"
     try:
         data = decode(chunk_id, value, rec.raw_len)
     except ChunkCorrupt as e:
-        return str(e)
+        return None, str(e)
     if len(data) != rec.raw_len:
-        return f"raw length {len(data)}, record says {rec.raw_len}"
+        return None, f"raw length {len(data)}, record says {rec.raw_len}"
     if confirm_digest(data) != rec.blake3:
-        return "BLAKE3 mismatch"
-    return None
+        return None, "BLAKE3 mismatch"
+    return data, None

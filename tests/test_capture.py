@@ -289,6 +289,7 @@ preview = 1024
         got = exif(made, "FileType", "ImageWidth", "ImageHeight")
         assert (got["FileType"], got["ImageWidth"], got["ImageHeight"]) == ("JPEG", *size)
     # A JPEG is its own preview; without a policy, nothing is generated.
+    _until((previews / "proxies" / "IMG_0001.jpg.jpg").exists)
     assert (previews / "proxies" / "IMG_0001.jpg.jpg").read_bytes() == JPEG.read_bytes()
     assert sorted(os.listdir(previews / "plain")) == ["IMG_0001.jpg.jpg"]
     _until(lambda: "no preview can be made of proxies/bad.tif" in m.log.read_text())

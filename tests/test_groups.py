@@ -240,6 +240,42 @@ def test_an_image_no_decoder_reads_is_stored_and_listed(make_mount, store_path):
         assert log.count(f"cannot fingerprint /{name}: ") == 1, name
 
 
+def _decompression_bomb() -> bytes:
+    """A progressive JPEG of a few hundred bytes that says it is 13000 x 13000 pixels: its
+    decoder allocates the coefficients of all of them before it finds the data missing."""
+    import io
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 120, 150)).save(out, "JPEG", progressive=True)
+    data = bytearray(out.getvalue())
+    sof = data.index(b"\xff\xc2")  # SOF2: length, precision, height, width
+    data[sof + 5:sof + 9] = (13000).to_bytes(2, "big") * 2
+    return bytes(data)
+
+
+@needs_fuse
+def test_a_decompression_bomb_costs_its_own_record_not_the_mount(make_mount, store_path):
+    m = make_mount()
+
+    def peak_kib() -> int:
+        status = (Path("/proc") / str(m.proc.pid) / "status").read_text()
+        return int(next(v for v in status.splitlines() if v.startswith("VmHWM")).split()[1])
+    good = (CORPUS / "jpeg" / "medium" / "jolla.jpg").read_bytes()
+    (m.path / "jolla.jpg").write_bytes(good)
+    _analysed(store_path, 1)
+    before = peak_kib()
+    bomb = _decompression_bomb()  # read in the mount's own process, it took ~450 MB more
+    (m.path / "pano.jpg").write_bytes(bomb)
+    _analysed(store_path, 2)
+    assert peak_kib() - before < 150 * 1024, "the mount's own memory grew by the bomb"
+    meta = {f["path"]: f["metadata"] for f in json.loads(vaultfs("find", store_path,
+                                                                 "--json").stdout)}
+    assert "fingerprint" in meta["jolla.jpg"]
+    assert (m.path / "pano.jpg").read_bytes() == bomb  # stored bit-exact all the same
+    m.stop()
+
+
 @needs_fuse
 def test_records_from_before_fingerprints_are_completed_at_mount(make_mount, store_path):
     from vaultfs.store import Store

@@ -420,7 +420,12 @@ def cmd_similar(args) -> int:
     index = _group_index(cat)
     target = next((it for it in index.items.values() if it.path == path), None)
     if target is None:  # a file outside the vault: read it here
+        from .fs.analysis import MAX_BYTES
+
         try:
+            if os.path.getsize(args.file) > MAX_BYTES:
+                raise CliError(f"{args.file} is larger than the {MAX_BYTES >> 20} MiB the vault "
+                               f"reads of an image to fingerprint it")
             data = Path(args.file).read_bytes()
         except OSError as e:
             raise CliError(f"{args.file} is neither a file in the vault nor a readable file: "

@@ -28,6 +28,7 @@ from ..chunking import formats
 from ..media import fingerprint, metadata
 from ..store import Inode, Store, Txn
 from ..store.format import CODEC_SAMPLES
+from .decoder import Decoder, DecoderFailed
 from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_except, read_range
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ HEAD_BYTES = 4 << 20   # what is read of a larger file first
 
 
 class Analyzer:
-    def __init__(self, store: Store, cache: ChunkCache):
-        self.store, self.cache = store, cache
+    def __init__(self, store: Store, cache: ChunkCache, decode: Decoder):
+        self.store, self.cache, self.decode = store, cache, decode
         self._send, self._recv = trio.open_memory_channel(math.inf)
         self._queued: set[int] = set()
         self._working = True  # (until the backlog is queued)
@@ -118,10 +119,10 @@ class Analyzer:
         # (a TIFF's IFD at the end, XMP appended by an editor), so they are read whole.
         if len(data) > HEAD_BYTES and data.startswith(fingerprint.JPEG_MAGIC):
             try:
-                return metadata.read(data[:HEAD_BYTES])
+                return self.decode(metadata.read, data[:HEAD_BYTES])
             except metadata.MetadataError:
                 pass
-        return metadata.read(data)
+        return self.decode(metadata.read, data)
 
     def _backlog(self) -> list[int]:
         with self.store.reader() as tx:
@@ -174,7 +175,7 @@ class Analyzer:
             return record
         try:
             record = self._metadata(data)
-        except (metadata.MetadataError, MemoryError, OverflowError) as e:
+        except (metadata.MetadataError, MemoryError, OverflowError, DecoderFailed) as e:
             record = {"kind": what, "error": str(e) or type(e).__name__}
             log.warning("cannot read the metadata of %s: %s", self._path(ino), record["error"])
         if what == "image":
@@ -197,7 +198,10 @@ class Analyzer:
         when nothing in it comes from those bytes, else None: Exiv2 reads no image data, and
         the picture fingerprinted must be the RAW's embedded JPEG, found whole outside them
         (LibRaw reads the preview alone). The digest of the whole bytes is the read-back's."""
-        found = fingerprint.preview_fingerprint(data)
+        try:
+            found = self.decode(fingerprint.preview_fingerprint, data)
+        except (MemoryError, DecoderFailed):
+            return None  # (said by the reading of the whole file)
         if found is None:
             return None
         start, length = found["preview"]
@@ -205,14 +209,18 @@ class Analyzer:
             return None
         try:
             record = self._metadata(data)
-        except (metadata.MetadataError, MemoryError, OverflowError):
+        except (metadata.MetadataError, MemoryError, OverflowError, DecoderFailed):
             return None  # (said by the reading of the whole file)
         record.update(found, digest=digest)
         return record
 
     def _fingerprint(self, ino: int, data: bytes) -> dict:
         """An image's digest, and its fingerprint and preview or why it has none (logged)."""
-        out = fingerprint.image_record(data)
+        try:
+            out = self.decode(fingerprint.image_record, data)
+        except (MemoryError, DecoderFailed) as e:
+            out = {"digest": fingerprint.digest(data),
+                   "fingerprint_error": str(e) or "out of memory decoding it"}
         if "fingerprint_error" in out:
             log.warning("cannot fingerprint %s: %s", self._path(ino), out["fingerprint_error"])
         return out

@@ -25,6 +25,7 @@ from . import control
 from ..media.catalog import tier_rules
 from .analysis import Analyzer
 from .capture import CapturePolicies
+from .decoder import Decoder
 from .mirror import Mirror, note as note_mirror
 from .operations import VaultOperations
 from .previews import Previews
@@ -103,12 +104,13 @@ def run(store: Store, mountpoint: Path, *, allow_other: bool = False,
 
 def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint: Path,
            allow_other: bool) -> None:
-    ops.analyzer = Analyzer(store, ops.cache)
+    decode = Decoder()  # images are read in a child process (decoder.py)
+    ops.analyzer = Analyzer(store, ops.cache, decode)
     ops.analyzer.on_analysed = ops.analysed
     ops.analyzer.name_of = lambda ino: ops.event_path(ino).rsplit("/", 1)[-1]
     if rules.capture:
         ops.capture = CapturePolicies(store, rules.capture, ops.rules)
-    ops.previews = Previews(store, ops.cache, ops.capture)
+    ops.previews = Previews(store, ops.cache, ops.capture, decode)
     ops.previews.on_made = ops.want_catalog
     store.mounted = True
     logging.getLogger("pyfuse3").addFilter(_dropped_replies)
@@ -168,6 +170,7 @@ def _serve(store: Store, ops: VaultOperations, rules: policy.Policy, mountpoint:
     finally:
         # After fusermount -u the session is already gone; after a signal we unmount here.
         pyfuse3.close(unmount=stopped_by_signal)
+        decode.close()
         log.info("unmounted %s", mountpoint)
 
 

@@ -24,13 +24,15 @@ from ..store import format as F
 from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_range
 from .analysis import MAX_BYTES
 from .capture import CapturePolicies
+from .decoder import Decoder, DecoderFailed
 
 log = logging.getLogger(__name__)
 
 
 class Previews:
-    def __init__(self, store: Store, cache: ChunkCache, policies: CapturePolicies | None):
-        self.store, self.cache, self.policies = store, cache, policies
+    def __init__(self, store: Store, cache: ChunkCache, policies: CapturePolicies | None,
+                 decode: Decoder):
+        self.store, self.cache, self.policies, self.decode = store, cache, policies, decode
         self._send, self._recv = trio.open_memory_channel(math.inf)
         self._queued: set[int] = set()
         # The versions with a preview record: the long side asked, and those made (a version
@@ -126,8 +128,8 @@ class Previews:
         jpeg = None
         if data is not None:
             try:
-                jpeg = preview.proxy(data, side)
-            except (preview.PreviewError, MemoryError) as e:
+                jpeg = self.decode(preview.proxy, data, side)
+            except (preview.PreviewError, MemoryError, DecoderFailed) as e:
                 why = str(e) or type(e).__name__
         if why is not None:
             log.warning("no preview can be made of %s: %s", path, why)

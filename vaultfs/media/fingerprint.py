@@ -83,10 +83,15 @@ def _record(img: Image.Image, size: tuple[int, int], fmt: str,
     return out
 
 
+def digest(data: bytes) -> str:
+    """The record's `digest`: XXH3-128 of the bytes, hex."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
 def image_record(data: bytes) -> dict:
-    """What the media index keeps of an image beyond its metadata: `digest` (XXH3-128 of the
-    bytes, hex) and the fingerprint record, or `fingerprint_error` saying why there is none."""
-    out: dict = {"digest": xxhash.xxh3_128_hexdigest(data)}
+    """What the media index keeps of an image beyond its metadata: `digest` and the
+    fingerprint record, or `fingerprint_error` saying why there is none."""
+    out: dict = {"digest": digest(data)}
     try:
         out.update(fingerprint(data))
     except (FingerprintError, MemoryError) as e:

@@ -1,0 +1,76 @@
+"""Reading images in a child process. Exiv2, LibRaw, libheif, libjpeg and Pillow parse whatever
+bytes were written to the mount: a crafted or damaged file can make them allocate gigabytes (a
+tiny progressive JPEG that claims 13000x13000 pixels) or crash. In the mount's own process either
+would end the mount, and the file, still unanalysed, would end the next one too. So the media
+functions (metadata, fingerprints, previews) run in a worker process whose data segment is
+bounded; a crash or a refused allocation costs that file its record, which says why.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import select
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+T = TypeVar("T")
+
+MEMORY_LIMIT = 1536 << 20   # a RAW of 100 Mpx is demosaiced at half size within this
+TASKS_PER_WORKER = 200      # then a fresh process: what the libraries kept goes back
+
+
+class DecoderFailed(Exception):
+    """The worker died reading a file (a crash in a decoding library): the message says how."""
+
+
+def _worker_start(mount_pid: int) -> None:
+    """In the worker: bound its memory, and end it when the mount's process ends, however it
+    ends (a `kill -9` leaves the worker's queue open for ever: it would wait on it alone)."""
+    resource.setrlimit(resource.RLIMIT_DATA, (MEMORY_LIMIT, MEMORY_LIMIT))
+    try:
+        mount = os.pidfd_open(mount_pid)
+    except ProcessLookupError:
+        os._exit(0)
+
+    def watch() -> None:
+        select.select([mount], [], [])  # readable once that process has ended
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="watch-mount").start()
+
+
+class Decoder:
+    """One worker process, started when first needed and again after a crash."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) in the worker (fn and args must pickle; its exceptions come back as
+        they are); DecoderFailed when the worker dies."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_worker_start, initargs=(os.getpid(),),
+                    max_tasks_per_child=TASKS_PER_WORKER)
+            pool = self._pool
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False)
+            raise DecoderFailed("the image decoder crashed on it") from None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

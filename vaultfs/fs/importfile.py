@@ -67,4 +67,3 @@ def new_folder(_: bytes) -> treeops.Item:
     """How a folder that an import or a capture policy needs is made: as `mkdir` would."""
     now = time.time_ns()
     return treeops.Item(stat.S_IFDIR | FOLDER_MODE & ~_UMASK, now, os.getuid(), os.getgid())
-

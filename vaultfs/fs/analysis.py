@@ -112,9 +112,9 @@ class Analyzer:
             if record is not None and self.on_analysed is not None:
                 self.on_analysed(ino, record)
 
-    def _metadata(self, data: bytes) -> dict:
+    def _metadata(self, data: bytes, run: Callable) -> dict:
         """A file's metadata: of a large JPEG, from its head; of anything else, from all of
-        it."""
+        it (`run`: the decoder holding `data`)."""
         # A JPEG's metadata is all before its scan; in other formats it can be anywhere
         # (a TIFF's IFD at the end, XMP appended by an editor), so they are read whole.
         if len(data) > HEAD_BYTES and data.startswith(fingerprint.JPEG_MAGIC):
@@ -122,7 +122,7 @@ class Analyzer:
                 return self.decode(metadata.read, data[:HEAD_BYTES])
             except metadata.MetadataError:
                 pass
-        return self.decode(metadata.read, data)
+        return run(metadata.read)
 
     def _backlog(self) -> list[int]:
         with self.store.reader() as tx:
@@ -173,13 +173,15 @@ class Analyzer:
             if what == "image":
                 record["fingerprint_error"] = why
             return record
-        try:
-            record = self._metadata(data)
-        except (metadata.MetadataError, MemoryError, OverflowError, DecoderFailed) as e:
-            record = {"kind": what, "error": str(e) or type(e).__name__}
-            log.warning("cannot read the metadata of %s: %s", self._path(ino), record["error"])
-        if what == "image":
-            record.update(self._fingerprint(ino, data))
+        with self.decode.shared(data) as run:
+            try:
+                record = self._metadata(data, run)
+            except (metadata.MetadataError, MemoryError, OverflowError, DecoderFailed) as e:
+                record = {"kind": what, "error": str(e) or type(e).__name__}
+                log.warning("cannot read the metadata of %s: %s", self._path(ino),
+                            record["error"])
+            if what == "image":
+                record.update(self._fingerprint(ino, data, run))
         return record
 
     def _read_but_samples(self, tx: Txn, node: Inode) -> tuple[bytes, list[tuple[int, int]]]:
@@ -198,26 +200,27 @@ class Analyzer:
         when nothing in it comes from those bytes, else None: Exiv2 reads no image data, and
         the picture fingerprinted must be the RAW's embedded JPEG, found whole outside them
         (LibRaw reads the preview alone). The digest of the whole bytes is the read-back's."""
-        try:
-            found = self.decode(fingerprint.preview_fingerprint, data)
-        except (MemoryError, DecoderFailed):
-            return None  # (said by the reading of the whole file)
-        if found is None:
-            return None
-        start, length = found["preview"]
-        if any(off < start + length and start < off + n for off, n in skipped):
-            return None
-        try:
-            record = self._metadata(data)
-        except (metadata.MetadataError, MemoryError, OverflowError, DecoderFailed):
-            return None  # (said by the reading of the whole file)
+        with self.decode.shared(data) as run:
+            try:
+                found = run(fingerprint.preview_fingerprint)
+            except (MemoryError, DecoderFailed):
+                return None  # (said by the reading of the whole file)
+            if found is None:
+                return None
+            start, length = found["preview"]
+            if any(off < start + length and start < off + n for off, n in skipped):
+                return None
+            try:
+                record = self._metadata(data, run)
+            except (metadata.MetadataError, MemoryError, OverflowError, DecoderFailed):
+                return None  # (said by the reading of the whole file)
         record.update(found, digest=digest)
         return record
 
-    def _fingerprint(self, ino: int, data: bytes) -> dict:
+    def _fingerprint(self, ino: int, data: bytes, run: Callable) -> dict:
         """An image's digest, and its fingerprint and preview or why it has none (logged)."""
         try:
-            out = self.decode(fingerprint.image_record, data)
+            out = run(fingerprint.image_record)
         except (MemoryError, DecoderFailed) as e:
             out = {"digest": fingerprint.digest(data),
                    "fingerprint_error": str(e) or "out of memory decoding it"}

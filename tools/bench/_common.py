@@ -260,6 +260,20 @@ def status(store: Path) -> dict:
     return json.loads(out)
 
 
+def _cpu_ticks(pid: int) -> int:
+    """Clock ticks used by a process, its ended children (as the kernel counts them once it
+    has waited for them) and its live children."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            try:
+                ticks += _cpu_ticks(int(child))
+            except (OSError, IndexError, ValueError):
+                pass  # ended meanwhile: counted in cutime at the next sample
+    return ticks
+
+
 class PeakRSS:
     """Follows VmHWM (peak resident set) of a process until it exits or stop() is called;
     `peak` is the last value read, i.e. the peak up to just before the process ended."""
@@ -267,7 +281,9 @@ class PeakRSS:
     def __init__(self, pid: int, interval: float = 0.1):
         self.pid, self.interval, self.peak = pid, interval, 0
         self.anon = self.file = 0  # highest RssAnon / RssFile seen by sampling
-        self.cpu0 = self.cpu = self._cpu_seconds()  # user+system CPU seconds of the process
+        # user+system CPU seconds of the process and of its children, live or ended (the
+        # mount's decoder worker)
+        self.cpu0 = self.cpu = self._cpu_seconds()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -289,8 +305,7 @@ class PeakRSS:
 
     def _cpu_seconds(self) -> float:
         try:
-            f = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+            return _cpu_ticks(self.pid) / os.sysconf("SC_CLK_TCK")
         except (OSError, IndexError, ValueError):
             return getattr(self, "cpu", 0.0)
 

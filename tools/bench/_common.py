@@ -397,11 +397,11 @@ def row(label: str, value: str, ratio: str = "") -> None:
 
 
 def rate_rows(native_label: str, native_rate: float, native_s: float, vault_label: str,
-              vault_rate: float, vault_s: float) -> None:
+              vault_rate: float, vault_s: float, goal: float = 0.40) -> None:
     """The header and the two rate rows every benchmark prints: native, then vaultfs as a ratio
-    of it (the goal of issue 2 is 0.40)."""
+    of it (the goal: issue 2's 0.40 unless another issue asks for more)."""
     print()
     print("  (MB = 10^6 bytes; ratios are to the native figure of the same run)")
     row(native_label, f"{native_rate:8.1f} MB/s", f"{native_s:6.1f} s   1.00")
     row(vault_label, f"{vault_rate:8.1f} MB/s",
-        f"{vault_s:6.1f} s   {vault_rate / native_rate:.2f} of native rate   (goal >= 0.40)")
+        f"{vault_s:6.1f} s   {vault_rate / native_rate:.2f} of native rate   (goal >= {goal:.2f})")

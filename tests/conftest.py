@@ -129,12 +129,19 @@ class Mount:
         subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
 
 
+def new_test_store(path: Path) -> Path:
+    """A store as the tests want it: they take their own snapshots, and nothing is evicted
+    for space unless a test asks (the default floor, 20% free, depends on the machine's disk:
+    under it, a sync would make the files it sent offline)."""
+    Store.init(path)
+    set_policy(path, "snapshots", every_minutes="0", at_unmount="false", on_select="false")
+    set_policy(path, "space", keep_free_percent="0")
+    return path
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
-    path = tmp_path / "store"
-    Store.init(path)
-    # Tests take their own snapshots.
-    set_policy(path, "snapshots", every_minutes="0", at_unmount="false", on_select="false")
+    path = new_test_store(tmp_path / "store")
     yield path
     assert_clean(path)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount, assert_clean, needs_fuse, set_policy, vaultfs
+from conftest import Mount, assert_clean, needs_fuse, new_test_store, set_policy, vaultfs
 from vaultfs.client import Vault
 from vaultfs.fs import control
 from vaultfs.store import Store
@@ -48,9 +48,7 @@ def mount_at(tmp_path):
 
 
 def _vault(path: Path, keep_free: int) -> Path:
-    vaultfs("init", path)
-    set_policy(path, "snapshots", every_minutes="0", at_unmount="false", on_select="false")
-    set_policy(path, "space", keep_free_percent=str(keep_free))
+    set_policy(new_test_store(path), "space", keep_free_percent=str(keep_free))
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, assert_clean, needs_fuse, set_policy, tree_of, vaultfs
+from conftest import CORPUS, assert_clean, needs_fuse, new_test_store, tree_of, vaultfs
 from netproxy import Proxy
 from vaultfs.store import Store, StoreError
 from vaultfs.sync import engine, peers, remote, wire
@@ -28,9 +28,7 @@ pytestmark = needs_fuse
 
 @pytest.fixture
 def peer_path(tmp_path):
-    path = tmp_path / "studio"
-    Store.init(path)
-    set_policy(path, "snapshots", every_minutes="0", at_unmount="false", on_select="false")
+    path = new_test_store(tmp_path / "studio")
     yield path
     assert_clean(path)
 

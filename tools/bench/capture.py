@@ -40,8 +40,11 @@ DNG_FRAMES = 20
 STAMP_STEP = 64 * 1024  # a bit of every this many bytes of sensor data differs between frames
 
 
-def frame_set(work: Path, kind: str) -> list[tuple[bytes, int, int]]:
-    """The frames written in turn: (bytes, start, end of their sensor data)."""
+Frame = tuple[bytes, int, int]  # a file's bytes, and where its sensor data starts and ends
+
+
+def frame_set(work: Path, kind: str) -> list[Frame]:
+    """The frames written in turn."""
     if kind == "dng":
         paths = compression.file_set("burst16", work, DNG_FRAMES, 4000, 3000, preview=1600)
     else:
@@ -55,7 +58,7 @@ def frame_set(work: Path, kind: str) -> list[tuple[bytes, int, int]]:
     return out
 
 
-def stamped(frame: tuple[bytes, int, int], i: int) -> bytearray:
+def stamped(frame: Frame, i: int) -> bytearray:
     """Frame `i`: one bit of its sensor data flipped in every STAMP_STEP bytes, at an offset
     of its own (i < STAMP_STEP / 2), so that its every chunk is new to the vault."""
     data, start, end = frame
@@ -65,8 +68,8 @@ def stamped(frame: tuple[bytes, int, int], i: int) -> bytearray:
     return out
 
 
-def write_at(root: Path, frames: list[tuple[bytes, int, int]], fps: float, seconds: float,
-             fsync: bool) -> dict[str, float]:
+def write_at(root: Path, frames: list[Frame], fps: float, seconds: float, fsync: bool
+             ) -> dict[str, float]:
     """Write the frames in turn at `fps` for `seconds`; name -> when its close returned."""
     closed: dict[str, float] = {}
     start = time.monotonic()
@@ -92,7 +95,7 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
 
 
-def capture(work: Path, frames: list[tuple[bytes, int, int]], fps: float, seconds: float, mirror: bool
+def capture(work: Path, frames: list[Frame], fps: float, seconds: float, mirror: bool
             ) -> tuple[float, int, dict[str, list[float]]]:
     """One run into a fresh vault (with a fresh mirror beside it): the achieved rate, the
     files written, and per event the latencies from close()."""

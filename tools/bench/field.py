@@ -22,7 +22,8 @@ needs imagecodecs). `--import-only` stops after the first import. The page cache
 Printed: MB/s and the ratio to cp; CPU seconds per GB of the import command and of the mount
 daemon it starts (the daemon's utime + stime from /proc, its decoder worker's included; the
 command's is what the kernel counts for it and its children less the daemon's), and of cp +
-sync; the peak RSS (VmHWM) of both processes. The seeds ask for 32 GB in under 30 minutes (18 MB/s); issue 7 aims for 0.6 of cp.
+sync; the peak RSS (VmHWM) of both processes. The seeds ask for 32 GB in under 30 minutes
+(18 MB/s); issue 7 aims for 0.6 of cp.
 """
 
 from __future__ import annotations

@@ -41,7 +41,6 @@ CONFIRM = b"vaultfs sync 1 ready"
 # 2 (after 1): chunks as raw frames after the message that names them, store format 4's codec,
 # entries that say whether a file is offline, `rely`.
 PROTOCOL = 2
-#   chunks (the predictor codec, which a protocol-2 vault cannot decode)
 MAX_ATTACHMENTS = 65536
 
 

@@ -14,7 +14,8 @@ import time
 from PIL import Image
 
 from conftest import CORPUS, needs_fuse, vaultfs
-from vaultfs.fs.capture import QUIET_S
+from vaultfs.fs import capture as capture_mod
+from vaultfs.fs.capture import QUIET_S, CapturePolicies
 from vaultfs.store import Store
 from test_events import _listen, _until
 
@@ -316,3 +317,31 @@ preview = 1024
         assert img.size == (1024, 768)
     m.stop()
     assert "no preview can be made" not in m.log.read_text()
+
+
+def test_a_capture_is_applied_to_the_version_its_reading_is_of(monkeypatch):
+    """The bookkeeping behind the policies, with the races a mount meets in a burst that no
+    mount test can time: the reading of a capture's first version arriving after it was
+    written again, and a commit while its policy is being applied. Neither may lose the
+    capture's policy, and an import's unmount waits while one is applied (`waiting`)."""
+    monkeypatch.setattr(capture_mod, "QUIET_S", 0.0)
+    policies = CapturePolicies(None, [], None)  # (applying needs a store; this does not)
+    closed, where = (lambda ino: False), (lambda ino: (1, b"IMG_0001.CR3"))
+    policies.note_committed(5, 10, first=True)
+    policies.note_committed(5, 11, first=False)  # written again while version 10 is read
+    policies.note_analysed(5, 10, image=True)     # version 10's reading arrives late
+    assert policies.due(closed, where) == [] and not policies.waiting
+    policies.note_analysed(5, 11, image=True)
+    assert policies.due(closed, where) == [(5, 11, False)]
+    assert policies.waiting and policies.due(closed, where) == []  # applying, and only once
+    policies.note_committed(5, 12, first=False)  # committed again while it was applied
+    policies.done(5, 11)
+    assert not policies.waiting and policies.due(closed, where) == []
+    policies.note_analysed(5, 12, image=True)
+    assert policies.due(closed, where) == [(5, 12, False)]
+    policies.done(5, 12)
+    assert not policies.waiting and policies.due(closed, where) == []
+    policies.note_committed(6, 20, first=True)
+    policies.note_analysed(6, 20, image=False)  # not an image: no policy, nothing waits
+    policies.note_committed(6, 21, first=False)
+    assert policies.due(closed, where) == [] and not policies.waiting

@@ -45,7 +45,8 @@ class Analyzer:
         self._working = True  # (until the backlog is queued)
         self.analysed = 0  # records written
         self.skipped_bytes = 0  # sensor data of them that was never decoded
-        self.on_analysed: Callable[[int, dict], None] | None = None  # called on the loop
+        # called on the loop with (inode, version, record)
+        self.on_analysed: Callable[[int, int, dict], None] | None = None
         self.name_of: Callable[[int], str | None] = lambda ino: None  # a file's name, if known
         # Read-backs in flight per file (a file is analysed after its own), and the XXH3-128
         # (hex) of the bytes of a file's version where its read-back saw them all.
@@ -101,7 +102,7 @@ class Analyzer:
             while self._reading.get(ino):
                 await self._read.wait()
             try:
-                record = await trio.to_thread.run_sync(self._analyse, ino)
+                done = await trio.to_thread.run_sync(self._analyse, ino)
             except DamagedChunk as e:  # (the read-back, `verify` and reads say it too)
                 log.error("cannot read the metadata of %s: damaged data: %s",
                           self._path(ino), e)
@@ -109,8 +110,8 @@ class Analyzer:
             except Exception:  # the next commit of the file tries again
                 log.exception("reading the metadata of inode %d failed", ino)
                 continue
-            if record is not None and self.on_analysed is not None:
-                self.on_analysed(ino, record)
+            if done is not None and self.on_analysed is not None:
+                self.on_analysed(ino, *done)
 
     def _metadata(self, data: bytes, run: Callable) -> dict:
         """A file's metadata: of a large JPEG, from its head; of anything else, from all of
@@ -129,9 +130,9 @@ class Analyzer:
             return [n.ino for n in tx.inodes()
                     if stat.S_ISREG(n.mode) and n.content and pending(tx.media(n.content))]
 
-    def _analyse(self, ino: int) -> dict | None:
-        """Read one file's metadata (and fingerprint) into the index; the record written
-        (None: nothing to do)."""
+    def _analyse(self, ino: int) -> tuple[int, dict] | None:
+        """Read one file's metadata (and fingerprint) into the index; the version read and the
+        record written (None: nothing to do)."""
         data, skipped, known = None, [], self._digests.pop(ino, None)
         with self.store.reader(buffers=True) as tx:  # (values not copied: read_except peeks)
             node = tx.inode(ino)
@@ -161,7 +162,7 @@ class Analyzer:
             record = self._record(ino, what, data)
         self.store.write(lambda tx: tx.put_media(node.content, record))
         self.analysed += 1
-        return record
+        return node.content, record
 
     def _record(self, ino: int, what: str | None, data: bytes | None) -> dict:
         """The record of a file of kind `what`, from its whole bytes (None: too large)."""

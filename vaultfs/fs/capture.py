@@ -11,8 +11,11 @@ policy waits until the capture's writer is done with it: no handle open, QUIET_S
 last close, rename or commit, and a name with an image's extension (a temporary name waits for
 its rename into place). A card's file is a capture as the import names it.
 
-The bookkeeping of who waits (the `note_*` methods and `due`) runs on the trio loop; applying
-a policy blocks: it runs in a worker thread.
+The bookkeeping of who waits (the `note_*` methods, `due` and `done`) runs on the trio loop and
+goes by version: the reading of an earlier version never makes a capture due, and a capture
+stays listed until its policy was applied to the version that was due (a commit meanwhile
+makes it wait for the new version's reading). Applying a policy blocks: it runs in a worker
+thread.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ class _Waiting:
     """A capture waiting for its policy."""
     imported: bool
     since: float           # monotonic time of its last close, rename or commit
-    image: bool = False    # its metadata (of its last commit) is read, and it is an image
+    version: int           # of its last commit
+    image: bool = False    # the metadata of that version is read, and it is an image
     parked: bool = False   # its name is no image's: it waits for a rename
+    applying: bool = False  # due: its policy is being applied
 
 
 class CapturePolicies:
@@ -69,18 +74,20 @@ class CapturePolicies:
         self._shots: OrderedDict[tuple[str, str, str], int] = OrderedDict()  # -> its {seq}
 
     # ---- which files are captures, and when (on the trio loop) -------------------------------
-    def note_committed(self, ino: int, first: bool, imported: bool = False) -> None:
-        """A file's content was committed (`first`: its first version): a new file waits; one
-        that waits is still being written."""
+    def note_committed(self, ino: int, version: int, first: bool, imported: bool = False
+                       ) -> None:
+        """A file's content was committed as `version` (`first`: its first): a new file waits;
+        one that waits is still being written."""
         waiting = self._waiting.get(ino)
-        if waiting is not None:
-            waiting.since, waiting.image = time.monotonic(), False  # (read again, then due)
+        if waiting is not None:  # (read again, then due)
+            waiting.since, waiting.version, waiting.image = time.monotonic(), version, False
         elif first:
-            self._waiting[ino] = _Waiting(imported, time.monotonic())
+            self._waiting[ino] = _Waiting(imported, time.monotonic(), version)
 
-    def note_analysed(self, ino: int, image: bool) -> None:
+    def note_analysed(self, ino: int, version: int, image: bool) -> None:
+        """The metadata of a file's `version` was read (an earlier one's says nothing)."""
         waiting = self._waiting.get(ino)
-        if waiting is not None:
+        if waiting is not None and waiting.version == version:
             if image:
                 waiting.image = True
             else:
@@ -105,17 +112,21 @@ class CapturePolicies:
 
     @property
     def waiting(self) -> bool:
-        """Whether images read as captures wait for their policy (but those under a temporary
-        name; one whose metadata is still to be read is the analyser's)."""
-        return any(w.image and not w.parked for w in self._waiting.values())
+        """Whether images read as captures wait for their policy or have it applied (but those
+        under a temporary name; one whose metadata is still to be read is the analyser's).
+        Asked from a worker thread (the `analysing` control op): it reads a copy, which the
+        loop's changes to the dict cannot break."""
+        return any(w.image and not w.parked for w in tuple(self._waiting.values()))
 
     def due(self, is_open: Callable[[int], bool],
-            where: Callable[[int], Where | None]) -> list[tuple[int, bool]]:
-        """(inode, imported) of the captures whose policy may be applied now, in the order they
-        became quiet; a file found to be an edit, or without a name, no longer waits."""
+            where: Callable[[int], Where | None]) -> list[tuple[int, int, bool]]:
+        """(inode, version, imported) of the captures whose policy may be applied now, in the
+        order they became quiet; each is applying until `done`. A file found to be an edit,
+        or without a name, no longer waits."""
         now = time.monotonic()
         quiet = [(ino, w) for ino, w in self._waiting.items()
-                 if w.image and not w.parked and now - w.since >= QUIET_S and not is_open(ino)]
+                 if w.image and not w.parked and not w.applying and now - w.since >= QUIET_S
+                 and not is_open(ino)]
         out = []
         for ino, w in sorted(quiet, key=lambda item: item[1].since):
             at = where(ino)
@@ -125,20 +136,34 @@ class CapturePolicies:
                 elif not is_image_name(at[1].decode(errors="surrogateescape")):
                     w.parked = True
                     continue
-            del self._waiting[ino]
-            if at is not None:
-                out.append((ino, w.imported))
+            if at is None:
+                del self._waiting[ino]
+            else:
+                w.applying = True
+                out.append((ino, w.version, w.imported))
         return out
 
+    def done(self, ino: int, version: int) -> None:
+        """The policy was applied to `version` of a capture (or failed): it no longer waits,
+        unless a newer version was committed meanwhile, whose reading it waits for."""
+        waiting = self._waiting.get(ino)
+        if waiting is not None:
+            if waiting.version == version:
+                del self._waiting[ino]
+            else:
+                waiting.applying = False
+
     # ---- applying a policy (blocking) ---------------------------------------------------------
-    def apply(self, ino: int, path: str, rename: bool = True) -> list[Placed]:
-        """Apply the policy for the image `ino`, captured at `path` (renaming it only if
-        `rename` and the policy has a template): what was placed."""
+    def apply(self, ino: int, version: int, path: str, rename: bool = True) -> list[Placed]:
+        """Apply the policy for `version` of the image `ino`, captured at `path` (renaming it
+        only if `rename` and the policy has a template): what was placed."""
         with self.store.reader() as tx:
             node = tx.inode(ino)
-            record = tx.media(node.content) if node is not None else None
+            if node is None or node.content != version:
+                return []  # removed, or committed again: `done` keeps it for the new version
+            record = tx.media(version)
             if record is None:
-                return []  # changed since it was read: its next reading decides
+                return []
             policy = self.policy_for(tx, path, record)
         if policy is None:
             return []

@@ -859,7 +859,9 @@ class VaultOperations(pyfuse3.Operations):
         if self.capture is not None:
             with self.store.reader() as tx:
                 first = len(list(itertools.islice(tx.versions(ino), 2))) == 1
-            self.capture.note_committed(ino, first, imported)
+                node = tx.inode(ino)
+            if node is not None:
+                self.capture.note_committed(ino, node.content, first, imported)
         self.changed = True
         self.events.publish("committed", self.event_path(ino), size=size)
         if self.nursery is not None:
@@ -925,10 +927,10 @@ class VaultOperations(pyfuse3.Operations):
         else:
             self.events.publish("renamed", self.event_path(ino), **{"from": was})
 
-    def analysed(self, ino: int, record: dict) -> None:
-        """The analyser has read a file's metadata (and fingerprint): say so, and apply the
-        capture policies to an image captured in this mount. A fingerprint may complete a
-        burst: the catalogue is rebuilt to see."""
+    def analysed(self, ino: int, version: int, record: dict) -> None:
+        """The analyser has read the metadata (and fingerprint) of a file's `version`: say so,
+        and let the capture policies know. A fingerprint may complete a burst: the catalogue
+        is rebuilt to see."""
         path = self.event_path(ino)
         if self._catalog is None:
             self._analysed_early.add(ino)
@@ -945,22 +947,26 @@ class VaultOperations(pyfuse3.Operations):
         elif "fingerprint_error" in record:
             self.events.publish("fingerprinted", path, error=record["fingerprint_error"])
         if self.capture is not None:
-            self.capture.note_analysed(ino, record.get("kind") == "image")
+            self.capture.note_analysed(ino, version, record.get("kind") == "image")
 
     async def keep_captures(self) -> None:
         """Apply the capture policies to new captures once their writers are done with them
         (capture.py), one at a time."""
         while True:
             await trio.sleep(CAPTURE_CHECK_S)
-            for ino, imported in self.capture.due(lambda i: i in self._open, self._names.get):
-                path = self.event_path(ino)
-                if not path.startswith("<"):  # (a path this mount knows)
-                    # An import keeps the import's layout (--into): it is not renamed.
-                    await self._capture(ino, path, rename=not imported)
+            for ino, version, imported in self.capture.due(lambda i: i in self._open,
+                                                           self._names.get):
+                try:
+                    path = self.event_path(ino)
+                    if not path.startswith("<"):  # (a path this mount knows)
+                        # An import keeps the import's layout (--into): it is not renamed.
+                        await self._capture(ino, version, path, rename=not imported)
+                finally:
+                    self.capture.done(ino, version)
 
-    async def _capture(self, ino: int, path: str, rename: bool) -> None:
+    async def _capture(self, ino: int, version: int, path: str, rename: bool) -> None:
         try:
-            placed = await self._thread(self.capture.apply, ino, path, rename)
+            placed = await self._thread(self.capture.apply, ino, version, path, rename)
             for p in placed:
                 await self._thread(self._uncache, p.chain, p.new, p.left)
                 self._placed(p.chain, p.ino, p.size, p.was)

@@ -14,9 +14,12 @@ import sys
 import threading
 import time
 
+import trio
+
 from conftest import CORPUS, needs_fuse, vaultfs
 from vaultfs.client import Vault
 from vaultfs.fs import control
+from vaultfs.fs.events import Events
 from vaultfs.store import Store
 
 pytestmark = needs_fuse
@@ -174,3 +177,33 @@ def test_a_files_tier_is_announced_when_known_and_each_time_it_changes(mnt):
     assert {e["path"] for e in got if e["event"] == "tiered"} - {  # (and exiftool's temp file
         "IMG_0001.jpg", "IMG_0002.jpg", "IMG_0002.xmp", ".events-probe",  # if it was seen)
         "IMG_0001.jpg_exiftool_tmp"} == set()
+
+
+def test_an_event_with_any_text_is_valid_json():
+    """Whatever text an event carries (a decoder's message with a lone surrogate, the bytes of
+    a name that is not UTF-8), publishing it never raises on the mount's loop, and a strict
+    JSON parser reads what a listener gets."""
+    got = []
+
+    async def main():
+        events, both = Events(), trio.Event()
+
+        async def send(message):
+            got.append(message)
+            if len(got) == 2:
+                both.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(events.listen, send)
+            await trio.sleep(0.01)
+            events.publish("error", "day1/caf\udce9.NEF", error="bad \ud800 marker")
+            events.publish("committed", "day1/ok.NEF")
+            with trio.fail_after(5):
+                await both.wait()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    first = json.loads(json.dumps(got[0], ensure_ascii=False).encode(), strict=True)
+    assert base64.b64decode(first["path_b64"]) == b"day1/caf\xe9.NEF"
+    assert first["path"] == "day1/caf\\xe9.NEF" and "\\xed\\xa0\\x80" in first["error"]
+    assert got[1]["path"] == "day1/ok.NEF"

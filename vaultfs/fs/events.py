@@ -50,7 +50,10 @@ class Events:
         message = {"event": event, "path": path, "time": time.time(), **details}
         for key, value in list(message.items()):
             if isinstance(value, str) and not _unicode(value):  # bytes of a name, escaped
-                raw = value.encode(errors="surrogateescape")
+                try:
+                    raw = value.encode(errors="surrogateescape")
+                except UnicodeEncodeError:  # a lone surrogate that no name's bytes give
+                    raw = value.encode(errors="surrogatepass")
                 message[key] = raw.decode(errors="backslashreplace")
                 message[key + "_b64"] = base64.b64encode(raw).decode()
         for listener in list(self._listeners):

@@ -323,7 +323,8 @@ def test_a_capture_is_applied_to_the_version_its_reading_is_of(monkeypatch):
     """The bookkeeping behind the policies, with the races a mount meets in a burst that no
     mount test can time: the reading of a capture's first version arriving after it was
     written again, and a commit while its policy is being applied. Neither may lose the
-    capture's policy, and an import's unmount waits while one is applied (`waiting`)."""
+    capture's policy or apply it twice, and an import's unmount waits while one is applied
+    (`waiting`)."""
     monkeypatch.setattr(capture_mod, "QUIET_S", 0.0)
     policies = CapturePolicies(None, [], None)  # (applying needs a store; this does not)
     closed, where = (lambda ino: False), (lambda ino: (1, b"IMG_0001.CR3"))
@@ -334,12 +335,14 @@ def test_a_capture_is_applied_to_the_version_its_reading_is_of(monkeypatch):
     policies.note_analysed(5, 11, image=True)
     assert policies.due(closed, where) == [(5, 11, False)]
     assert policies.waiting and policies.due(closed, where) == []  # applying, and only once
-    policies.note_committed(5, 12, first=False)  # committed again while it was applied
-    policies.done(5, 11)
+    policies.note_committed(5, 12, first=False)  # committed again before it was applied
+    policies.done(5, applied=False)               # (apply found version 12, not 11)
     assert not policies.waiting and policies.due(closed, where) == []
     policies.note_analysed(5, 12, image=True)
     assert policies.due(closed, where) == [(5, 12, False)]
-    policies.done(5, 12)
+    policies.note_committed(5, 13, first=False)  # committed again once it was applied
+    policies.done(5, applied=True)
+    policies.note_analysed(5, 13, image=True)    # its policy is not applied twice
     assert not policies.waiting and policies.due(closed, where) == []
     policies.note_committed(6, 20, first=True)
     policies.note_analysed(6, 20, image=False)  # not an image: no policy, nothing waits

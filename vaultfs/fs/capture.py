@@ -13,9 +13,9 @@ its rename into place). A card's file is a capture as the import names it.
 
 The bookkeeping of who waits (the `note_*` methods, `due` and `done`) runs on the trio loop and
 goes by version: the reading of an earlier version never makes a capture due, and a capture
-stays listed until its policy was applied to the version that was due (a commit meanwhile
-makes it wait for the new version's reading). Applying a policy blocks: it runs in a worker
-thread.
+stays listed until its policy was applied (a commit between its being due and the policy's
+reading of it makes it wait for the new version's reading; one after, and the policy is not
+applied twice). Applying a policy blocks: it runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -143,24 +143,28 @@ class CapturePolicies:
                 out.append((ino, w.version, w.imported))
         return out
 
-    def done(self, ino: int, version: int) -> None:
-        """The policy was applied to `version` of a capture (or failed): it no longer waits,
-        unless a newer version was committed meanwhile, whose reading it waits for."""
+    def done(self, ino: int, applied: bool) -> None:
+        """A due capture's policy was applied (or failed), or, not `applied`, found it
+        committed again: it waits for that version's reading."""
         waiting = self._waiting.get(ino)
         if waiting is not None:
-            if waiting.version == version:
+            if applied:
                 del self._waiting[ino]
             else:
                 waiting.applying = False
 
     # ---- applying a policy (blocking) ---------------------------------------------------------
-    def apply(self, ino: int, version: int, path: str, rename: bool = True) -> list[Placed]:
+    def apply(self, ino: int, version: int, path: str, rename: bool = True
+              ) -> list[Placed] | None:
         """Apply the policy for `version` of the image `ino`, captured at `path` (renaming it
-        only if `rename` and the policy has a template): what was placed."""
+        only if `rename` and the policy has a template): what was placed; None when the file
+        was committed again since (its new version decides)."""
         with self.store.reader() as tx:
             node = tx.inode(ino)
-            if node is None or node.content != version:
-                return []  # removed, or committed again: `done` keeps it for the new version
+            if node is None:
+                return []
+            if node.content != version:
+                return None
             record = tx.media(version)
             if record is None:
                 return []

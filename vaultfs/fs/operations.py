@@ -956,23 +956,28 @@ class VaultOperations(pyfuse3.Operations):
             await trio.sleep(CAPTURE_CHECK_S)
             for ino, version, imported in self.capture.due(lambda i: i in self._open,
                                                            self._names.get):
+                applied = True
                 try:
                     path = self.event_path(ino)
                     if not path.startswith("<"):  # (a path this mount knows)
                         # An import keeps the import's layout (--into): it is not renamed.
-                        await self._capture(ino, version, path, rename=not imported)
+                        applied = await self._capture(ino, version, path, rename=not imported)
                 finally:
-                    self.capture.done(ino, version)
+                    self.capture.done(ino, applied)
 
-    async def _capture(self, ino: int, version: int, path: str, rename: bool) -> None:
+    async def _capture(self, ino: int, version: int, path: str, rename: bool) -> bool:
+        """Apply the policy to a capture's `version`; False if it was committed again since."""
         try:
             placed = await self._thread(self.capture.apply, ino, version, path, rename)
+            if placed is None:
+                return False
             for p in placed:
                 await self._thread(self._uncache, p.chain, p.new, p.left)
                 self._placed(p.chain, p.ino, p.size, p.was)
         except Exception as e:
             log.exception("the capture policy for %s failed", path)
             self.events.publish("error", path, error=f"capture policy: {e}")
+        return True
 
     async def _verify(self, ino: int) -> None:
         """Read a committed file back from the store and match every chunk against its

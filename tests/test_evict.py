@@ -153,13 +153,20 @@ def test_a_vault_under_its_floor_evicts_what_peers_hold_and_fetches_it_back(smal
         assert_clean(store)
 
 
-def test_two_vaults_never_each_evict_what_the_other_holds(tmp_path, mount_at):
+def _synced(tmp_path: Path, mount_at, name: str, size: int) -> tuple[Path, Path, Mount, bytes]:
+    """A field vault with one file of random bytes, synced to a studio vault (the field now
+    holds it at the studio); both without a floor. The field's mount is stopped."""
     field, studio = _vault(tmp_path / "field", 0), _vault(tmp_path / "studio", 0)
     m = mount_at(field)
-    body = os.urandom(3 * MB)
-    (m.path / "A.NEF").write_bytes(body)
+    body = os.urandom(size)
+    (m.path / name).write_bytes(body)
     m.stop()
-    vaultfs("sync", field, studio)  # the field holds A at the studio, which now keeps it
+    vaultfs("sync", field, studio)
+    return field, studio, m, body
+
+
+def test_two_vaults_never_each_evict_what_the_other_holds(tmp_path, mount_at):
+    field, studio, m, body = _synced(tmp_path, mount_at, "A.NEF", 3 * MB)
     # Asked by name, with no floor at all: it goes. A name not in the vault is named, and
     # the command fails: a typo never looks like "nothing to do".
     r = vaultfs("evict", field, "A.NEF", "B.NEF", "day9/", check=False)
@@ -184,12 +191,7 @@ def test_two_vaults_never_each_evict_what_the_other_holds(tmp_path, mount_at):
 
 
 def test_an_append_to_a_file_evicted_while_open_keeps_every_byte(tmp_path, mount_at):
-    field, studio = _vault(tmp_path / "field", 0), _vault(tmp_path / "studio", 0)
-    m = mount_at(field)
-    log = os.urandom(2 * MB)
-    (m.path / "log.csv").write_bytes(log)
-    m.stop()
-    vaultfs("sync", field, studio)
+    field, studio, m, log = _synced(tmp_path, mount_at, "log.csv", 2 * MB)
     m.start()
     with open(m.path / "log.csv", "ab") as f:
         f.write(b"appended row\n")

@@ -273,6 +273,13 @@ def test_a_decompression_bomb_costs_its_own_record_not_the_mount(make_mount, sto
                                                                  "--json").stdout)}
     assert "fingerprint" in meta["jolla.jpg"]
     assert (m.path / "pano.jpg").read_bytes() == bomb  # stored bit-exact all the same
+    # The worker reading images yields the CPU to commits: a capture the machine cannot keep
+    # up with queues its fingerprints instead of slowing down.
+    workers = [Path("/proc", c) for t in Path(f"/proc/{m.proc.pid}/task").glob("*/children")
+               for c in t.read_text().split()  # (a thread's children are listed by it)
+               if b"spawn_main" in Path("/proc", c, "cmdline").read_bytes()]
+    nice = [int((w / "stat").read_text().rsplit(")", 1)[1].split()[16]) for w in workers]
+    assert nice == [19], f"the image reader runs at nice {nice}"
     m.stop()
 
 

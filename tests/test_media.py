@@ -186,8 +186,9 @@ def test_ratings_and_sidecars_sort_files_into_tiers_and_views(make_mount, store_
                                                          "shoot/mongolels.jpg"],
           "the index has the files' ratings")
     views = m.path / ".vault"
-    assert sorted(os.listdir(views / "rating" / "3" / "shoot")) == \
-        ["IMG_5910.jpg", "IMG_5910.xmp", "mongolels.jpg"]  # the sidecar beside its image
+    # (the views wait for an image and its sidecar to be read both: a moment after the index)
+    _wait(lambda: sorted(os.listdir(views / "rating" / "3" / "shoot")) ==
+          ["IMG_5910.jpg", "IMG_5910.xmp", "mongolels.jpg"], "the sidecar beside its image")
     assert os.listdir(views / "tiers" / "select") == []
     assert "broken.jpg" in os.listdir(views / "tiers" / "general" / "shoot")
     assert (views / "rating" / "3" / "shoot" / "mongolels.jpg").read_bytes() == \

@@ -406,3 +406,40 @@ def test_peers_lists_a_served_vault_announced_on_the_network(peer_path, tmp_path
         studio_id = uuid.UUID(store.id).hex
     mine = [p for p in found if p["id"] == studio_id]
     assert mine and mine[0]["name"] == "studio" and url in mine[0]["urls"]
+
+
+
+def test_a_studio_disk_that_fills_mid_sync_loses_nothing_and_a_rerun_finishes(
+        make_mount, store_path, tmp_path):
+    """The peer's disk (a 24 MB tmpfs) fills while 40 MB of incompressible files arrive: the
+    sync fails saying why, neither vault loses or half-shows a file, and once there is room
+    the same command finishes the job."""
+    files = {f"DSC_{i:04d}.NEF": os.urandom(8_000_000) for i in range(5)}
+    m = make_mount()
+    for name, data in files.items():
+        (m.path / name).write_bytes(data)
+    m.stop()
+    disk = tmp_path / "studio-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
+    try:
+        peer = new_test_store(disk / "studio")
+        full = vaultfs("sync", store_path, peer, "--push", check=False)
+        assert full.returncode != 0
+        assert f"the disk of the store {peer} is full" in full.stderr, full.stderr
+        assert "resuming" not in full.stderr  # a full disk is not a lost link: no retries
+        assert_clean(peer)
+        subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
+        shown = make_mount(store=peer)  # (a mount writes its log in the store)
+        arrived = {p.name: p.read_bytes() for p in shown.path.iterdir()}
+        shown.stop()
+        assert len(arrived) < len(files)
+        assert all(files[name] == data for name, data in arrived.items())  # each one whole
+        vaultfs("sync", store_path, peer, "--push")
+        both = make_mount(store=peer), make_mount()
+        _trees_equal(both[0].path, both[1].path)
+        for m in both:
+            m.stop()
+        assert_clean(peer)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)

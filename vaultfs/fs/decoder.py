@@ -28,6 +28,9 @@ T = TypeVar("T")
 
 MEMORY_LIMIT = 1536 << 20   # a RAW of 100 Mpx is demosaiced at half size within this
 TASKS_PER_WORKER = 200      # then a fresh process: what the libraries kept goes back
+# Reading images follows the commits; it may fall behind, never hold them up: when the cores
+# are busy, the kernel gives the worker what the mount leaves.
+NICE = 19
 
 
 class DecoderFailed(Exception):
@@ -38,6 +41,7 @@ def _worker_start(mount_pid: int) -> None:
     """In the worker: bound its memory, and end it when the mount's process ends, however it
     ends (a `kill -9` leaves the worker's queue open for ever: it would wait on it alone)."""
     resource.setrlimit(resource.RLIMIT_DATA, (MEMORY_LIMIT, MEMORY_LIMIT))
+    os.nice(NICE)
     try:
         mount = os.pidfd_open(mount_pid)
     except ProcessLookupError:

@@ -20,7 +20,8 @@ import stat
 import time
 import tomllib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import lmdb
@@ -218,9 +219,13 @@ class Store:
 
     def write(self, fn):
         """Run `fn(txn)` in a durable write transaction and return its result (blocking)."""
+        return self.submit(fn).result()
+
+    def submit(self, fn: Callable[[Txn], object]) -> Future:
+        """Queue `fn` for a durable write transaction; its future is done once committed."""
         if self.writer is None:
             raise StoreError("store was opened read-only")
-        return self.writer.call(fn)
+        return self.writer.submit(fn)
 
     # ---- upgrades -----------------------------------------------------------------------------
     def _upgrade(self, version: int) -> None:

@@ -87,7 +87,8 @@ class Writer:
             # LMDB reports a short write on a full disk as EIO; tell the two apart.
             st = os.statvfs(self._env.path())
             if st.f_bavail * st.f_frsize < LOW_SPACE:
-                e = OSError(errno.ENOSPC, f"the store's disk is full ({e})")
+                store = os.path.dirname(self._env.path())
+                e = OSError(errno.ENOSPC, f"the disk of the store {store} is full ({e})")
                 log.warning("store commit refused: %s", e.strerror)
             else:
                 log.error("store commit failed: %s", e)

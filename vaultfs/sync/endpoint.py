@@ -10,10 +10,11 @@ import os
 import posixpath
 import re
 import stat
+import threading
 import time
 import tomllib
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from ..store import Store, StoreError, Txn, codec, history, policy, treeops
 from ..store.format import INBOX_INO
@@ -65,10 +66,21 @@ class Endpoint:
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
                                         thread_name_prefix="verify")
         self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="call")
+        self._committing: Future | None = None  # the last batch of chunks, until committed
+        self._lock = threading.Lock()  # (the engine calls a local end from two threads)
 
     def close(self) -> None:
         self._calls.shutdown()
         self._pool.shutdown()
+        if self._committing is not None:  # (the store closes after that commit, not during it)
+            wait([self._committing])
+
+    def _committed(self) -> None:
+        """Wait until the chunks put so far are committed; raise what their commit raised."""
+        with self._lock:
+            committing, self._committing = self._committing, None
+        if committing is not None:
+            committing.result()
 
     def submit(self, method: str, *args) -> Future:
         """Start a call without waiting for it (calls run in order, one at a time): the engine
@@ -80,13 +92,16 @@ class Endpoint:
         return {"id": self.id, "name": self.name, "protocol": wire.PROTOCOL}
 
     def listing(self) -> dict[bytes, list]:
+        self._committed()
         return {path: e.wire() for path, e in tree.listing(self.store).items()}
 
     def base(self, peer: bytes) -> dict[bytes, bytes]:
+        self._committed()
         with self.store.reader() as tx:
             return tx.sync_base(_peer_id(peer))
 
     def set_base(self, peer: bytes, updates: list) -> None:
+        self._committed()
         peer = _peer_id(peer)
         checked = [(check_path(p), s) for p, s in updates]
 
@@ -104,6 +119,7 @@ class Endpoint:
     def _note(self, peer: object, name: object, files: list, have: str, add: str) -> None:
         """Txn.hold or Txn.rely for the versions at `files` whose content is the one given;
         a path whose content here is another is passed over."""
+        self._committed()
         peer = _peer_id(peer)
         name = name if isinstance(name, str) else ""
         now = time.time_ns()
@@ -121,6 +137,7 @@ class Endpoint:
     def extents(self, paths: list) -> dict[bytes, list | str]:
         """The chunks of the files at `paths` now: [[offset, length, hash], ...] each, or
         OFFLINE for a file whose bytes were evicted here (they cannot be sent from here)."""
+        self._committed()
         out: dict[bytes, list | str] = {}
         with self.store.reader() as tx:
             for path in map(check_path, paths):
@@ -137,6 +154,7 @@ class Endpoint:
     def offline(self, paths: list | None) -> dict[bytes, list]:
         """Of the files at `paths` (None: every file), those with evicted bytes:
         {path: [size, content digest]}."""
+        self._committed()
         out: dict[bytes, list] = {}
         with self.store.reader() as tx:
             found = [(p, _file(tx, p)) for p in map(check_path, paths)] if paths is not None \
@@ -154,11 +172,13 @@ class Endpoint:
         self._note(peer, name, files, "holders", "hold")
 
     def missing(self, hashes: list) -> list[bytes]:
+        self._committed()
         with self.store.reader() as tx:
             return [h for h in map(check_hash, hashes) if tx.find_chunk(_digests(h)) is None]
 
     def get_chunks(self, hashes: list) -> list[list]:
         """[[hash, raw length, stored value (codec byte and payload, as stored)], ...]"""
+        self._committed()
         out = []
         with self.store.reader() as tx:
             for h in map(check_hash, hashes):
@@ -170,7 +190,11 @@ class Endpoint:
 
     def put_chunks(self, chunks: list) -> int:
         """Store chunks that arrived, each checked against both its digests first; they are
-        held in the inbox until the files that use them are applied. Returns bytes stored."""
+        held in the inbox until the files that use them are applied. Returns bytes stored.
+
+        Their commit is queued, not waited for: the next batch is checked while it runs (the
+        two would otherwise take turns). The next call waits for it first, so that what the
+        commit raised reaches the peer, and a file is applied only after its chunks."""
         def check(item: list) -> tuple[codec.Digests, int, bytes]:
             h, raw_len, stored = item
             if not isinstance(raw_len, int) or not 0 < raw_len <= MAX_CHUNK or \
@@ -187,17 +211,20 @@ class Endpoint:
                                  f"mismatch); nothing was stored")
             return d, raw_len, stored
         checked = list(self._pool.map(check, chunks))
+        self._committed()
 
-        def store(tx: Txn) -> int:
+        def store(tx: Txn) -> None:
             for d, raw_len, stored in checked:
                 tx.add_pending(INBOX_INO, tx.add_chunk(d, raw_len, stored))
-            return sum(len(c[2]) for c in checked)
-        return self.store.write(store)
+        with self._lock:
+            self._committing = self.store.submit(store)
+        return sum(len(c[2]) for c in checked)
 
     def apply(self, ops: list) -> list:
         """Carry out ops of a plan (plan.Op on the wire: [kind, path, entry, to, extents]),
         all in one transaction: a file appears whole or not at all. Returns, per op, None or
         why it was skipped."""
+        self._committed()
         checked = [_check_op(op) for op in ops]
         if self.snapshot is None and self._replaces(checked):
             # What the sync replaces or deletes stays in this snapshot (and in the files'
@@ -232,6 +259,7 @@ class Endpoint:
 
     def note_conflicts(self, conflicts: list) -> None:
         """Remember conflicts for `vaultfs status` (which lists those still there)."""
+        self._committed()
         added = [{"path": check_path(c["path"]).decode(errors="surrogateescape"),
                   "kept_as": check_path(c["kept_as"]).decode(errors="surrogateescape"),
                   "vault": str(c["vault"]), "at": time.time_ns()} for c in conflicts]
@@ -240,6 +268,7 @@ class Endpoint:
     def finish(self) -> dict:
         """Release what the inbox holds that no file took; say which snapshot holds the tree
         as it was before this session changed it."""
+        self._committed()
         released = self.store.write(lambda tx: tx.release_inbox())
         return {"inbox_released": released, "snapshot": self.snapshot}
 

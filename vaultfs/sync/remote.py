@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import queue
 import secrets
@@ -46,6 +47,8 @@ CHUNK_REPLIES = {"get_chunks"}
 CHUNK_REQUESTS = {"put_chunks"}
 
 T = TypeVar("T")
+# What a local disk says: waiting for a link to come back does not mend it.
+NOT_THE_LINK = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def address(spec: str) -> tuple[str, int]:
@@ -407,8 +410,8 @@ def with_retries(attempt: Callable[[], T], retries: int,
     for n in range(retries + 1):
         try:
             return attempt()
-        except (OSError, ConnectionError) as e:
-            if n == retries:
+        except OSError as e:  # (ConnectionError, TimeoutError, socket.gaierror are OSErrors)
+            if n == retries or e.errno in NOT_THE_LINK:
                 raise
             on_retry(e, delay)
             time.sleep(delay)

@@ -1,7 +1,8 @@
 """Sync benchmark: what `vaultfs sync` sends and how fast, against rsync and cp on the same machine.
 
     python tools/bench/sync.py [--size-gb 1] [--card 500M] [--bursts near-dup|sensor]
-                               [--log-data csv|random] [--link-rate 10M] [--cases 1,2,3]
+                               [--log-data csv|random] [--link-rate 10M] [--link-delay MS]
+                               [--cases 1,2,3]
                                [--workdir /var/tmp/vaultfs-bench] [--keep]
 
 Every TCP case goes through a small counting proxy run inside this script (a thread between
@@ -24,8 +25,9 @@ payload bytes in both directions (IP/TCP headers not counted). The report's `wir
    the scene with 64 KiB of new image bytes at a random place (a moving subject) and its own
    capture time written by exiftool; sensor: the ingest benchmark's 25 MB RAW-like files
    (independent sensor noise in every frame: nothing to dedup, the realistic worst case).
-   Synced to an empty peer over loopback TCP capped at --link-rate by the proxy, vs `rsync -a`
-   of the card's files to an empty folder through `rsync --daemon` over the same capped proxy.
+   Synced to an empty peer over loopback TCP capped at --link-rate by the proxy (and delayed by
+   --link-delay milliseconds each way, for a link with latency), vs `rsync -a` of the card's
+   files to an empty folder through `rsync --daemon` over the same proxy.
    Goal: at least 50% fewer bytes than rsync.
 3. Uncapped loopback. The card synced to an empty peer (TCP straight to `vaultfs serve`, and
    to a store path with no TCP) vs `cp -a` of the card's folder + `sync` on the same disk.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import queue
 import re
 import shutil
 import signal
@@ -80,12 +83,39 @@ class Pace:
             time.sleep(due - now)
 
 
+class Delay:
+    """Delivers the bytes handed to it to `dst` `seconds` later, in order: a link's latency."""
+
+    def __init__(self, dst: socket.socket, seconds: float):
+        self.dst, self.seconds = dst, seconds
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def send(self, data: bytes) -> None:
+        self.queue.put((time.monotonic() + self.seconds, data))
+
+    def close(self) -> None:
+        """Deliver what is on the way, then stop."""
+        self.queue.put((0.0, None))
+        self.thread.join()
+
+    def _run(self) -> None:
+        while (item := self.queue.get())[1] is not None:
+            time.sleep(max(0.0, item[0] - time.monotonic()))
+            try:
+                self.dst.sendall(item[1])
+            except OSError:
+                return
+
+
 class Proxy:
     """Listens on 127.0.0.1 (a free port); each connection is joined to `upstream`, bytes are
-    counted per direction (`up`: client to server), each direction capped at `rate` bytes/s."""
+    counted per direction (`up`: client to server), each direction capped at `rate` bytes/s
+    and delayed by `delay` seconds."""
 
-    def __init__(self, upstream: tuple[str, int], rate: float = 0):
-        self.upstream = upstream
+    def __init__(self, upstream: tuple[str, int], rate: float = 0, delay: float = 0):
+        self.upstream, self.delay = upstream, delay
         self.pace = {"up": Pace(rate), "down": Pace(rate)}
         self.bytes = {"up": 0, "down": 0}
         self.lock = threading.Lock()
@@ -123,15 +153,21 @@ class Proxy:
 
     def _pump(self, src: socket.socket, dst: socket.socket, way: str,
               done: threading.Barrier) -> None:
+        late = Delay(dst, self.delay) if self.delay else None
         try:
             while data := src.recv(256 * 1024 if not self.pace[way].rate else 64 * 1024):
                 self.pace[way].wait(len(data))
-                dst.sendall(data)
+                if late is not None:
+                    late.send(data)
+                else:
+                    dst.sendall(data)
                 with self.lock:
                     self.bytes[way] += len(data)
         except OSError:
             pass
         finally:
+            if late is not None:
+                late.close()
             try:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
@@ -177,8 +213,8 @@ class Run:
             raise RuntimeError(f"vaultfs serve said {line!r} (log: {log})")
         return proc, ("127.0.0.1", int(line.rsplit(":", 1)[1]))
 
-    def proxy(self, upstream: tuple[str, int], rate: float = 0) -> Proxy:
-        p = Proxy(upstream, rate)
+    def proxy(self, upstream: tuple[str, int], rate: float = 0, delay: float = 0) -> Proxy:
+        p = Proxy(upstream, rate, delay)
         self.proxies.append(p)
         return p
 
@@ -512,17 +548,19 @@ def card_cases(run: Run, args, cases: set[str]) -> None:
     if "2" in cases:
         link = C.parse_size(args.link_rate)
         head(f"2. against plain copies: to an empty peer over loopback TCP capped at "
-             f"{link / C.MB:g} MB/s each way (by the proxy)")
+             f"{link / C.MB:g} MB/s each way (by the proxy)"
+             + (f", {args.link_delay:g} ms late each way" if args.link_delay else ""))
         studio = run.store("card-studio")
         pair(field, studio)
         server, addr = run.serve(studio)
-        proxy = run.proxy(addr, link)
+        delay = args.link_delay / 1000
+        proxy = run.proxy(addr, link, delay)
         C.drop_caches()
         v_secs, rep, v_tcp = vsync(field, proxy.url, proxy)
         run.stop(server)
         dest = run.root / "rsync-dest"
         dest.mkdir()
-        rproxy = run.proxy(rsync_daemon(run, dest), link)
+        rproxy = run.proxy(rsync_daemon(run, dest), link, delay)
         C.drop_caches()
         t0 = time.perf_counter()
         out = C.run(["rsync", "-a", "--stats", f"{card}/", f"rsync://127.0.0.1:{rproxy.port}/card/"],
@@ -590,6 +628,8 @@ def main() -> int:
                    help="frames per near-dup burst (default %(default)s)")
     p.add_argument("--link-rate", default="10M", help="the capped link of case 2, bytes/s "
                    "each way (default %(default)s)")
+    p.add_argument("--link-delay", type=float, default=0, metavar="MS",
+                   help="latency added to each direction of case 2's link (default 0)")
     p.add_argument("--cases", default="1,2,3", help="which cases to run (default %(default)s)")
     p.add_argument("--keep", action="store_true", help="leave WORKDIR/sync-run in place")
     args = p.parse_args()

@@ -6,6 +6,7 @@ lists, dicts) so that it can travel; every path and hash that comes in is checke
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
@@ -14,11 +15,13 @@ import threading
 import time
 import tomllib
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..store import Store, StoreError, Txn, codec, history, policy, treeops
 from ..store.format import INBOX_INO
 from . import tree, wire
+
+log = logging.getLogger(__name__)
 
 OFFLINE = "offline"  # what `extents` says of a file whose bytes were evicted here
 MAX_PATH = 4096
@@ -73,7 +76,13 @@ class Endpoint:
         self._calls.shutdown()
         self._pool.shutdown()
         if self._committing is not None:  # (the store closes after that commit, not during it)
-            wait([self._committing])
+            error = self._committing.exception()
+            if error is not None:  # (no call came after it to take the error)
+                log.warning("the last chunks that arrived were not stored: %s", error)
+
+    def idle(self) -> None:
+        """Wait until the calls submitted so far have run (what they raised is theirs)."""
+        self._calls.submit(lambda: None).result()
 
     def _committed(self) -> None:
         """Wait until the chunks put so far are committed; raise what their commit raised."""
@@ -193,8 +202,9 @@ class Endpoint:
         held in the inbox until the files that use them are applied. Returns bytes stored.
 
         Their commit is queued, not waited for: the next batch is checked while it runs (the
-        two would otherwise take turns). The next call waits for it first, so that what the
-        commit raised reaches the peer, and a file is applied only after its chunks."""
+        two would otherwise take turns). Every later call but `hello` waits for it first, so
+        that what the commit raised reaches the peer, and a file is applied only after its
+        chunks."""
         def check(item: list) -> tuple[codec.Digests, int, bytes]:
             h, raw_len, stored = item
             if not isinstance(raw_len, int) or not 0 < raw_len <= MAX_CHUNK or \

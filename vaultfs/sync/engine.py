@@ -6,7 +6,8 @@ Both sides are endpoints (endpoint.py) or their stand-ins over the wire (remote.
 only calls their operations. It keeps no state of its own between runs; what makes a rerun
 resume is in the stores: chunks that arrived wait in the receiver's inbox (so they are not sent
 again), applied files agree (so they are not planned again), and each side's *base* records
-where the two agreed, path by path, as soon as they do.
+where the two agreed, path by path, soon after they do (with the next batch of chunks that
+settles, or at the end of a side).
 """
 
 from __future__ import annotations
@@ -88,21 +89,26 @@ def sync(local, remote, *, push: bool = True, pull: bool = True, only_tier: str 
         report.seconds = time.monotonic() - started
         return report
     run = _Run(ends, ids, names, trees, progress or (lambda p: None), bwlimit)
-    # Where the trees already agree, the bases say so (a rerun after an interruption), and
-    # this vault notes that the other holds those files.
-    run.record([p for p in set(trees[0]) | set(trees[1]) | set(bases[0]) | set(bases[1])
-                if P.sig(trees[0].get(p)) == P.sig(trees[1].get(p))
-                and not bases[0].get(p) == bases[1].get(p) == P.sig(trees[0].get(p))])
-    run.hold(list(trees[0]))
-    run.catch_up()
-    for s in sides:
-        report.offline += run.side(s, ops[s], report.sent["push" if s == 1 else "pull"])
-        noted = [c for c in plan.conflicts if c["kept_as"] in made[s]]
-        if noted:
-            ends[s].note_conflicts(noted)
-        snapshot = ends[s].finish()["snapshot"]
-        if snapshot:
-            report.snapshots[names[s]] = snapshot
+    try:
+        # Where the trees already agree, the bases say so (a rerun after an interruption), and
+        # this vault notes that the other holds those files.
+        run.record([p for p in set(trees[0]) | set(trees[1]) | set(bases[0]) | set(bases[1])
+                    if P.sig(trees[0].get(p)) == P.sig(trees[1].get(p))
+                    and not bases[0].get(p) == bases[1].get(p) == P.sig(trees[0].get(p))])
+        run.hold(list(trees[0]))
+        run.catch_up()
+        for s in sides:
+            report.offline += run.side(s, ops[s], report.sent["push" if s == 1 else "pull"])
+            noted = [c for c in plan.conflicts if c["kept_as"] in made[s]]
+            if noted:
+                ends[s].note_conflicts(noted)
+            snapshot = ends[s].finish()["snapshot"]
+            if snapshot:
+                report.snapshots[names[s]] = snapshot
+    finally:
+        # A run cut short (a lost link: the command retries) leaves no call of its own still
+        # running here for the next run to plan around.
+        local.idle()
     report.seconds = time.monotonic() - started
     return report
 
@@ -244,8 +250,11 @@ class _Run:
                 and theirs.get(p) is not None and mine[p].same_content(theirs[p])
                 and not theirs[p].offline]
         for part in _parts(held, PATHS_PER_CALL):
-            self.call(1, "rely", self.ids[0], self.names[0], part)
-            self.call(0, "hold", self.ids[1], self.names[1], part)
+            # The hold lets this vault evict its copy: only once the other has recorded that
+            # it must keep its own.
+            self.call(1, "rely", self.ids[0], self.names[0], part,
+                      then=lambda _, part=part: self.call(0, "hold", self.ids[1],
+                                                          self.names[1], part))
 
     def apply(self, s: int, ops: list[P.Op], extents: dict[bytes, list]) -> None:
         """Have side `s` carry out `ops`; the trees and bases follow once it has."""
@@ -361,7 +370,8 @@ class _Run:
         return replies, size, self.sent_batches - 1
 
     def settle(self, inflight: tuple, missing: dict, sent: dict, prog: Progress) -> None:
-        """Wait for the receiver to have committed a batch; adapt the next batches' size."""
+        """Wait for the receiver to have checked a batch (its commit is queued before anything
+        else it does); adapt the next batches' size."""
         replies, size, number = inflight
         for reply, hashes in replies:
             wire = reply.result()

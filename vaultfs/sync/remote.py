@@ -26,10 +26,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-import spake2
-
 from ..store import Store, StoreBusy, StoreError
-from . import discovery, peers, wire
+from . import peers, wire
 from .endpoint import Endpoint, vault_name
 
 log = logging.getLogger(__name__)
@@ -160,6 +158,7 @@ def serve(store_path: Path, listen: str, ready: Callable[[tuple], None] = lambda
     threads: list[threading.Thread] = []
     with socket.create_server((host, port)) as server, contextlib.ExitStack() as stack:
         if announce:
+            from . import discovery  # (zeroconf: imported where it is used, not by every sync)
             stack.enter_context(discovery.announce(my_id, name, host,
                                                    server.getsockname()[1]))
         ready(server.getsockname())
@@ -379,6 +378,8 @@ def _pair(store_path: Path, ch: wire.Channel, code: str, client: bool) -> str:
     same code, and an eavesdropper learns nothing to guess it offline with."""
     with Store.open(store_path) as store:
         my_id, my_name = uuid.UUID(store.id).bytes, vault_name(store)
+    import spake2  # (only pairing needs it: imported here, not by every sync)
+
     side = (spake2.SPAKE2_A if client else spake2.SPAKE2_B)(code.strip().encode())
     mine = {"pair": side.start(), "id": my_id, "name": my_name}
     ch.send(mine)

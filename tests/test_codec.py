@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from conftest import CORPUS
 from vaultfs.chunking import split, structure
 from vaultfs.store import format as F
-from vaultfs.store.codec import ChunkCorrupt, Layout, decode, encode, predicted, xxh3
+from vaultfs.store.codec import SAMPLES_HEAD, ChunkCorrupt, Layout, decode, encode, predicted, xxh3
 
 LAYOUTS = st.builds(
     Layout,
@@ -24,6 +24,68 @@ LAYOUTS = st.builds(
     stride=st.one_of(st.just(0), st.integers(1, 5000)),
 ).flatmap(lambda lay: st.sampled_from(
     [lay, Layout(16, True, lay.period, lay.stride)] if lay.bits == 16 else [lay]))
+
+
+# ---- docs/store-format.md §4.3.1, as written there, a sample at a time ------------------------
+def spec_pack(layout: Layout, samples) -> bytes:
+    """The body holding `samples` (a whole number of groups)."""
+    if layout.bits == 8:
+        return bytes(int(s) for s in samples)
+    if layout.bits == 16:
+        return b"".join(int(s).to_bytes(2, "big" if layout.big_endian else "little")
+                        for s in samples)
+    g, s, b = layout.group_bytes, layout.group_samples, layout.bits
+    return b"".join(sum(int(samples[i + k]) << (8 * g - b * (k + 1)) for k in range(s))
+                    .to_bytes(g, "big") for i in range(0, len(samples), s))
+
+
+def spec_unpack(layout: Layout, body: bytes) -> list[int]:
+    if layout.bits == 8:
+        return list(body)
+    if layout.bits == 16:
+        order = "big" if layout.big_endian else "little"
+        return [int.from_bytes(body[i:i + 2], order) for i in range(0, len(body), 2)]
+    g, s, b = layout.group_bytes, layout.group_samples, layout.bits
+    groups = [int.from_bytes(body[i:i + g], "big") for i in range(0, len(body), g)]
+    return [v >> (8 * g - b * (k + 1)) & ((1 << b) - 1) for v in groups for k in range(s)]
+
+
+def spec_content(data: bytes, layout: Layout, lead: int) -> bytes:
+    """The content of the zstd frame of `data`'s samples form: lead, tail, planes."""
+    g = layout.group_bytes
+    body_len = (len(data) - lead) // g * g
+    x = spec_unpack(layout, data[lead:lead + body_len])
+    count, w = len(x), 1 if layout.bits == 8 else 2
+    m, h = 1 << 8 * w, len(x) if layout.stride == 0 else min(layout.stride, len(x))
+    z = []
+    for i in range(count):
+        if i < h:
+            p = x[i - layout.period] if i >= layout.period else 0
+        else:
+            p = x[i - layout.stride]
+        s = (x[i] - p) % m
+        s = s - m if s >= m // 2 else s
+        z.append(2 * s if s >= 0 else -2 * s - 1)
+    top = [v >> 8 if w == 2 else v for v in z] + [0] * (-count % 8)
+    planes = b"".join(bytes(sum((top[8 * grp + k] >> j & 1) << k for k in range(8))
+                            for grp in range(len(top) // 8)) for j in range(8))
+    low = bytes(v & 0xFF for v in z) if w == 2 else b""
+    return data[:lead] + data[lead + body_len:] + low + planes
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=600), layout=LAYOUTS, lead=st.integers(0, 6))
+def test_the_samples_form_is_the_one_the_format_document_describes(data, layout, lead):
+    """What another program reading docs/store-format.md would expect, byte for byte, and
+    the header that says how to read it."""
+    lead = min(lead % layout.group_bytes, len(data))
+    stored = predicted(data, layout, lead)
+    bits, flags, period, got_lead, stride, count = SAMPLES_HEAD.unpack_from(stored, 1)
+    assert (bits, flags, period, got_lead, stride) == (
+        layout.bits, int(layout.big_endian), layout.period, lead, layout.stride)
+    assert count == (len(data) - lead) // layout.group_bytes * layout.group_samples
+    content = zstandard.ZstdDecompressor().decompress(stored[1 + SAMPLES_HEAD.size:])
+    assert content == spec_content(data, layout, lead)
 
 
 def roundtrip(data: bytes, stored: bytes) -> None:
@@ -84,8 +146,8 @@ def test_large_chunks_of_every_layout_decode_exactly():
         top = (1 << layout.bits) - 1
         noise = rng.normal(0, max(1, 8 * top / 16383), scene.shape)
         samples = np.clip(scene * top / 8000 + noise, 0, top).astype(np.uint16).reshape(-1)
-        raw = layout.pack(samples[:len(samples) // layout.group_samples
-                                  * layout.group_samples])
+        raw = spec_pack(layout, samples[:len(samples) // layout.group_samples
+                                        * layout.group_samples])
         for phase in range(layout.group_bytes + 1):
             data = raw[phase:phase + 700_001]
             stored = encode(data, layout, phase)
@@ -133,7 +195,7 @@ def test_sensor_data_takes_the_predictor_and_beats_zstd_clearly():
         assert len(stored) < 0.7 * zstd_alone, (layout, len(stored) / zstd_alone)
         roundtrip(raw[offset:], stored)
     packed = Layout(14, False, 2, 4000)
-    data = packed.pack(noisy_bayer().reshape(-1))
+    data = spec_pack(packed, noisy_bayer().reshape(-1))
     stored = encode(data, packed)
     assert stored[0] == F.CODEC_SAMPLES
     assert len(stored) < 0.75 * len(zstandard.ZstdCompressor(level=1).compress(data))

@@ -137,9 +137,11 @@ def test_labelled_set_is_grouped_as_measured(make_mount, store_path, tmp_path):
     # .vault/bursts: one folder per burst and bracket, its files under their names.
     bursts = m.path / ".vault" / "bursts"
     sequences = {g["name"]: g for g in found if g["kind"] in ("burst", "bracket")}
-    _wait(lambda: set(os.listdir(bursts)) == set(sequences), "the bursts view")
-    for name, g in sequences.items():
-        assert sorted(os.listdir(bursts / name)) == sorted(Path(p).name for p in g["files"])
+    def listed_as_found() -> bool:  # (the mount rebuilds its catalogue in the background)
+        return set(os.listdir(bursts)) == set(sequences) and all(
+            sorted(os.listdir(bursts / name)) == sorted(Path(p).name for p in g["files"])
+            for name, g in sequences.items())
+    _wait(listed_as_found, "the bursts view")
     burst = next(g for g in found if g["kind"] == "burst" and "raw/DSC_0200.DNG" in g["files"])
     assert (bursts / burst["name"] / "DSC_0200.DNG").read_bytes() == \
         (m.path / "raw" / "DSC_0200.DNG").read_bytes()

@@ -1,6 +1,6 @@
 """Sync benchmark: what `vaultfs sync` sends and how fast, against rsync and cp on the same machine.
 
-    python tools/bench/sync.py [--size-gb 1] [--card 500M] [--bursts near-dup|sensor]
+    python tools/bench/sync.py [--size-gb 1] [--card 500M] [--bursts near-dup|sensor|dng]
                                [--log-data csv|random] [--link-rate 10M] [--link-delay MS]
                                [--cases 1,2,3]
                                [--workdir /var/tmp/vaultfs-bench] [--keep]
@@ -24,7 +24,10 @@ payload bytes in both directions (IP/TCP headers not counted). The report's `wir
    compression of the image data, which zstd shrinks by only 4-8% in the sources), each frame
    the scene with 64 KiB of new image bytes at a random place (a moving subject) and its own
    capture time written by exiftool; sensor: the ingest benchmark's 25 MB RAW-like files
-   (independent sensor noise in every frame: nothing to dedup, the realistic worst case).
+   (independent sensor noise in every frame: nothing to dedup; no TIFF structure, so the codec
+   guesses their layout); dng: real DNGs of a 12 Mpx burst as field.py --card dng makes them
+   (a camera's uncompressed RAWs: the codec reads their layout, and the shot noise bounds what
+   any lossless coding can take off).
    Synced to an empty peer over loopback TCP capped at --link-rate by the proxy (and delayed by
    --link-delay milliseconds each way, for a link with latency), vs `rsync -a` of the card's
    files to an empty folder through `rsync --daemon` over the same proxy.
@@ -376,6 +379,17 @@ def make_card(card: Path, total: int, bursts: str, burst_len: int, work: Path
     dcim.mkdir()
     if room <= 0:
         what = "no generated bursts (--card is not above the corpus's size)"
+    elif bursts == "dng":
+        import compression
+        from field import DNG_BYTES
+
+        files = compression.file_set("burst16", work, max(1, room // DNG_BYTES), 4000, 3000,
+                                     preview=1600)
+        for f in files:
+            shutil.copyfile(f, dcim / f.name)
+        what = (f"{len(files)} DNG frames of 12 Mpx (tools/bench/_dng.py: one scene, a moving "
+                f"subject, fresh shot and read noise in every frame, 14-bit samples in 16-bit "
+                f"words, a 1600-pixel JPEG preview)")
     elif bursts == "sensor":
         files = C.file_set(work, max(C.FILE_BYTES, room))
         for f in files:
@@ -622,7 +636,7 @@ def main() -> int:
     p.add_argument("--card", default="500M",
                    help="bytes on the field card of cases 2 and 3 (default %(default)s; the "
                         "corpus is 88 MB of it)")
-    p.add_argument("--bursts", choices=("near-dup", "sensor"), default="near-dup",
+    p.add_argument("--bursts", choices=("near-dup", "sensor", "dng"), default="near-dup",
                    help="what fills the card beyond the corpus (see above)")
     p.add_argument("--burst-len", type=int, default=8,
                    help="frames per near-dup burst (default %(default)s)")

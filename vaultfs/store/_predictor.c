@@ -35,7 +35,7 @@ static inline uint64_t transpose8(uint64_t v)
 /* A word whose byte k (in memory) is its bits 8k..8k+7, whatever the machine's byte order. */
 static inline uint64_t little_endian(uint64_t v)
 {
-#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#if PY_BIG_ENDIAN
     return __builtin_bswap64(v);
 #else
     return v;
@@ -141,8 +141,8 @@ static void to_planes(const uint16_t *z, Py_ssize_t n, int width, uint8_t *out, 
 {
     const Py_ssize_t groups = (n + 7) / 8;
     uint8_t *planes = out + (width == 2 ? n : 0), *top = (uint8_t *)w;
-    if (groups)
-        w[groups - 1] = 0;
+    if (groups)  /* the padding */
+        memset(top + 8 * (groups - 1), 0, 8);
     if (width == 2) {
         for (Py_ssize_t i = 0; i < n; i++) {
             out[i] = (uint8_t)z[i];
@@ -152,8 +152,11 @@ static void to_planes(const uint16_t *z, Py_ssize_t n, int width, uint8_t *out, 
         for (Py_ssize_t i = 0; i < n; i++)
             top[i] = (uint8_t)z[i];
     }
-    for (Py_ssize_t g = 0; g < groups; g++)
-        w[g] = transpose8(little_endian(w[g]));
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        uint64_t v;
+        memcpy(&v, top + 8 * g, 8);
+        w[g] = transpose8(little_endian(v));
+    }
     for (Py_ssize_t g = 0; g < groups; g++)
         for (int j = 0; j < 8; j++)
             planes[j * groups + g] = (uint8_t)(w[g] >> (8 * j));
@@ -163,12 +166,14 @@ static void to_planes(const uint16_t *z, Py_ssize_t n, int width, uint8_t *out, 
 static void from_planes(const uint8_t *in, Py_ssize_t n, int width, uint16_t *z, uint64_t *w)
 {
     const Py_ssize_t groups = (n + 7) / 8;
-    const uint8_t *planes = in + (width == 2 ? n : 0), *top = (const uint8_t *)w;
+    const uint8_t *planes = in + (width == 2 ? n : 0);
+    uint8_t *top = (uint8_t *)w;
     for (Py_ssize_t g = 0; g < groups; g++) {
         uint64_t v = 0;
         for (int j = 0; j < 8; j++)
             v |= (uint64_t)planes[j * groups + g] << (8 * j);
-        w[g] = little_endian(transpose8(v));
+        v = little_endian(transpose8(v));
+        memcpy(top + 8 * g, &v, 8);
     }
     if (width == 2) {
         for (Py_ssize_t i = 0; i < n; i++)
@@ -222,6 +227,10 @@ static PyObject *py_planes(PyObject *self, PyObject *args)
         goto done;
     }
     const Py_ssize_t n = body.len / width;
+    if (n > PY_SSIZE_T_MAX / 8) {  /* (the scratch space's size would overflow) */
+        PyErr_NoMemory();
+        goto done;
+    }
     if ((w = scratch(n, 2)) == NULL)
         goto done;
     x = (uint16_t *)(w + (n + 7) / 8);

@@ -8,8 +8,9 @@ decodes from its own bytes alone: the predictor's parameters are in its header, 
 never needs a hint to read it.
 
 These are pure CPU functions (hashing, zstandard, the predictor's loops in C: _predictor.c)
-that release the GIL on large buffers, so callers run them in worker threads; the LMDB writer encodes a chunk itself only in the rare
-case that it was freed between a caller's look-up and the commit.
+that release the GIL for most of their work, so callers run them in worker threads; the LMDB
+writer encodes a chunk itself only in the rare case that it was freed between a caller's
+look-up and the commit.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ class Layout:
     row: 2 × width for Bayer). Each sample is predicted by the one `stride` before it, or
     `period` before it in the first `stride` samples of a chunk (all of them when `stride` is
     0); the two predict equally well on sensor noise, but the first decodes a vector of
-    samples at a time, where the second is a running sum (0.30 against 0.44 ms per MiB). The
-    coding is exact whatever the bytes really are."""
+    samples at a time, where the second is a running sum (the C loops alone: 0.30 against 0.44
+    ms per MiB). The coding is exact whatever the bytes really are."""
 
     bits: int
     big_endian: bool = False
@@ -202,7 +203,10 @@ def _unpredicted(payload: memoryview, raw_len: int | None) -> bytes:
     content = _decompressor().decompress(frame)
     if len(content) != size:
         raise ChunkCorrupt("predictor frame holds the wrong length")
-    body = layout.body(memoryview(content)[lead + tail:], count)
+    try:
+        body = layout.body(memoryview(content)[lead + tail:], count)
+    except ValueError as e:  # (the checks above leave none, but damage must never be a crash)
+        raise ChunkCorrupt(f"predictor: {e}") from None
     return b"".join((content[:lead], body, content[lead:lead + tail])) if lead + tail else body
 
 

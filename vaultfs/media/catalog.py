@@ -13,13 +13,16 @@ import stat
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..store import ROOT_INO, Inode, StoreError, Txn
 from ..store import policy
 from ..store.recompress import MEDIA_KEY as LEVEL_KEY
 from . import sidecars, tiers
-from .groups import Group
 from ..store.tags import TIER_XATTR
+
+if TYPE_CHECKING:  # (numpy and Exiv2 come with groups: a sync needs neither to start)
+    from .groups import Group
 
 FINGERPRINT_KEYS = ("digest", "fingerprint", "fingerprint_error", "picture", "format", "preview")
 KEPT_KEYS = FINGERPRINT_KEYS + (LEVEL_KEY,)  # of a record whose metadata could not be read

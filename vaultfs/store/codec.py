@@ -20,7 +20,6 @@ import threading
 from dataclasses import dataclass, replace
 
 import blake3
-import numpy as np
 import xxhash
 import zstandard
 
@@ -125,12 +124,16 @@ class Layout:
         if self.bits in (8, 16):
             return _predictor.samples(planes, count, self.bits // 8, self.big_endian,
                                       self.period, self.stride)
-        return self._pack(np.frombuffer(
-            _predictor.samples(planes, count, 2, False, self.period, self.stride), "<u2"))
+        return self._pack(_predictor.samples(planes, count, 2, False, self.period,
+                                             self.stride))
 
-    def _unpack(self, body: memoryview) -> np.ndarray:
+    # Packed samples are unpacked with numpy, imported only then: it is most of the start-up
+    # time of a command that never meets them (a sync's, say).
+    def _unpack(self, body: memoryview) -> bytes:
         """The samples of whole groups of packed bytes (10, 12 or 14 bits), as little-endian
         16-bit words."""
+        import numpy as np
+
         g, s, bits = self.group_bytes, self.group_samples, self.bits
         b = np.frombuffer(body, np.uint8).reshape(-1, g)
         out = np.empty((len(b), s), "<u2")
@@ -144,12 +147,15 @@ class Layout:
             acc >>= 8 * nbytes - off - bits
             out[:, k] = acc
         out &= (1 << bits) - 1
-        return out.reshape(-1)
+        return out.tobytes()
 
-    def _pack(self, samples: np.ndarray) -> bytes:
+    def _pack(self, samples: bytes) -> bytes:
         """The inverse of `_unpack` (a sample above 2^bits - 1 is masked: the hash says so)."""
+        import numpy as np
+
         g, s = self.group_bytes, self.group_samples
-        groups = samples.reshape(-1, s) & np.uint16((1 << self.bits) - 1)
+        groups = np.frombuffer(samples, "<u2").reshape(-1, s) \
+            & np.uint16((1 << self.bits) - 1)
         v = np.zeros(len(groups), np.uint64)
         for k in range(s):
             v |= groups[:, k].astype(np.uint64) << np.uint64(64 - self.bits * (k + 1))

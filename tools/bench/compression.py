@@ -106,7 +106,9 @@ def file_set(name: str, work: Path, frames: int, width: int, height: int,
         want["preview"] = preview
     manifest = cache / "manifest.json"
     paths = [cache / f"DSC_{i:04d}.DNG" for i in range(frames)]
-    if manifest.exists() and json.loads(manifest.read_text()) == want and \
+    have = json.loads(manifest.read_text()) if manifest.exists() else {}
+    # (frame i is the same whatever the count, so a larger set serves a smaller one)
+    if {**have, "frames": frames} == want and have["frames"] >= frames and \
             all(p.exists() for p in paths):
         return paths
     shutil.rmtree(cache, ignore_errors=True)

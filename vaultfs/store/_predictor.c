@@ -7,10 +7,11 @@
    row, a plain scalar recurrence. The GIL is released around the loops: codec.py's callers
    run chunks in worker threads.
 
-   Samples are W-byte unsigned integers (W = `width`: 1, or 2 in either byte order); all
-   arithmetic is modulo 2^(8W). Python-facing functions:
-     planes(body, width, big_endian, period, stride) -> bytes
-     samples(planes, count, width, big_endian, period, stride) -> bytes   (the inverse)
+   A body holds samples of 8 bits, 16 bits in either byte order, or 10, 12 or 14 bits packed
+   (`bits`); they are worked on as W-byte unsigned integers (W = `width`: 1 for 8 bits, else
+   2), all arithmetic modulo 2^(8W). Python-facing functions:
+     planes(body, bits, big_endian, period, stride) -> bytes
+     samples(planes, count, bits, big_endian, period, stride) -> bytes   (the inverse)
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -48,34 +49,101 @@ static inline Py_ssize_t head_of(Py_ssize_t count, Py_ssize_t stride)
     return stride == 0 || stride > count ? count : stride;
 }
 
-static void load(const uint8_t *in, Py_ssize_t n, int width, int big_endian, uint16_t *x)
+/* Samples of `bits` 10, 12 or 14 packed without gaps, most significant bit first, in groups of
+   G bytes holding S samples: each group one big-endian integer of 8G bits, its sample k in
+   bits 8G - bits(k+1) up. Inlined with constant arguments, so each packing gets its own loop. */
+static inline void unpack_groups(const uint8_t *in, Py_ssize_t groups, int g, int s, int bits,
+                                 uint16_t *x)
 {
-    if (width == 1) {
-        for (Py_ssize_t i = 0; i < n; i++)
-            x[i] = in[i];
-    } else if (big_endian) {
-        for (Py_ssize_t i = 0; i < n; i++)
-            x[i] = (uint16_t)(in[2 * i] << 8 | in[2 * i + 1]);
-    } else {
-        for (Py_ssize_t i = 0; i < n; i++)
-            x[i] = (uint16_t)(in[2 * i] | in[2 * i + 1] << 8);
+    for (Py_ssize_t i = 0; i < groups; i++, in += g, x += s) {
+        uint64_t v = 0;
+        for (int j = 0; j < g; j++)
+            v = v << 8 | in[j];
+        for (int k = 0; k < s; k++)
+            x[k] = (uint16_t)(v >> (8 * g - bits * (k + 1)) & ((1u << bits) - 1));
     }
 }
 
-static void store(const uint16_t *x, Py_ssize_t n, int width, int big_endian, uint8_t *out)
+/* The inverse (a sample above 2^bits - 1 is masked: the chunk's hash then says it is damaged). */
+static inline void pack_groups(const uint16_t *x, Py_ssize_t groups, int g, int s, int bits,
+                               uint8_t *out)
 {
-    if (width == 1) {
+    for (Py_ssize_t i = 0; i < groups; i++, out += g, x += s) {
+        uint64_t v = 0;
+        for (int k = 0; k < s; k++)
+            v |= (uint64_t)(x[k] & ((1u << bits) - 1)) << (8 * g - bits * (k + 1));
+        for (int j = g - 1; j >= 0; j--, v >>= 8)
+            out[j] = (uint8_t)v;
+    }
+}
+
+/* G bytes hold S samples (the format's groups), by bits per sample; 0 for no such layout. */
+static int group_bytes(int bits)
+{
+    return bits == 8 ? 1 : bits == 10 ? 5 : bits == 12 ? 3 : bits == 14 ? 7 : bits == 16 ? 2 : 0;
+}
+
+static int group_samples(int bits)
+{
+    return bits == 10 || bits == 14 ? 4 : bits == 12 ? 2 : 1;
+}
+
+/* The n samples of a body (whole groups) as native integers. */
+static void load(const uint8_t *in, Py_ssize_t n, int bits, int big_endian, uint16_t *x)
+{
+    switch (bits) {
+    case 8:
+        for (Py_ssize_t i = 0; i < n; i++)
+            x[i] = in[i];
+        break;
+    case 10:
+        unpack_groups(in, n / 4, 5, 4, 10, x);
+        break;
+    case 12:
+        unpack_groups(in, n / 2, 3, 2, 12, x);
+        break;
+    case 14:
+        unpack_groups(in, n / 4, 7, 4, 14, x);
+        break;
+    default:
+        if (big_endian) {
+            for (Py_ssize_t i = 0; i < n; i++)
+                x[i] = (uint16_t)(in[2 * i] << 8 | in[2 * i + 1]);
+        } else {
+            for (Py_ssize_t i = 0; i < n; i++)
+                x[i] = (uint16_t)(in[2 * i] | in[2 * i + 1] << 8);
+        }
+    }
+}
+
+/* The inverse of `load`. */
+static void store(const uint16_t *x, Py_ssize_t n, int bits, int big_endian, uint8_t *out)
+{
+    switch (bits) {
+    case 8:
         for (Py_ssize_t i = 0; i < n; i++)
             out[i] = (uint8_t)x[i];
-    } else if (big_endian) {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            out[2 * i] = (uint8_t)(x[i] >> 8);
-            out[2 * i + 1] = (uint8_t)x[i];
-        }
-    } else {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            out[2 * i] = (uint8_t)x[i];
-            out[2 * i + 1] = (uint8_t)(x[i] >> 8);
+        break;
+    case 10:
+        pack_groups(x, n / 4, 5, 4, 10, out);
+        break;
+    case 12:
+        pack_groups(x, n / 2, 3, 2, 12, out);
+        break;
+    case 14:
+        pack_groups(x, n / 4, 7, 4, 14, out);
+        break;
+    default:
+        if (big_endian) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                out[2 * i] = (uint8_t)(x[i] >> 8);
+                out[2 * i + 1] = (uint8_t)x[i];
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                out[2 * i] = (uint8_t)x[i];
+                out[2 * i + 1] = (uint8_t)(x[i] >> 8);
+            }
         }
     }
 }
@@ -189,9 +257,9 @@ static Py_ssize_t planes_len(Py_ssize_t count, int width)
     return (width == 2 ? count : 0) + (count + 7) / 8 * 8;
 }
 
-static int check_layout(int width, int big_endian, Py_ssize_t period, Py_ssize_t stride)
+static int check_layout(int bits, int big_endian, Py_ssize_t period, Py_ssize_t stride)
 {
-    if ((width != 1 && width != 2) || (big_endian && width != 2) || period < 1 || period > 255
+    if (!group_bytes(bits) || (big_endian && bits != 16) || period < 1 || period > 255
         || stride < 0 || stride > UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "no predictor for this layout");
         return -1;
@@ -213,20 +281,21 @@ static uint64_t *scratch(Py_ssize_t n, int arrays)
 static PyObject *py_planes(PyObject *self, PyObject *args)
 {
     Py_buffer body;
-    int width, big_endian;
+    int bits, big_endian;
     Py_ssize_t period, stride;
-    if (!PyArg_ParseTuple(args, "y*ipnn", &body, &width, &big_endian, &period, &stride))
+    if (!PyArg_ParseTuple(args, "y*ipnn", &body, &bits, &big_endian, &period, &stride))
         return NULL;
     PyObject *result = NULL;
     uint64_t *w = NULL;
     uint16_t *x, *z;
-    if (check_layout(width, big_endian, period, stride) < 0)
+    if (check_layout(bits, big_endian, period, stride) < 0)
         goto done;
-    if (body.len % width) {
-        PyErr_SetString(PyExc_ValueError, "the body is not whole samples");
+    if (body.len % group_bytes(bits)) {
+        PyErr_SetString(PyExc_ValueError, "the body is not whole groups of samples");
         goto done;
     }
-    const Py_ssize_t n = body.len / width;
+    const Py_ssize_t n = body.len / group_bytes(bits) * group_samples(bits);
+    const int width = bits == 8 ? 1 : 2;
     if (n > PY_SSIZE_T_MAX / 8) {  /* (the scratch space's size would overflow) */
         PyErr_NoMemory();
         goto done;
@@ -239,7 +308,7 @@ static PyObject *py_planes(PyObject *self, PyObject *args)
         goto done;
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(result);
     Py_BEGIN_ALLOW_THREADS
-    load(body.buf, n, width, big_endian, x);
+    load(body.buf, n, bits, big_endian, x);
     residuals(x, n, width, period, stride, z);
     to_planes(z, n, width, out, w);
     Py_END_ALLOW_THREADS
@@ -253,29 +322,32 @@ static PyObject *py_samples(PyObject *self, PyObject *args)
 {
     Py_buffer planes;
     Py_ssize_t count, period, stride;
-    int width, big_endian;
-    if (!PyArg_ParseTuple(args, "y*nipnn", &planes, &count, &width, &big_endian, &period,
+    int bits, big_endian;
+    if (!PyArg_ParseTuple(args, "y*nipnn", &planes, &count, &bits, &big_endian, &period,
                           &stride))
         return NULL;
     PyObject *result = NULL;
     uint64_t *w = NULL;
     uint16_t *z;
-    if (check_layout(width, big_endian, period, stride) < 0)
+    if (check_layout(bits, big_endian, period, stride) < 0)
         goto done;
-    if (count < 0 || count > PY_SSIZE_T_MAX / 4 || planes.len != planes_len(count, width)) {
+    const int width = bits == 8 ? 1 : 2;
+    if (count < 0 || count > PY_SSIZE_T_MAX / 8 || count % group_samples(bits)
+        || planes.len != planes_len(count, width)) {
         PyErr_SetString(PyExc_ValueError, "the planes do not hold that many samples");
         goto done;
     }
     if ((w = scratch(count, 1)) == NULL)
         goto done;
     z = (uint16_t *)(w + (count + 7) / 8);
-    if ((result = PyBytes_FromStringAndSize(NULL, count * width)) == NULL)
+    result = PyBytes_FromStringAndSize(NULL, count / group_samples(bits) * group_bytes(bits));
+    if (result == NULL)
         goto done;
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(result);
     Py_BEGIN_ALLOW_THREADS
     from_planes(planes.buf, count, width, z, w);
     integrate(z, count, width, period, stride);
-    store(z, count, width, big_endian, out);
+    store(z, count, bits, big_endian, out);
     Py_END_ALLOW_THREADS
 done:
     PyMem_RawFree(w);
@@ -285,11 +357,12 @@ done:
 
 static PyMethodDef methods[] = {
     {"planes", py_planes, METH_VARARGS,
-     "planes(body, width, big_endian, period, stride) -> bytes\n\n"
-     "The zigzagged residuals of the samples in `body` (whole samples of `width` bytes) as the\n"
-     "format's planes: for width 2 the low bytes, then 8 bit planes of the top bytes."},
+     "planes(body, bits, big_endian, period, stride) -> bytes\n\n"
+     "The zigzagged residuals of the samples in `body` (whole groups of samples of `bits`: 8,\n"
+     "16, or 10, 12, 14 packed) as the format's planes: for samples wider than a byte the low\n"
+     "bytes, then 8 bit planes of the top bytes."},
     {"samples", py_samples, METH_VARARGS,
-     "samples(planes, count, width, big_endian, period, stride) -> bytes\n\n"
+     "samples(planes, count, bits, big_endian, period, stride) -> bytes\n\n"
      "The inverse of planes(): the body of `count` samples."},
     {NULL, NULL, 0, NULL}};
 

@@ -114,52 +114,13 @@ class Layout:
 
     def planes(self, body: memoryview) -> bytes:
         """The zigzagged residuals of the samples in `body` (whole groups), as planes."""
-        if self.bits in (8, 16):
-            return _predictor.planes(body, self.bits // 8, self.big_endian, self.period,
-                                     self.stride)
-        return _predictor.planes(self._unpack(body), 2, False, self.period, self.stride)
+        return _predictor.planes(body, self.bits, self.big_endian, self.period, self.stride)
 
     def body(self, planes: memoryview, count: int) -> bytes:
-        """The inverse of `planes`: the `count` samples' whole groups of bytes."""
-        if self.bits in (8, 16):
-            return _predictor.samples(planes, count, self.bits // 8, self.big_endian,
-                                      self.period, self.stride)
-        return self._pack(_predictor.samples(planes, count, 2, False, self.period,
-                                             self.stride))
-
-    # Packed samples are unpacked with numpy, imported only then: it is most of the start-up
-    # time of a command that never meets them (a sync's, say).
-    def _unpack(self, body: memoryview) -> bytes:
-        """The samples of whole groups of packed bytes (10, 12 or 14 bits), as little-endian
-        16-bit words."""
-        import numpy as np
-
-        g, s, bits = self.group_bytes, self.group_samples, self.bits
-        b = np.frombuffer(body, np.uint8).reshape(-1, g)
-        out = np.empty((len(b), s), "<u2")
-        for k in range(s):  # sample k: from bit `off` of byte `first`, over `nbytes` bytes
-            first, off = divmod(bits * k, 8)
-            nbytes = (off + bits + 7) // 8
-            acc = b[:, first].astype(np.uint32)
-            for j in range(1, nbytes):
-                acc <<= 8
-                acc |= b[:, first + j]
-            acc >>= 8 * nbytes - off - bits
-            out[:, k] = acc
-        out &= (1 << bits) - 1
-        return out.tobytes()
-
-    def _pack(self, samples: bytes) -> bytes:
-        """The inverse of `_unpack` (a sample above 2^bits - 1 is masked: the hash says so)."""
-        import numpy as np
-
-        g, s = self.group_bytes, self.group_samples
-        groups = np.frombuffer(samples, "<u2").reshape(-1, s) \
-            & np.uint16((1 << self.bits) - 1)
-        v = np.zeros(len(groups), np.uint64)
-        for k in range(s):
-            v |= groups[:, k].astype(np.uint64) << np.uint64(64 - self.bits * (k + 1))
-        return v.astype(">u8").view(np.uint8).reshape(-1, 8)[:, :g].tobytes()
+        """The inverse of `planes`: the `count` samples' whole groups of bytes (a packed sample
+        above 2^bits - 1 is masked: the chunk's hash then says it is damaged)."""
+        return _predictor.samples(planes, count, self.bits, self.big_endian, self.period,
+                                  self.stride)
 
 
 _GROUPS = {8: (1, 1), 10: (5, 4), 12: (3, 2), 14: (7, 4), 16: (2, 1)}  # bits: bytes, samples

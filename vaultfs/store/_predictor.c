@@ -201,7 +201,10 @@ static void integrate(uint16_t *z, Py_ssize_t n, int width, Py_ssize_t period, P
 }
 
 /* The planes of z (n values): for width 2 the low bytes, then the 8 bit planes of the top
-   bytes (for width 1, of the values), padded with zeros to a multiple of 8 values. `w` is
+   bytes (for width 1, of the values), padded with zeros to a multiple of 8 values. (The low
+   bytes of sensor noise are near random, and zstd's Huffman coding takes them close to their
+   entropy; the top bytes are mostly 0 or 1, which it cannot take below a bit each, and their
+   bit planes are mostly zeros.) `w` is
    scratch space for (n + 7) / 8 words. Three loops that the compiler vectorises or keeps
    simple: the top bytes into words of 8, each word's bits transposed, the words' bytes out
    to the planes. */

@@ -7,10 +7,12 @@ import json
 import os
 import random
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, assert_clean, needs_fuse, vaultfs
+from conftest import CORPUS, assert_clean, needs_fuse, new_test_store, vaultfs
 
 pytestmark = needs_fuse
 
@@ -26,6 +28,43 @@ def test_corpus_round_trip_and_remount(make_mount):
     for p in files:
         assert (m2.path / "corpus" / p.relative_to(CORPUS)).read_bytes() == p.read_bytes(), p
     assert not cmp.diff_files
+
+
+def test_a_written_file_reaches_the_disk_once(tmp_path, make_mount):
+    """A file's bytes reach the store's disk once, in the store: never as its spool (where they
+    wait for the commit), for a new file or for one rewritten from empty (O_TRUNC). ext4 writes
+    out a file that was truncated to 0 when it is closed, and spools were, so every capture
+    went to the disk twice. Counted on an ext4 image of the test's own, on a loop device."""
+    image, disk = tmp_path / "disk.img", tmp_path / "disk"
+    disk.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(400 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(disk)], check=True)
+    try:
+        device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "--target", str(disk)],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        stat = Path("/sys/block") / Path(device).name / "stat"
+
+        def written() -> int:
+            os.sync()
+            return int(stat.read_text().split()[6]) * 512  # sectors written
+
+        m = make_mount(store=new_test_store(disk / "store"))
+        (m.path / "old.NEF").write_bytes(b"x" * 1000)  # committed, then rewritten
+        files = {"new.NEF": os.urandom(24_000_000), "old.NEF": os.urandom(24_000_000)}
+        before = written()
+        for name, data in files.items():
+            with open(m.path / name, "wb") as f:
+                f.write(data)
+        m.stop()
+        total = sum(map(len, files.values()))  # random bytes: stored as they are
+        assert written() - before < 1.3 * total, (written() - before) / total
+        m = make_mount(store=disk / "store")
+        assert all((m.path / name).read_bytes() == data for name, data in files.items())
+        m.stop()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_default_vault_is_created_and_mounted_with_no_arguments(tmp_path):

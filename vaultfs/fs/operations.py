@@ -34,7 +34,7 @@ from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_inherit, acl_mode, grou
 from . import importfile
 from .capture import CapturePolicies
 from .ingest import FileIngest, commit_spool
-from .spool import OpenInode, open_spool
+from .spool import OpenInode, empty_spool, open_spool
 from ..media.tiers import Tiers
 from ..store import policy
 from .analysis import Analyzer
@@ -800,7 +800,10 @@ class VaultOperations(pyfuse3.Operations):
         of.stream_ok = size == node.size or size == 0
 
     def _truncate_spool(self, of: OpenInode, size: int, now: int) -> None:
-        os.ftruncate(of.fd, size)
+        if size:
+            os.ftruncate(of.fd, size)
+        else:
+            empty_spool(self.store, of.fd)
         if size < of.stream_end:
             of.stream_ok = False
         elif size == 0 and of.stream_end == 0:

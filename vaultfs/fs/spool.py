@@ -47,7 +47,9 @@ def open_spool(store: Store, cache: ChunkCache, ino: int, size: int) -> int:
     """A new spool file holding the first `size` bytes of the committed content of `ino`
     (blocking). Only those bytes are read: a file about to be truncated or overwritten
     (O_TRUNC) costs nothing to spool, even when its old content is damaged."""
-    fd = os.open(store.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fd = _new_spool(store)
+    if not size:
+        return fd
     try:
         with store.reader() as tx:
             node = tx.inode(ino)
@@ -58,3 +60,21 @@ def open_spool(store: Store, cache: ChunkCache, ino: int, size: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def empty_spool(store: Store, fd: int) -> None:
+    """Empty a spool in place: a new anonymous file takes over the descriptor's number (a read
+    running in a worker thread finishes on the old one, as it would after a truncation).
+    Truncating to 0 would empty it too, but ext4 and XFS then write all that the file holds
+    to the disk when it is closed (their guard for files rewritten by truncating them), and a
+    spool's bytes only ever need to reach the store."""
+    new = _new_spool(store)
+    try:
+        os.dup2(new, fd, inheritable=False)
+    finally:
+        os.close(new)
+
+
+def _new_spool(store: Store) -> int:
+    # (never truncated to 0, for the reason empty_spool gives)
+    return os.open(store.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)

@@ -65,9 +65,9 @@ def open_spool(store: Store, cache: ChunkCache, ino: int, size: int) -> int:
 def empty_spool(store: Store, fd: int) -> None:
     """Empty a spool in place: a new anonymous file takes over the descriptor's number (a read
     running in a worker thread finishes on the old one, as it would after a truncation).
-    Truncating to 0 would empty it too, but ext4 and XFS then write all that the file holds
-    to the disk when it is closed (their guard for files rewritten by truncating them), and a
-    spool's bytes only ever need to reach the store."""
+    Truncating to 0 would empty it too, but ext4 then writes all that the file holds to the
+    disk when it is closed (its guard for files rewritten by truncating them; XFS does the same
+    after a truncation down), and a spool's bytes only ever need to reach the store."""
     new = _new_spool(store)
     try:
         os.dup2(new, fd, inheritable=False)

@@ -802,7 +802,7 @@ class VaultOperations(pyfuse3.Operations):
     def _truncate_spool(self, of: OpenInode, size: int, now: int) -> None:
         if size:
             os.ftruncate(of.fd, size)
-        else:
+        elif of.size:
             empty_spool(self.store, of.fd)
         if size < of.stream_end:
             of.stream_ok = False

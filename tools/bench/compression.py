@@ -19,6 +19,8 @@ For each set, the page cache dropped before each phase:
   zstd -3  each whole file through the zstd command line (sizes only)
   borg     borg create --compression zstd,3 ; sync                        (if installed)
   restic   restic backup (repository v2, auto compression) ; sync         (if installed)
+  codec    the store's codec alone on the first file's chunks, one thread: MB/s encoding and
+           decoding (CPU time), and zstd level 1 alone on the same chunks
   --levels each level N: a copy of the vaultfs store recompressed as a tier with
            `compression = N` is (store/recompress.py, the operation a mount runs in the
            background, here unpaced): stored bytes, and the CPU seconds it took

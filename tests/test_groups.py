@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, needs_fuse, vaultfs
+from vaultfs.chunking import formats
 from vaultfs.media import fingerprint, groups
 from vaultfs.media.catalog import FINGERPRINT_KEYS
 
@@ -60,6 +61,15 @@ def test_fingerprints_and_previews_of_camera_files():
     raw = fingerprint.fingerprint(data)
     assert raw["format"] == "raw" and raw["preview"] == list(span)
     assert raw["picture"] == [640, 960]
+    # Read without its sensor data (zeros, as the mount's analyser reads it), the preview is
+    # still found, only outside what was left unread: one that overlaps it is none.
+    unread = [(i.start, i.end - i.start) for i in
+              formats.structure(lambda off, n: data[off:off + n], len(data)).images]
+    blank = bytearray(data)
+    for off, n in unread:
+        blank[off:off + n] = bytes(n)
+    assert unread and fingerprint.preview_fingerprint(bytes(blank), unread) == raw
+    assert fingerprint.preview_fingerprint(bytes(blank), unread + [(sum(span) - 1, 1)]) is None
     upright = fingerprint.fingerprint(I.jpeg(img.rotate(-90, expand=True), 80))
     assert _distance(raw, upright) <= 4
     assert _distance(raw, fingerprint.fingerprint(I.jpeg(I.scene(4, (960, 640))))) > 26

@@ -28,7 +28,7 @@ from ..chunking import formats
 from ..media import fingerprint, metadata
 from ..store import Inode, Store, Txn
 from ..store.format import CODEC_SAMPLES
-from .decoder import Decoder, DecoderFailed
+from .decoder import Decoder, DecoderFailed, Shared
 from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_except, read_range
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Analyzer:
             if done is not None and self.on_analysed is not None:
                 self.on_analysed(ino, *done)
 
-    def _metadata(self, data: bytes, run: Callable) -> dict:
+    def _metadata(self, data: bytes, run: Shared) -> dict:
         """A file's metadata: of a large JPEG, from its head; of anything else, from all of
         it (`run`: the decoder holding `data`)."""
         # A JPEG's metadata is all before its scan; in other formats it can be anywhere
@@ -123,7 +123,7 @@ class Analyzer:
                 return self.decode(metadata.read, data[:HEAD_BYTES])
             except metadata.MetadataError:
                 pass
-        return run(metadata.read)
+        return run(metadata.read, run.path)
 
     def _backlog(self) -> list[int]:
         with self.store.reader() as tx:
@@ -203,13 +203,10 @@ class Analyzer:
         (LibRaw reads the preview alone). The digest of the whole bytes is the read-back's."""
         with self.decode.shared(data) as run:
             try:
-                found = run(fingerprint.preview_fingerprint)
+                found = run(fingerprint.preview_fingerprint, skipped)
             except (MemoryError, DecoderFailed):
                 return None  # (said by the reading of the whole file)
             if found is None:
-                return None
-            start, length = found["preview"]
-            if any(off < start + length and start < off + n for off, n in skipped):
                 return None
             try:
                 record = self._metadata(data, run)
@@ -218,7 +215,7 @@ class Analyzer:
         record.update(found, digest=digest)
         return record
 
-    def _fingerprint(self, ino: int, data: bytes, run: Callable) -> dict:
+    def _fingerprint(self, ino: int, data: bytes, run: Shared) -> dict:
         """An image's digest, and its fingerprint and preview or why it has none (logged)."""
         try:
             out = run(fingerprint.image_record)

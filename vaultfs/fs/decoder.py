@@ -53,13 +53,27 @@ def _worker_start(mount_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="watch-mount").start()
 
 
-def _call(fn: Callable[..., T], mount_pid: int, fd: int, size: int, args: tuple) -> T:
-    """In the worker: fn(the bytes of the mount's memfd `fd`, *args)."""
-    with open(f"/proc/{mount_pid}/fd/{fd}", "rb", buffering=0) as f:
+def _call(fn: Callable[..., T], path: str, size: int, args: tuple) -> T:
+    """In the worker: fn(the bytes of the mount's memfd at `path`, *args)."""
+    with open(path, "rb", buffering=0) as f:
         data = f.readall()
     if len(data) != size:
         raise OSError(f"the bytes to decode arrived with {len(data)} of {size} bytes")
     return fn(data, *args)
+
+
+class Shared:
+    """Bytes handed to the worker once (`Decoder.shared`): run(fn, *args) calls fn(data,
+    *args) there. `path` names, for the worker, a file that holds the same bytes: for a library
+    that reads only what it needs of a file (Exiv2 copies bytes handed to it whole first: 22 ms
+    of a 24 MB RAW, against 0.2 ms from the file)."""
+
+    def __init__(self, decoder: "Decoder", fd: int, size: int):
+        self._decoder, self._size = decoder, size
+        self.path = f"/proc/{os.getpid()}/fd/{fd}"
+
+    def __call__(self, fn: Callable[..., T], *args) -> T:
+        return self._decoder._run(_call, fn, self.path, self._size, args)
 
 
 class Decoder:
@@ -76,15 +90,15 @@ class Decoder:
             return run(fn, *args)
 
     @contextlib.contextmanager
-    def shared(self, data: bytes) -> Iterator[Callable[..., T]]:
-        """A function run(fn, *args) that calls fn(data, *args) in the worker, as __call__
-        does, with `data` handed over once for all its calls."""
+    def shared(self, data: bytes) -> Iterator[Shared]:
+        """`data` handed over once for all the calls made with what this gives (run(fn, *args)
+        calls fn(data, *args) in the worker, as __call__ does)."""
         fd = os.memfd_create("vaultfs-decode", os.MFD_CLOEXEC)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            yield lambda fn, *args: self._run(_call, fn, os.getpid(), fd, len(data), args)
+            yield Shared(self, fd, len(data))
         finally:
             os.close(fd)
 

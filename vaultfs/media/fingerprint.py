@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterator, Sequence
 
 import imagehash
 import numpy as np
@@ -57,13 +58,14 @@ def fingerprint(data: bytes) -> dict:
     return _record(*_picture(data))
 
 
-def preview_fingerprint(data: bytes) -> dict | None:
+def preview_fingerprint(data: bytes, unread: Sequence[tuple[int, int]] = ()) -> dict | None:
     """What `fingerprint` gives a RAW whose picture is an embedded JPEG preview stored whole in
     the file (with its `preview` range), read without the sensor data: LibRaw reads the
     preview alone, so those bytes may be anything (zeros not decoded). None for anything else
-    (no such preview, not a RAW, no fingerprint): its picture needs the file whole."""
+    (no such preview, not a RAW, no fingerprint, or a preview that overlaps one of the
+    (offset, length) ranges `unread`): its picture needs the file whole."""
     try:
-        found = _raw(data, demosaic=False)
+        found = _raw(data, demosaic=False, unread=unread)
         return _record(*found) if found is not None and found[3] is not None else None
     except FingerprintError:
         return None
@@ -129,9 +131,10 @@ def _jpeg(data: bytes, upright: bool = True) -> tuple[Image.Image, tuple[int, in
     return img, _upright(size, img)
 
 
-def _raw(data: bytes, demosaic: bool = True):
+def _raw(data: bytes, demosaic: bool = True, unread: Sequence[tuple[int, int]] = ()):
     """A RAW's embedded preview (or thumbnail bitmap); with none, its sensor data demosaiced
-    at half size (or, without `demosaic`, None where the preview is not a JPEG)."""
+    at half size (or, without `demosaic`, None where the preview is not a JPEG). A JPEG
+    preview is looked for only outside the (offset, length) ranges `unread`."""
     try:
         with rawpy.imread(io.BytesIO(data)) as raw:
             turn = _FLIPS.get(raw.sizes.flip)
@@ -141,7 +144,7 @@ def _raw(data: bytes, demosaic: bool = True):
                 thumb = None
             if thumb is not None and thumb.format == rawpy.ThumbFormat.JPEG:
                 img, size = _jpeg(bytes(thumb.data), upright=False)
-                preview = _locate(data, bytes(thumb.data))
+                preview = _locate(data, bytes(thumb.data), unread)
             elif not demosaic:
                 return None
             else:
@@ -216,28 +219,44 @@ def _upright(size: tuple[int, int], img: Image.Image) -> tuple[int, int]:
     return (size[1], size[0]) if turned else size
 
 
-def _locate(data: bytes, jpeg: bytes) -> tuple[int, int] | None:
-    """Where the embedded JPEG lies in the file (first), if it is stored there whole. LibRaw
-    hands back a preview that has no EXIF of its own with an EXIF segment put in after its
-    SOI marker: the file holds it without that segment."""
+def _locate(data: bytes, jpeg: bytes,
+            unread: Sequence[tuple[int, int]] = ()) -> tuple[int, int] | None:
+    """Where the embedded JPEG lies in the file (first), if it is stored there whole outside
+    the (offset, length) ranges `unread`. LibRaw hands back a preview that has no EXIF of its
+    own with an EXIF segment put in after its SOI marker: the file holds it without that
+    segment."""
     bodies = [jpeg[2:]]
     if jpeg[2:4] == b"\xff\xe1":
         bodies.append(jpeg[4 + int.from_bytes(jpeg[4:6], "big"):])
     # One scan for bytes from the middle of what all bodies end with (entropy-coded data,
-    # varied): the search skips by their length through zeros (the sensor data the analyser
-    # leaves undecoded), where the JPEG's first bytes, which end in zeros, would crawl.
+    # varied), where the JPEG's first bytes, which end in zeros, would crawl through zeros;
+    # and none of the ranges left unread (zeros, a file's bulk), where even that crawls
+    # (0.6 GB/s: 40 ms of the 49 that fingerprinting a 24 MB DNG took).
     view, tail = memoryview(data), bodies[-1]
     mid = len(tail) // 2
     needle = tail[mid:mid + 32]
-    at = data.find(needle)
-    while at >= 0:
-        for body in bodies:
-            start = at - (len(body) - len(tail) + mid) - 2
-            if start >= 0 and view[start:start + 2] == b"\xff\xd8" and \
-                    view[start + 2:start + 2 + len(body)] == body:
-                return start, len(body) + 2
-        at = data.find(needle, at + 1)
+    for lo, hi in _gaps(len(data), unread):
+        at = data.find(needle, lo, hi)
+        while at >= 0:
+            for body in bodies:
+                start = at - (len(body) - len(tail) + mid) - 2
+                if lo <= start and start + 2 + len(body) <= hi and \
+                        view[start:start + 2] == b"\xff\xd8" and \
+                        view[start + 2:start + 2 + len(body)] == body:
+                    return start, len(body) + 2
+            at = data.find(needle, at + 1, hi)
     return None
+
+
+def _gaps(size: int, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """[lo, hi) of each stretch of [0, size) outside the (offset, length) `ranges`."""
+    at = 0
+    for off, length in sorted(ranges):
+        if off > at:
+            yield at, off
+        at = max(at, off + length)
+    if at < size:
+        yield at, size
 
 
 def complaint(e: BaseException) -> str:

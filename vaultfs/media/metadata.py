@@ -81,9 +81,10 @@ def is_image_name(name: str) -> bool:
     return "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
 
 
-def read(data: bytes) -> dict:
+def read(data: bytes, path: str | None = None) -> dict:
     """The metadata of an image, an XMP sidecar or a .pp3, as a dict of the fields above
-    (absent fields left out). Raises MetadataError."""
+    (absent fields left out). Raises MetadataError. `path`, a file that holds the same bytes,
+    lets Exiv2 read only the parts it needs (handed bytes, it copies them whole first)."""
     what = sniff(data[:512])
     if what is None:
         raise MetadataError("not an image or sidecar format vaultfs reads")
@@ -91,7 +92,7 @@ def read(data: bytes) -> dict:
         return _SIDECARS[what](data)
     for encoding in ("utf-8", "iso-8859-1"):  # old cameras write Latin-1 text into EXIF
         try:
-            with pyexiv2.ImageData(data) as img:
+            with pyexiv2.Image(path) if path is not None else pyexiv2.ImageData(data) as img:
                 exif = img.read_exif(encoding) if what == "image" else {}
                 iptc = img.read_iptc(encoding) if what == "image" else {}
                 xmp = img.read_xmp(encoding)
@@ -99,7 +100,8 @@ def read(data: bytes) -> dict:
         except UnicodeDecodeError:
             continue
         except Exception as e:  # pyexiv2 raises plain Exceptions with Exiv2's text
-            raise MetadataError(str(e).strip() or type(e).__name__) from None
+            why = str(e).strip().removeprefix(f"{path}: ")  # (the worker's name for it)
+            raise MetadataError(why or type(e).__name__) from None
     raise MetadataError("text in the metadata is in no encoding vaultfs knows")
 
 

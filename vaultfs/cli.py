@@ -59,7 +59,7 @@ def cmd_mount(args) -> int:
         raise CliError(str(e)) from None
 
     if args.foreground:
-        fsmount.limit_malloc_arenas()
+        fsmount.tune_malloc()
         _log_to(store_path, also_stderr=True, debug=args.debug)
         with Store.open(store_path, writable=True, branch=args.branch.encode()) as store:
             fsmount.run(store, mountpoint, allow_other="allow_other" in options,

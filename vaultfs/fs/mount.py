@@ -40,7 +40,7 @@ SCRUB_CHECK_S = 60.0  # how often the tiers' scrub schedules are looked at
 RECOMPRESS_CHECK_S = 10.0  # how often files newly in a stronger-compressed tier are looked for
 SPACE_CHECK_S = 5.0  # how often free space is held against the floor (a statvfs and a stat)
 SPACE_STUCK_S = 60.0  # when nothing more could be evicted (only a sync or a new tier changes it)
-M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt's parameters (malloc.h)
 
 
 class MountError(Exception):
@@ -65,17 +65,26 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mount point {mountpoint} is not empty")
 
 
-def limit_malloc_arenas() -> None:
+def tune_malloc() -> None:
     """Let the daemon's threads share two malloc arenas instead of glibc's default of eight per
     core: each arena keeps what its threads freed, and the daemon's threads pass large buffers
     around (measured, a 2 GB card import: peak anonymous memory 540-610 -> 323 MiB, same CPU
-    time). Call before threads start; a libc without mallopt is left as it is."""
+    time). And keep the buffers it frees: by default glibc hands a freed buffer of more than
+    128 KiB (a threshold that follows the sizes freed, up to 32 MiB) back to the kernel at
+    once, and the next one is faulted in again page by page, zeroed; the daemon handles a
+    file's bytes tens of MB at a time. Up to 32 MiB (glibc's limit) now comes from the heap,
+    and up to 512 MiB freed at its top stays (the DNG card import: 11.3-11.6 -> 10.5-10.6 CPU s
+    per GB, the same anonymous memory). Call before threads start; a libc without mallopt is
+    left as it is."""
     import ctypes
 
     try:
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        pass
+        return
+    mallopt(M_ARENA_MAX, 2)
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 512 << 20)
 
 
 def unmount(mountpoint: Path, lazy: bool = False) -> None:

@@ -61,7 +61,8 @@ def test_each_capture_is_announced_committed_then_verified(mnt):
         os.fsync(f.fileno())
         _until(lambda: ("verified", "fsync.NEF") in {(e["event"], e["path"]) for e in got})
         assert Vault(mnt).safe("fsync.NEF")["safe"]
-    (mnt / ".DSC_0003.NEF.tmp").write_bytes(data)         # temp name, rename into place
+    # Temp name, rename into place: at once, while the mount may still be reading it back.
+    (mnt / ".DSC_0003.NEF.tmp").write_bytes(data * 20)
     os.rename(mnt / ".DSC_0003.NEF.tmp", mnt / "DSC_0003.NEF")
     _until(lambda: ("renamed", "DSC_0003.NEF") in {(e["event"], e["path"]) for e in got})
     proc.terminate()

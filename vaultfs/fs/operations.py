@@ -629,13 +629,14 @@ class VaultOperations(pyfuse3.Operations):
 
         moved: dict[int, int] = {}  # directory ino -> its new parent
         renamed: list[int] = []     # the inode now at the new name
+        announced: list[bool] = []  # whether it has a committed version (and so events)
 
         def rename(tx: Txn) -> Inode | None:
             ino = tx.lookup(parent_inode_old, name_old)
             if ino is None:
                 raise FUSEError(errno.ENOENT)
             node = self._inode(tx, ino)
-            renamed[:] = [ino]
+            renamed[:], announced[:] = [ino], [bool(node.content)]
             if stat.S_ISDIR(node.mode):
                 moved[ino] = parent_inode_new
             parents = {p: self._inode(tx, p) for p in (parent_inode_old, parent_inode_new)}
@@ -701,7 +702,9 @@ class VaultOperations(pyfuse3.Operations):
         if renamed:
             before = self.event_path(renamed[0])
             self._names[renamed[0]] = (parent_inode_new, name_new)
-            if self._verified.get(renamed[0]):  # a file saved under a temporary name first
+            # A file saved under a temporary name first. (Not "verified": its read-back may
+            # still be under way when the writer renames it.)
+            if announced[0]:
                 self.events.publish("renamed", self.event_path(renamed[0]), **{"from": before})
         if replaced is not None and self._names.get(replaced.ino) == (parent_inode_new, name_new):
             self._names.pop(replaced.ino)

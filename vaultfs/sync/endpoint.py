@@ -17,9 +17,11 @@ import tomllib
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import zstandard
+
 from ..store import Store, StoreError, Txn, codec, history, policy, treeops
 from ..store.format import INBOX_INO
-from . import tree, wire
+from . import delta, tree, wire
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,9 @@ OFFLINE = "offline"  # what `extents` says of a file whose bytes were evicted he
 MAX_PATH = 4096
 MAX_CHUNK = 64 * 1024 * 1024  # far above what the chunker makes; bounds what a peer can ask for
 SNAPSHOT_PREFIX = policy.AUTO_PREFIX + "sync-"
+# A chunk checked on arrival: digests, raw length, stored value, and its raw bytes where a
+# later chunk of the batch names it as its near copy (else empty; None: still to be rebuilt).
+Arrived = tuple[codec.Digests, int, bytes, bytes | None]
 
 
 class BadRequest(StoreError):
@@ -185,50 +190,98 @@ class Endpoint:
         with self.store.reader() as tx:
             return [h for h in map(check_hash, hashes) if tx.find_chunk(_digests(h)) is None]
 
-    def get_chunks(self, hashes: list) -> list[list]:
-        """[[hash, raw length, stored value (codec byte and payload, as stored)], ...]"""
+    def get_chunks(self, hashes: list, refs: list | None = None) -> list[list]:
+        """[[hash, raw length, stored value (codec byte and payload, as stored)], ...]; where
+        `refs` (one per hash) gives a chunk's near copy on the receiver ([its chunks' hashes,
+        where the chunk's place starts in them], delta.py), [hash, raw length, difference,
+        those hashes, that start] instead when the difference is worth it."""
         self._committed()
         out = []
         with self.store.reader() as tx:
-            for h in map(check_hash, hashes):
+            for h, ref in zip(map(check_hash, hashes), refs or [None] * len(hashes)):
                 chunk_id = tx.find_chunk(_digests(h))
                 if chunk_id is None:
                     raise StoreError(f"chunk {h[:16].hex()} is not in {self.name}")
-                out.append([h, tx.chunk_record(chunk_id).raw_len, bytes(tx.chunk_data(chunk_id))])
+                raw_len, stored = tx.chunk_record(chunk_id).raw_len, bytes(tx.chunk_data(chunk_id))
+                item = [h, raw_len, stored]
+                if ref is not None:
+                    bases, skip = _check_ref(ref)
+                    base = _reference(tx, bases, skip, raw_len)
+                    if base is not None:
+                        payload = delta.diff(codec.decode(chunk_id, stored, raw_len), base)
+                        if len(payload) < delta.WORTH * len(stored):
+                            item = [h, raw_len, payload, bases, skip]
+                out.append(item)
         return out
 
     def put_chunks(self, chunks: list) -> int:
         """Store chunks that arrived, each checked against both its digests first; they are
-        held in the inbox until the files that use them are applied. Returns bytes stored.
+        held in the inbox until the files that use them are applied. Returns the bytes that
+        arrived. A chunk that came as a difference (`get_chunks`) is rebuilt from the chunks
+        it names, which are here or came before it, then checked the same way.
 
         Their commit is queued, not waited for: the next batch is checked while it runs (the
         two would otherwise take turns). Every later call but `hello` waits for it first, so
         that what the commit raised reaches the peer, and a file is applied only after its
         chunks."""
-        def check(item: list) -> tuple[codec.Digests, int, bytes]:
-            h, raw_len, stored = item
+        if not isinstance(chunks, list) or \
+                not all(isinstance(c, list) and len(c) in (3, 5) for c in chunks):
+            raise BadRequest("malformed chunk")
+        refs = [_check_ref(c[3:]) if len(c) == 5 else None for c in chunks]
+        named = {h for ref in refs if ref for h in ref[0]}  # (kept as they are checked)
+
+        def check(item: list) -> Arrived:
+            h, raw_len, payload = item[:3]
             if not isinstance(raw_len, int) or not 0 < raw_len <= MAX_CHUNK or \
-                    not isinstance(stored, bytes) or not stored:
+                    not isinstance(payload, bytes) or not payload:
                 raise BadRequest("malformed chunk")
             d = _digests(check_hash(h))
+            if len(item) == 5:
+                return d, raw_len, payload, None  # (rebuilt below, in order)
             try:
-                raw = codec.decode(d.xxh3, stored, raw_len)
+                raw = codec.decode(d.xxh3, payload, raw_len)
             except codec.ChunkCorrupt as e:
                 raise BadRequest(f"chunk {d.xxh3.hex()} arrived damaged ({e}); "
                                  f"nothing was stored") from None
-            if len(raw) != raw_len or codec.confirm_digest(raw) != d.blake3:
-                raise BadRequest(f"chunk {d.xxh3.hex()} arrived damaged (BLAKE3 or length "
-                                 f"mismatch); nothing was stored")
-            return d, raw_len, stored
+            _confirm(d, raw, raw_len)
+            return d, raw_len, payload, raw if h in named else b""
         checked = list(self._pool.map(check, chunks))
         self._committed()
+        if named:
+            checked = self._rebuilt(checked, refs)
 
         def store(tx: Txn) -> None:
-            for d, raw_len, stored in checked:
+            for d, raw_len, stored, _ in checked:
                 tx.add_pending(INBOX_INO, tx.add_chunk(d, raw_len, stored))
         with self._lock:
             self._committing = self.store.submit(store)
-        return sum(len(c[2]) for c in checked)
+        return sum(len(c[2]) for c in chunks)
+
+    def _rebuilt(self, checked: list[Arrived], refs: list) -> list[Arrived]:
+        """`checked` with each chunk that came as a difference (`refs`) rebuilt, checked and
+        encoded for storing, in order: the chunks it names are in this batch before it, or
+        here."""
+        arrived = {d.xxh3 + d.blake3: raw for d, _, _, raw in checked if raw}
+        out = []
+        with self.store.reader() as tx:
+            for (d, raw_len, payload, raw), ref in zip(checked, refs):
+                if ref is not None:
+                    base = _reference(tx, *ref, raw_len, arrived)
+                    if base is None:
+                        raise BadRequest(f"chunk {d.xxh3.hex()} came as a difference from "
+                                         f"chunks that are not here; nothing was stored")
+                    try:
+                        raw = delta.patch(payload, base, raw_len)
+                        if codec.xxh3(raw) != d.xxh3:
+                            raise ValueError("xxh3 mismatch")
+                    except (zstandard.ZstdError, ValueError) as e:
+                        raise BadRequest(f"chunk {d.xxh3.hex()} arrived damaged ({e}); "
+                                         f"nothing was stored") from None
+                    _confirm(d, raw, raw_len)
+                    arrived[d.xxh3 + d.blake3] = raw
+                    payload = codec.encode(raw)
+                out.append((d, raw_len, payload, b""))
+        return out
 
     def apply(self, ops: list) -> list:
         """Carry out ops of a plan (plan.Op on the wire: [kind, path, entry, to, extents]),
@@ -298,6 +351,42 @@ def _peer_id(peer: object) -> bytes:
 
 def _digests(h: bytes) -> codec.Digests:
     return codec.Digests(h[:16], h[16:])
+
+
+def _confirm(d: codec.Digests, raw: bytes, raw_len: int) -> None:
+    """Check a chunk that arrived against its BLAKE3 (its xxh3 was checked as it was read)."""
+    if len(raw) != raw_len or codec.confirm_digest(raw) != d.blake3:
+        raise BadRequest(f"chunk {d.xxh3.hex()} arrived damaged (BLAKE3 or length "
+                         f"mismatch); nothing was stored")
+
+
+def _check_ref(ref: object) -> tuple[list[bytes], int]:
+    """A chunk's near copy as a message gives it: [chunk hashes, start]."""
+    if not isinstance(ref, list) or len(ref) != 2 or not isinstance(ref[0], list) or \
+            not 0 < len(ref[0]) <= delta.MAX_BASES or not isinstance(ref[1], int) or \
+            not 0 <= ref[1] < MAX_CHUNK:
+        raise BadRequest("malformed chunk reference")
+    return [check_hash(h) for h in ref[0]], ref[1]
+
+
+def _reference(tx: Txn, bases: list[bytes], skip: int, raw_len: int,
+               arrived: dict[bytes, bytes] | None = None) -> bytes | None:
+    """The bytes of the chunks `bases` from `skip` on (up to `raw_len`), from `arrived` or
+    the store; None if one is in neither."""
+    parts = []
+    for h in bases:
+        raw = arrived.get(h) if arrived else None
+        if raw is None:
+            chunk_id = tx.find_chunk(_digests(h))
+            if chunk_id is None:
+                return None
+            try:
+                raw = codec.decode(chunk_id, tx.chunk_data(chunk_id),
+                                   tx.chunk_record(chunk_id).raw_len)
+            except codec.ChunkCorrupt:
+                return None  # (scrub's business; the chunk is then sent whole)
+        parts.append(raw)
+    return b"".join(parts)[skip:skip + raw_len]
 
 
 def _check_op(op: object) -> tuple:

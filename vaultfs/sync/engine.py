@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..store import StoreError
+from . import delta
 from . import plan as P
 from . import tree
 from .endpoint import OFFLINE
@@ -31,6 +32,9 @@ PATHS_PER_CALL = 2000
 EXTENT_PATHS_PER_CALL = 100   # a 100 GB file's extents fit a frame many times over
 HASHES_PER_CALL = 20000
 PIPELINE = 2                  # batches of chunks in flight at once
+# Above this rate (bytes on the wire a second), the bytes a difference saves (delta.py) cross
+# faster than the difference is made and rebuilt: chunks are sent as stored.
+DELTA_BELOW = 200e6
 
 
 @dataclass
@@ -212,6 +216,8 @@ class _Run:
         self.batch = 4 * 1024 * 1024
         self.moved: dict[tuple[int, bytes], bytes] = {}  # (side, path) -> where it went
         self.sent_batches = 0  # batches of chunks submitted so far
+        self.refs: dict[bytes, delta.Ref] = {}  # chunks to send -> a near copy the receiver has
+        self.link_rate = 0.0  # bytes on the wire a second, of the last batch settled
         # calls made, not yet taken: (reply, what to do with its result, batches sent before)
         self.later: collections.deque[tuple[object, Callable | None, int]] = \
             collections.deque()
@@ -325,6 +331,8 @@ class _Run:
         for part in _parts(list(need), HASHES_PER_CALL):
             missing.update((h, need[h]) for h in dst.missing(part))
         missing = {h: v for h, v in need.items() if h in missing}
+        self.refs = delta.references([(p, extents[p]) for p, src in files if src != s],
+                                     set(missing), self._held(s, files))
         prog.bytes_total = sum(n for n, _ in missing.values())
         self.progress(prog)
         queue = iter(list(missing.items()))
@@ -348,6 +356,16 @@ class _Run:
             else:
                 raise StoreError("sync lost track of chunks it needs; run it again")
 
+    def _held(self, s: int, files: list[tuple[bytes, int]]) -> dict[bytes, list]:
+        """The extents of side `s`'s own files at the paths of `files`, where it has one (a
+        near copy of what is sent there: delta.py)."""
+        held = [p for p, _ in files if (e := self.now[s].get(p)) is not None and e.kind == "f"
+                and not e.offline]
+        out: dict[bytes, list] = {}
+        for part in _parts(held, EXTENT_PATHS_PER_CALL):
+            out.update((p, x) for p, x in self.ends[s].extents(part).items() if x != OFFLINE)
+        return out
+
     def submit(self, s: int, queue) -> tuple | None:
         """Send the next batch of chunks (about BATCH_SECONDS' worth at the rate measured)
         without waiting for the receiver; None when none is left."""
@@ -364,7 +382,8 @@ class _Run:
             return None
         replies = []
         for src, hashes in batch.items():
-            chunks = self.ends[src].get_chunks(hashes)
+            refs = [self.refs.get(h) for h in hashes] if self.link_rate < DELTA_BELOW else None
+            chunks = self.ends[src].get_chunks(hashes, refs)
             replies.append((self.ends[s].submit("put_chunks", chunks), hashes))
         self.sent_batches += 1
         return replies, size, self.sent_batches - 1
@@ -373,8 +392,10 @@ class _Run:
         """Wait for the receiver to have checked a batch (its commit is queued before anything
         else it does); adapt the next batches' size."""
         replies, size, number = inflight
+        batch_wire = 0
         for reply, hashes in replies:
             wire = reply.result()
+            batch_wire += wire
             self.wire_bytes += wire
             sent["chunks"] += len(hashes)
             sent["wire_bytes"] += wire
@@ -387,6 +408,7 @@ class _Run:
         self.catch_up(number)
         now = time.monotonic()
         rate = size / max(now - self.settled, 1e-3)  # (batches overlap: from the last one)
+        self.link_rate = batch_wire / max(now - self.settled, 1e-3)
         self.settled = now
         if self.bwlimit:  # wait until the average since the start is back under the limit
             time.sleep(max(0.0, self.wire_bytes / self.bwlimit - (now - self.started)))

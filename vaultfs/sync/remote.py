@@ -78,7 +78,7 @@ class Remote:
         several can be on the way (the engine keeps the link busy so)."""
         if method in CHUNK_REQUESTS:
             (chunks,) = args
-            self.channel.send([method, [[c[:2] for c in chunks]]], compress=False,
+            self.channel.send([method, [[_named(c) for c in chunks]]], compress=False,
                               attachments=[c[2] for c in chunks])
         else:
             self.channel.send([method, list(args)])
@@ -104,13 +104,18 @@ class Remote:
         return found
 
 
+def _named(chunk: list) -> list:
+    """A chunk as its message names it: all but its bytes, which follow as a raw frame."""
+    return chunk[:2] + chunk[3:]
+
+
 def _with_chunks(ch: wire.Channel, named: object) -> list[list]:
-    """[[hash, raw length], ...] and the raw frames that follow it ->
-    [[hash, raw length, stored value], ...]."""
-    if not (isinstance(named, list) and all(isinstance(n, list) and len(n) == 2
+    """[[hash, raw length(, reference, start)], ...] and the raw frames that follow it ->
+    [[hash, raw length, stored value or difference(, reference, start)], ...]."""
+    if not (isinstance(named, list) and all(isinstance(n, list) and len(n) in (2, 4)
                                             for n in named)):
         raise wire.ProtocolError("the other side sent malformed chunks")
-    return [n + [data] for n, data in zip(named, ch.recv_attachments(len(named)))]
+    return [n[:2] + [data] + n[2:] for n, data in zip(named, ch.recv_attachments(len(named)))]
 
 
 class _Reply:
@@ -296,7 +301,7 @@ def answer(store_path: Path, ch: wire.Channel, name: str, peer: bytes | None) ->
                 ch.send([False, f"the other vault failed: {type(e).__name__}: {e}"])
                 continue
             if method in CHUNK_REPLIES:
-                ch.send([True, [c[:2] for c in result]], compress=False,
+                ch.send([True, [_named(c) for c in result]], compress=False,
                         attachments=[c[2] for c in result])
             else:
                 ch.send([True, result])

@@ -40,7 +40,7 @@ COMPRESS_MIN = 1024
 CONFIRM = b"vaultfs sync 1 ready"
 # 2 (after 1): chunks as raw frames after the message that names them, store format 4's codec,
 # entries that say whether a file is offline, `rely`.
-PROTOCOL = 2
+PROTOCOL = 3
 MAX_ATTACHMENTS = 65536
 
 

@@ -66,6 +66,8 @@ def vault_name(store: Store) -> str:
 class Endpoint:
     """A store opened for writing, serving a sync."""
 
+    over_wire = False  # (remote.Remote: True) whether what it sends or gets crosses a link
+
     def __init__(self, store: Store):
         self.store = store
         self.id = uuid.UUID(store.id).bytes

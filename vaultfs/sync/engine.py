@@ -13,6 +13,7 @@ settles, or at the end of a side).
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -217,7 +218,9 @@ class _Run:
         self.moved: dict[tuple[int, bytes], bytes] = {}  # (side, path) -> where it went
         self.sent_batches = 0  # batches of chunks submitted so far
         self.refs: dict[bytes, delta.Ref] = {}  # chunks to send -> a near copy the receiver has
-        self.link_rate = 0.0  # bytes on the wire a second, of the last batch settled
+        # Bytes on the wire a second, of the fastest batch settled yet. Between two stores on
+        # this machine nothing crosses a link: differences would only cost.
+        self.link_rate = 0.0 if any(e.over_wire for e in ends) else math.inf
         # calls made, not yet taken: (reply, what to do with its result, batches sent before)
         self.later: collections.deque[tuple[object, Callable | None, int]] = \
             collections.deque()
@@ -331,8 +334,9 @@ class _Run:
         for part in _parts(list(need), HASHES_PER_CALL):
             missing.update((h, need[h]) for h in dst.missing(part))
         missing = {h: v for h, v in need.items() if h in missing}
-        self.refs = delta.references([(p, extents[p]) for p, src in files if src != s],
-                                     set(missing), self._held(s, files))
+        if self.link_rate < DELTA_BELOW:
+            self.refs = delta.references([(p, extents[p]) for p, src in files if src != s],
+                                         set(missing), self._held(s, files))
         prog.bytes_total = sum(n for n, _ in missing.values())
         self.progress(prog)
         queue = iter(list(missing.items()))
@@ -408,7 +412,10 @@ class _Run:
         self.catch_up(number)
         now = time.monotonic()
         rate = size / max(now - self.settled, 1e-3)  # (batches overlap: from the last one)
-        self.link_rate = batch_wire / max(now - self.settled, 1e-3)
+        # The fastest batch yet says what the link can carry (a slow one may have waited for
+        # the start, or for the receiver's disk), up to the limit the user set.
+        self.link_rate = min(max(self.link_rate, batch_wire / max(now - self.settled, 1e-3)),
+                             self.bwlimit or math.inf)
         self.settled = now
         if self.bwlimit:  # wait until the average since the start is back under the limit
             time.sleep(max(0.0, self.wire_bytes / self.bwlimit - (now - self.started)))

@@ -60,6 +60,8 @@ def address(spec: str) -> tuple[str, int]:
 class Remote:
     """The other vault's endpoint, called over a channel."""
 
+    over_wire = True
+
     def __init__(self, channel: wire.Channel, peer: bytes):
         self.channel, self.peer = channel, peer
         self._waiting: collections.deque[_Reply] = collections.deque()  # sent, not answered

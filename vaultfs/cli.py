@@ -578,7 +578,9 @@ def cmd_sync(args) -> int:
             sent = report.sent[direction]
             print(f"{direction}ed {sent['files']:,} files, {len(ops):,} changes: "
                   f"{sent['chunks']:,} chunks, {_size(sent['raw_bytes'])} "
-                  f"({_size(sent['wire_bytes'])} as stored)")
+                  f"({_size(sent['wire_bytes'])} as stored"
+                  + (f" or as {sent['differences']:,} differences" if sent['differences']
+                     else "") + ")")
     for c in report.conflicts:
         print(f"conflict: {c['path']}: {c['vault']}'s version kept as {c['kept_as']}")
     for vault, name in report.snapshots.items():

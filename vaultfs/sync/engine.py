@@ -59,7 +59,7 @@ class Report:
     snapshots: dict = field(default_factory=dict)
     offline: list = field(default_factory=list)  # files not sent: evicted at their source
     sent: dict = field(default_factory=lambda: {
-        d: {"files": 0, "chunks": 0, "raw_bytes": 0, "wire_bytes": 0} for d in ("push", "pull")})
+        d: _nothing_sent() for d in ("push", "pull")})
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -131,7 +131,7 @@ def fetch(local, remote, paths: list[bytes] | None = None, *, bwlimit: int = 0,
         extents.update(remote.extents(part))
     there = [p for p, (size, digest) in wanted.items() if isinstance(extents.get(p), list)
              and tree.content_digest(size, extents[p]) == digest]
-    sent = {"files": 0, "chunks": 0, "raw_bytes": 0, "wire_bytes": 0}
+    sent = _nothing_sent()
     prog = Progress("fetch", len(there))
     run = _Run((local, remote), ids, names, ({}, {}), progress or (lambda p: None), bwlimit)
 
@@ -388,7 +388,8 @@ class _Run:
         for src, hashes in batch.items():
             refs = [self.refs.get(h) for h in hashes] if self.link_rate < DELTA_BELOW else None
             chunks = self.ends[src].get_chunks(hashes, refs)
-            replies.append((self.ends[s].submit("put_chunks", chunks), hashes))
+            replies.append((self.ends[s].submit("put_chunks", chunks), hashes,
+                            sum(len(c) == 5 for c in chunks)))
         self.sent_batches += 1
         return replies, size, self.sent_batches - 1
 
@@ -397,11 +398,12 @@ class _Run:
         else it does); adapt the next batches' size."""
         replies, size, number = inflight
         batch_wire = 0
-        for reply, hashes in replies:
+        for reply, hashes, differences in replies:
             wire = reply.result()
             batch_wire += wire
             self.wire_bytes += wire
             sent["chunks"] += len(hashes)
+            sent["differences"] += differences
             sent["wire_bytes"] += wire
             prog.wire_bytes += wire
             for h in hashes:
@@ -421,6 +423,12 @@ class _Run:
             time.sleep(max(0.0, self.wire_bytes / self.bwlimit - (now - self.started)))
             rate = min(rate, self.bwlimit)
         self.batch = int(min(MAX_BATCH, max(MIN_BATCH, rate * BATCH_SECONDS)))
+
+
+def _nothing_sent() -> dict[str, int]:
+    """A report's count of what went one way: chunks (of them, as differences: delta.py),
+    their raw bytes, and the bytes that carried them (stored values and differences)."""
+    return {"files": 0, "chunks": 0, "differences": 0, "raw_bytes": 0, "wire_bytes": 0}
 
 
 def _parts(items: list, n: int) -> list[list]:

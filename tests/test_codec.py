@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -177,6 +178,15 @@ def test_a_truncated_or_unknown_stored_value_is_damaged():
     for bad in (stored[:5], stored[:-3], b"", bytes((3,)) + data):
         with pytest.raises(ChunkCorrupt):
             decode(xxh3(data), bad, len(data))
+    # A zstd frame that says it holds 200 MB (a peer's bomb) is refused unopened.
+    bomb = bytes((1,)) + zstandard.ZstdCompressor().compress(bytes(200_000_000))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChunkCorrupt):
+            decode(xxh3(data), bomb, len(data))
+        assert tracemalloc.get_traced_memory()[1] < 10_000_000
+    finally:
+        tracemalloc.stop()
 
 
 def noisy_bayer(width: int = 2000, height: int = 300, seed: int = 1) -> np.ndarray:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
 import shutil
@@ -205,9 +206,11 @@ def test_tcp_sync_needs_pairing_and_refuses_bad_messages(make_mount, store_path,
                     peer.apply([["delete", path, None, b"", None]])
             with pytest.raises(StoreError, match="damaged"):
                 peer.put_chunks([[bytes(32), 5, b"\0hello"]])
-            # A difference from chunks the server lacks, or naming them wrongly: refused.
-            with pytest.raises(StoreError, match="not here"):
-                peer.put_chunks([[bytes(32), 5, b"xx", [bytes(32)], 0]])
+            # A difference from chunks the server lacks is not stored, and said so; one naming
+            # them wrongly is refused.
+            h = bytes(range(32))
+            assert peer.put_chunks([[h, 5, b"xx", [bytes(32)], 0]]) == [2, [h]]
+            assert peer.missing([h]) == [h]
             for ref in ([[], 0], [[b"short"], 0], [[bytes(32)], -1], "x"):
                 with pytest.raises(StoreError, match="malformed|refused"):
                     peer.put_chunks([[bytes(32), 5, b"xx", *ref] if isinstance(ref, list)
@@ -253,6 +256,9 @@ def test_a_chunk_is_placed_in_its_near_copy_past_an_insertion_before_it():
     for base in (raw[:600], raw[:-1] + b"x", raw + b"more"):
         assert delta.patch(delta.diff(raw, base), base, len(raw)) == raw
     assert len(delta.diff(raw, raw[:990])) < 100
+    # A difference that says it holds more than the chunk is refused unopened (a bomb).
+    with pytest.raises(ValueError):
+        delta.patch(delta.diff(bytes(200_000_000), b""), b"", 1000)
 
 
 def test_near_duplicates_and_an_edit_in_place_travel_as_their_differences(
@@ -300,6 +306,43 @@ def test_near_duplicates_and_an_edit_in_place_travel_as_their_differences(
     field, studio = make_mount(), make_mount(store=peer_path)
     _trees_equal(field.path, studio.path)
     field.stop(), studio.stop()
+
+
+def test_a_difference_the_studio_cannot_rebuild_is_sent_again_whole(make_mount, store_path,
+                                                                       tmp_path):
+    """A chunk the studio holds damaged (bit rot) is no near copy: the difference from it is
+    not stored, the chunk goes again whole, and the sync finishes."""
+    studio = new_test_store(tmp_path / "damaged-studio")
+    rng = random.Random(9)
+    data = bytearray(rng.randbytes(3_000_000))
+    field = make_mount()
+    (field.path / "edit.psd").write_bytes(data)
+    field.stop()
+    _pair(store_path, studio)
+    server, url = _serve(studio, tmp_path, "studio")
+    try:
+        sync = lambda: json.loads(vaultfs("sync", store_path, url, "--push", "--bwlimit",  # noqa
+                                          "50m", "--json").stdout)["sent"]["push"]
+        sync()
+        with open(studio / "lmdb" / "data.mdb", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+            at = mm.find(data[1_500_000:1_500_064])  # (stored raw: random bytes)
+            assert at > 0
+            mm[at + 10] ^= 0xFF
+        field = make_mount()
+        with open(field.path / "edit.psd", "r+b") as f:  # an edit in place, there
+            data[1_500_000:1_510_000] = rng.randbytes(10_000)
+            f.seek(1_500_000)
+            f.write(data[1_500_000:1_510_000])
+        field.stop()
+        second = sync()
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert second["files"] == 1 and second["differences"] == 0, second
+    assert second["wire_bytes"] > 250_000  # (a whole chunk, of at least MIN_SIZE)
+    m = make_mount(store=studio)
+    assert (m.path / "edit.psd").read_bytes() == data
+    m.stop()
 
 
 @pytest.mark.parametrize("over", ["path", "tcp"])

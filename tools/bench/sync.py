@@ -590,7 +590,9 @@ def card_cases(run: Run, args, cases: set[str]) -> None:
               f"{stat_bytes(out, 'Total bytes received'):,} B")
         C.row("vaultfs sync --push", f"{mb(v_tcp)}",
               f"{v_secs:6.1f} s   {at_link / v_secs:.2f} of the link's rate (in file bytes); "
-              f"report wire_bytes {mb(rep['sent']['push']['wire_bytes'])}")
+              f"report wire_bytes {mb(rep['sent']['push']['wire_bytes'])}, "
+              f"{rep['sent']['push']['differences']:,} of "
+              f"{rep['sent']['push']['chunks']:,} chunks as differences")
         C.row("  vaultfs / rsync bytes", f"{v_tcp / r_tcp:8.3f}",
               f"{1 - v_tcp / r_tcp:.0%} fewer   (goal: >= 50% fewer)")
         C.row("  vaultfs / rsync time", f"{v_secs / r_secs:8.3f}", "")

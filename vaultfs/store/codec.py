@@ -296,6 +296,10 @@ def decode(chunk_id: bytes, stored: bytes | memoryview, raw_len: int | None = No
     payload = stored[1:]
     try:
         if codec == CODEC_ZSTD:
+            # (zstandard allocates what a frame says it holds, whatever max_output_size says:
+            # a frame from a peer must say the chunk's length.)
+            if raw_len is not None and _content_size(payload) != raw_len:
+                raise ChunkCorrupt("zstd frame holds the wrong length")
             data = _decompressor().decompress(payload, max_output_size=raw_len or 0)
         elif codec == CODEC_RAW:
             data = bytes(payload)

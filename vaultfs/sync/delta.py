@@ -84,7 +84,7 @@ def _placed(extents: Sequence[Extent], wanted: set[bytes],
                 if reference[k][0] + reference[k][1] > lo:
                     bases.append(reference[k])
                 k += 1
-            if bases:
+            if bases and bases[0][0] <= lo:  # (not where the near copy has a gap)
                 out[h] = [[b[2] for b in bases], lo - bases[0][0]]
     return out
 
@@ -97,6 +97,9 @@ def diff(raw: bytes, base: bytes) -> bytes:
 def patch(payload: bytes, base: bytes, raw_len: int) -> bytes:
     """The chunk of `raw_len` bytes that `diff` gave `payload` for. Raises zstandard.ZstdError
     or ValueError for a payload that is not one."""
+    # (zstandard allocates what the frame says it holds, whatever max_output_size says.)
+    if zstandard.frame_content_size(payload) != raw_len:
+        raise ValueError(f"a difference that says it holds other than {raw_len} bytes")
     x = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)
     if len(x) != raw_len:
         raise ValueError(f"a difference of {len(x)} bytes for a chunk of {raw_len}")

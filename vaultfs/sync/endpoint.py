@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 OFFLINE = "offline"  # what `extents` says of a file whose bytes were evicted here
 MAX_PATH = 4096
 MAX_CHUNK = 64 * 1024 * 1024  # far above what the chunker makes; bounds what a peer can ask for
+MAX_CALL_BYTES = 256 * 1024 * 1024  # raw bytes of the chunks of one put_chunks (a batch: 64 MiB)
 SNAPSHOT_PREFIX = policy.AUTO_PREFIX + "sync-"
 # A chunk checked on arrival: digests, raw length, stored value, and its raw bytes where a
 # later chunk of the batch names it as its near copy (else empty; None: still to be rebuilt).
@@ -200,7 +201,8 @@ class Endpoint:
         self._committed()
         out = []
         with self.store.reader() as tx:
-            for h, ref in zip(map(check_hash, hashes), refs or [None] * len(hashes)):
+            for h, ref in zip(map(check_hash, hashes), refs or [None] * len(hashes),
+                              strict=True):
                 chunk_id = tx.find_chunk(_digests(h))
                 if chunk_id is None:
                     raise StoreError(f"chunk {h[:16].hex()} is not in {self.name}")
@@ -216,11 +218,13 @@ class Endpoint:
                 out.append(item)
         return out
 
-    def put_chunks(self, chunks: list) -> int:
+    def put_chunks(self, chunks: list) -> list:
         """Store chunks that arrived, each checked against both its digests first; they are
-        held in the inbox until the files that use them are applied. Returns the bytes that
-        arrived. A chunk that came as a difference (`get_chunks`) is rebuilt from the chunks
-        it names, which are here or came before it, then checked the same way.
+        held in the inbox until the files that use them are applied. A chunk that came as a
+        difference (`get_chunks`) is rebuilt from the chunks it names, from this call (before
+        it) or the store, then checked the same way; one whose named chunks are in neither, or
+        damaged here, is not stored. Returns [the bytes that arrived, [the hashes of those not
+        stored]]: the sender sends them again whole.
 
         Their commit is queued, not waited for: the next batch is checked while it runs (the
         two would otherwise take turns). Every later call but `hello` waits for it first, so
@@ -231,6 +235,8 @@ class Endpoint:
             raise BadRequest("malformed chunk")
         refs = [_check_ref(c[3:]) if len(c) == 5 else None for c in chunks]
         named = {h for ref in refs if ref for h in ref[0]}  # (kept as they are checked)
+        if sum(c[1] for c in chunks if isinstance(c[1], int)) > MAX_CALL_BYTES:
+            raise BadRequest("too many chunk bytes in one call")
 
         def check(item: list) -> Arrived:
             h, raw_len, payload = item[:3]
@@ -243,26 +249,27 @@ class Endpoint:
             try:
                 raw = codec.decode(d.xxh3, payload, raw_len)
             except codec.ChunkCorrupt as e:
-                raise BadRequest(f"chunk {d.xxh3.hex()} arrived damaged ({e}); "
-                                 f"nothing was stored") from None
+                raise _damaged(d, str(e)) from None
             _confirm(d, raw, raw_len)
             return d, raw_len, payload, raw if h in named else b""
         checked = list(self._pool.map(check, chunks))
         self._committed()
-        if named:
-            checked = self._rebuilt(checked, refs)
+        unresolved: list[bytes] = []
+        if refs != [None] * len(refs):
+            checked = self._rebuilt(checked, refs, named, unresolved)
 
         def store(tx: Txn) -> None:
             for d, raw_len, stored, _ in checked:
                 tx.add_pending(INBOX_INO, tx.add_chunk(d, raw_len, stored))
         with self._lock:
             self._committing = self.store.submit(store)
-        return sum(len(c[2]) for c in chunks)
+        return [sum(len(c[2]) for c in chunks), unresolved]
 
-    def _rebuilt(self, checked: list[Arrived], refs: list) -> list[Arrived]:
+    def _rebuilt(self, checked: list[Arrived], refs: list, named: set[bytes],
+                 unresolved: list[bytes]) -> list[Arrived]:
         """`checked` with each chunk that came as a difference (`refs`) rebuilt, checked and
-        encoded for storing, in order: the chunks it names are in this batch before it, or
-        here."""
+        encoded for storing, in order; those that cannot be rebuilt here are left out, their
+        hashes put in `unresolved`."""
         arrived = {d.xxh3 + d.blake3: raw for d, _, _, raw in checked if raw}
         out = []
         with self.store.reader() as tx:
@@ -270,17 +277,17 @@ class Endpoint:
                 if ref is not None:
                     base = _reference(tx, *ref, raw_len, arrived)
                     if base is None:
-                        raise BadRequest(f"chunk {d.xxh3.hex()} came as a difference from "
-                                         f"chunks that are not here; nothing was stored")
+                        unresolved.append(d.xxh3 + d.blake3)
+                        continue
                     try:
                         raw = delta.patch(payload, base, raw_len)
-                        if codec.xxh3(raw) != d.xxh3:
-                            raise ValueError("xxh3 mismatch")
                     except (zstandard.ZstdError, ValueError) as e:
-                        raise BadRequest(f"chunk {d.xxh3.hex()} arrived damaged ({e}); "
-                                         f"nothing was stored") from None
+                        raise _damaged(d, str(e)) from None
+                    if codec.xxh3(raw) != d.xxh3:
+                        raise _damaged(d, "xxh3 mismatch")
                     _confirm(d, raw, raw_len)
-                    arrived[d.xxh3 + d.blake3] = raw
+                    if d.xxh3 + d.blake3 in named:
+                        arrived[d.xxh3 + d.blake3] = raw
                     payload = codec.encode(raw)
                 out.append((d, raw_len, payload, b""))
         return out
@@ -358,8 +365,11 @@ def _digests(h: bytes) -> codec.Digests:
 def _confirm(d: codec.Digests, raw: bytes, raw_len: int) -> None:
     """Check a chunk that arrived against its BLAKE3 (its xxh3 was checked as it was read)."""
     if len(raw) != raw_len or codec.confirm_digest(raw) != d.blake3:
-        raise BadRequest(f"chunk {d.xxh3.hex()} arrived damaged (BLAKE3 or length "
-                         f"mismatch); nothing was stored")
+        raise _damaged(d, "BLAKE3 or length mismatch")
+
+
+def _damaged(d: codec.Digests, why: str) -> BadRequest:
+    return BadRequest(f"chunk {d.xxh3.hex()} arrived damaged ({why}); nothing was stored")
 
 
 def _check_ref(ref: object) -> tuple[list[bytes], int]:
@@ -373,10 +383,14 @@ def _check_ref(ref: object) -> tuple[list[bytes], int]:
 
 def _reference(tx: Txn, bases: list[bytes], skip: int, raw_len: int,
                arrived: dict[bytes, bytes] | None = None) -> bytes | None:
-    """The bytes of the chunks `bases` from `skip` on (up to `raw_len`), from `arrived` or
-    the store; None if one is in neither."""
-    parts = []
+    """The `raw_len` bytes (or fewer, where they end) of the chunks `bases` joined, from
+    `skip` on; each from `arrived` or the store. None if one that is needed is in neither, or
+    damaged here (`vaultfs verify` says so), or if `skip` is past the first: a reference a
+    sender would not give."""
+    parts, have = [], 0
     for h in bases:
+        if have >= skip + raw_len:
+            break  # (what follows is not needed)
         raw = arrived.get(h) if arrived else None
         if raw is None:
             chunk_id = tx.find_chunk(_digests(h))
@@ -386,8 +400,11 @@ def _reference(tx: Txn, bases: list[bytes], skip: int, raw_len: int,
                 raw = codec.decode(chunk_id, tx.chunk_data(chunk_id),
                                    tx.chunk_record(chunk_id).raw_len)
             except codec.ChunkCorrupt:
-                return None  # (scrub's business; the chunk is then sent whole)
+                return None
+        if not parts and skip >= len(raw):
+            return None
         parts.append(raw)
+        have += len(raw)
     return b"".join(parts)[skip:skip + raw_len]
 
 

@@ -45,7 +45,7 @@ class Progress:
     files_done: int = 0
     bytes_total: int = 0       # raw bytes of the chunks to send
     bytes_done: int = 0
-    wire_bytes: int = 0        # stored (compressed) bytes sent
+    wire_bytes: int = 0        # bytes of stored values and differences sent
     tier: str = ""
     path: bytes = b""
 
@@ -334,12 +334,14 @@ class _Run:
         for part in _parts(list(need), HASHES_PER_CALL):
             missing.update((h, need[h]) for h in dst.missing(part))
         missing = {h: v for h, v in need.items() if h in missing}
-        if self.link_rate < DELTA_BELOW:
-            self.refs = delta.references([(p, extents[p]) for p, src in files if src != s],
-                                         set(missing), self._held(s, files))
+        sending = [(p, extents[p]) for p, src in files if src != s]
+        self.refs = delta.references(
+            sending, set(missing), self._held(s, [p for p, x in sending
+                                                  if any(c[2] in missing for c in x)])) \
+            if self.link_rate < DELTA_BELOW and missing else {}
         prog.bytes_total = sum(n for n, _ in missing.values())
         self.progress(prog)
-        queue = iter(list(missing.items()))
+        queue = collections.deque(missing.items())
         pending = collections.deque(path for path, _ in files)
         inflight: collections.deque = collections.deque()
         while pending:
@@ -356,27 +358,28 @@ class _Run:
             if batch is not None:
                 inflight.append(batch)
             elif inflight:
-                self.settle(inflight.popleft(), missing, sent, prog)
+                self.settle(inflight.popleft(), missing, sent, prog, queue)
             else:
                 raise StoreError("sync lost track of chunks it needs; run it again")
 
-    def _held(self, s: int, files: list[tuple[bytes, int]]) -> dict[bytes, list]:
-        """The extents of side `s`'s own files at the paths of `files`, where it has one (a
-        near copy of what is sent there: delta.py)."""
-        held = [p for p, _ in files if (e := self.now[s].get(p)) is not None and e.kind == "f"
+    def _held(self, s: int, paths: list[bytes]) -> dict[bytes, list]:
+        """The extents of side `s`'s own files at `paths`, where it has one (a near copy of
+        what is sent there: delta.py)."""
+        held = [p for p in paths if (e := self.now[s].get(p)) is not None and e.kind == "f"
                 and not e.offline]
         out: dict[bytes, list] = {}
         for part in _parts(held, EXTENT_PATHS_PER_CALL):
             out.update((p, x) for p, x in self.ends[s].extents(part).items() if x != OFFLINE)
         return out
 
-    def submit(self, s: int, queue) -> tuple | None:
+    def submit(self, s: int, queue: collections.deque) -> tuple | None:
         """Send the next batch of chunks (about BATCH_SECONDS' worth at the rate measured)
         without waiting for the receiver; None when none is left."""
         batch: dict[int, list[bytes]] = {}
         size = 0
         count = 0
-        for h, (length, src) in queue:
+        while queue:
+            h, (length, src) = queue.popleft()
             batch.setdefault(src, []).append(h)
             size += length
             count += 1
@@ -389,25 +392,33 @@ class _Run:
             refs = [self.refs.get(h) for h in hashes] if self.link_rate < DELTA_BELOW else None
             chunks = self.ends[src].get_chunks(hashes, refs)
             replies.append((self.ends[s].submit("put_chunks", chunks), hashes,
-                            sum(len(c) == 5 for c in chunks)))
+                            {c[0] for c in chunks if len(c) == 5}))
         self.sent_batches += 1
         return replies, size, self.sent_batches - 1
 
-    def settle(self, inflight: tuple, missing: dict, sent: dict, prog: Progress) -> None:
+    def settle(self, inflight: tuple, missing: dict, sent: dict, prog: Progress,
+               queue: collections.deque) -> None:
         """Wait for the receiver to have checked a batch (its commit is queued before anything
-        else it does); adapt the next batches' size."""
+        else it does); queue again, to go whole, the differences it could not rebuild (a chunk
+        they name is damaged there); adapt the next batches' size."""
         replies, size, number = inflight
         batch_wire = 0
         for reply, hashes, differences in replies:
-            wire = reply.result()
+            wire, unresolved = reply.result()
             batch_wire += wire
             self.wire_bytes += wire
-            sent["chunks"] += len(hashes)
-            sent["differences"] += differences
             sent["wire_bytes"] += wire
             prog.wire_bytes += wire
+            again = set(unresolved) & differences
+            sent["chunks"] += len(hashes) - len(again)
+            sent["differences"] += len(differences) - len(again)
             for h in hashes:
-                del missing[h]
+                if h in again:
+                    self.refs.pop(h, None)
+                    queue.append((h, missing[h]))
+                    size -= missing[h][0]
+                else:
+                    del missing[h]
         sent["raw_bytes"] += size
         prog.bytes_done += size
         self.progress(prog)
@@ -415,7 +426,8 @@ class _Run:
         now = time.monotonic()
         rate = size / max(now - self.settled, 1e-3)  # (batches overlap: from the last one)
         # The fastest batch yet says what the link can carry (a slow one may have waited for
-        # the start, or for the receiver's disk), up to the limit the user set.
+        # the start, or for the receiver's disk), up to the limit the user set. (Batches of
+        # mostly differences keep it low: where nearly all is near copies, they pay anyway.)
         self.link_rate = min(max(self.link_rate, batch_wire / max(now - self.settled, 1e-3)),
                              self.bwlimit or math.inf)
         self.settled = now

@@ -39,8 +39,9 @@ PAIR_WAIT_S = 600.0
 # The calls a peer may make, with the messages they carry (endpoint.Endpoint's methods).
 CALLS = ("hello", "listing", "base", "set_base", "rely", "extents", "missing", "get_chunks",
          "put_chunks", "apply", "note_conflicts", "finish")
-# Chunks travel as stored (compressing them again is waste), each as a raw frame of its own
-# after the message that names them: [[hash, raw length], ...] (wire.Channel.send).
+# Chunks travel as stored (compressing them again is waste) or as differences, each as a raw
+# frame of its own after the message that names them: [[hash, raw length(, reference, start)],
+# ...] (wire.Channel.send).
 CHUNK_REPLIES = {"get_chunks"}
 CHUNK_REQUESTS = {"put_chunks"}
 

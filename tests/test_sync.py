@@ -314,7 +314,7 @@ def test_a_difference_the_studio_cannot_rebuild_is_sent_again_whole(make_mount, 
     not stored, the chunk goes again whole, and the sync finishes."""
     studio = new_test_store(tmp_path / "damaged-studio")
     rng = random.Random(9)
-    data = bytearray(rng.randbytes(3_000_000))
+    data = bytearray(rng.randbytes(8_000_000))
     field = make_mount()
     (field.path / "edit.psd").write_bytes(data)
     field.stop()
@@ -325,21 +325,25 @@ def test_a_difference_the_studio_cannot_rebuild_is_sent_again_whole(make_mount, 
                                           "50m", "--json").stdout)["sent"]["push"]
         sync()
         with open(studio / "lmdb" / "data.mdb", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
-            at = mm.find(data[1_500_000:1_500_064])  # (stored raw: random bytes)
+            at = mm.find(data[4_000_000:4_000_064])  # (stored raw: random bytes)
             assert at > 0
             mm[at + 10] ^= 0xFF
         field = make_mount()
         with open(field.path / "edit.psd", "r+b") as f:  # an edit in place, there
-            data[1_500_000:1_510_000] = rng.randbytes(10_000)
-            f.seek(1_500_000)
-            f.write(data[1_500_000:1_510_000])
+            data[4_000_000:4_010_000] = rng.randbytes(10_000)
+            f.seek(4_000_000)
+            f.write(data[4_000_000:4_010_000])
         field.stop()
         second = sync()
     finally:
         server.terminate()
         server.wait(10)
+    # The chunks of the edit went as differences first (about 10 KB: the new bytes), then whole.
+    with Store.open(store_path) as store, store.reader() as tx:
+        edited = sum(n for off, _, n in tx.extents(tx.inode(tx.resolve("edit.psd")).content)
+                     if off < 4_010_000 and 4_000_000 < off + n)
     assert second["files"] == 1 and second["differences"] == 0, second
-    assert second["wire_bytes"] > 250_000  # (a whole chunk, of at least MIN_SIZE)
+    assert edited + 5_000 < second["wire_bytes"] < edited + 100_000, (edited, second)
     m = make_mount(store=studio)
     assert (m.path / "edit.psd").read_bytes() == data
     m.stop()

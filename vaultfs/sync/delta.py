@@ -51,8 +51,8 @@ def references(files: Sequence[tuple[bytes, Sequence[Extent]]], sending: set[byt
         size = sum(x[1] for x in extents)
         candidates = [(n, files[j][1]) for j, n in shared.items()]
         if path in previous:
-            held = {x[2] for x in previous[path]}
-            candidates.append((sum(x[1] for x in extents if x[2] in held), previous[path]))
+            theirs = {x[2] for x in previous[path]}
+            candidates.append((sum(x[1] for x in extents if x[2] in theirs), previous[path]))
         if not candidates:
             continue
         n, reference = max(candidates, key=lambda c: c[0])

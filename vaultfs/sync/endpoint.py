@@ -233,15 +233,16 @@ class Endpoint:
         if not isinstance(chunks, list) or \
                 not all(isinstance(c, list) and len(c) in (3, 5) for c in chunks):
             raise BadRequest("malformed chunk")
+        if not all(isinstance(c[1], int) and 0 < c[1] <= MAX_CHUNK for c in chunks):
+            raise BadRequest("malformed chunk")
+        if sum(c[1] for c in chunks) > MAX_CALL_BYTES:
+            raise BadRequest("too many chunk bytes in one call")
         refs = [_check_ref(c[3:]) if len(c) == 5 else None for c in chunks]
         named = {h for ref in refs if ref for h in ref[0]}  # (kept as they are checked)
-        if sum(c[1] for c in chunks if isinstance(c[1], int)) > MAX_CALL_BYTES:
-            raise BadRequest("too many chunk bytes in one call")
 
         def check(item: list) -> Arrived:
             h, raw_len, payload = item[:3]
-            if not isinstance(raw_len, int) or not 0 < raw_len <= MAX_CHUNK or \
-                    not isinstance(payload, bytes) or not payload:
+            if not isinstance(payload, bytes) or not payload:
                 raise BadRequest("malformed chunk")
             d = _digests(check_hash(h))
             if len(item) == 5:
@@ -255,7 +256,7 @@ class Endpoint:
         checked = list(self._pool.map(check, chunks))
         self._committed()
         unresolved: list[bytes] = []
-        if refs != [None] * len(refs):
+        if any(ref is not None for ref in refs):
             checked = self._rebuilt(checked, refs, named, unresolved)
 
         def store(tx: Txn) -> None:
@@ -394,11 +395,11 @@ def _reference(tx: Txn, bases: list[bytes], skip: int, raw_len: int,
         raw = arrived.get(h) if arrived else None
         if raw is None:
             chunk_id = tx.find_chunk(_digests(h))
-            if chunk_id is None:
+            stored = tx.chunk_data(chunk_id) if chunk_id is not None else None
+            if stored is None:  # (absent, or its data lost: `vaultfs verify` says so)
                 return None
             try:
-                raw = codec.decode(chunk_id, tx.chunk_data(chunk_id),
-                                   tx.chunk_record(chunk_id).raw_len)
+                raw = codec.decode(chunk_id, stored, tx.chunk_record(chunk_id).raw_len)
             except codec.ChunkCorrupt:
                 return None
         if not parts and skip >= len(raw):

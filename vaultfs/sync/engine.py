@@ -334,11 +334,11 @@ class _Run:
         for part in _parts(list(need), HASHES_PER_CALL):
             missing.update((h, need[h]) for h in dst.missing(part))
         missing = {h: v for h, v in need.items() if h in missing}
-        sending = [(p, extents[p]) for p, src in files if src != s]
-        self.refs = delta.references(
-            sending, set(missing), self._held(s, [p for p, x in sending
-                                                  if any(c[2] in missing for c in x)])) \
-            if self.link_rate < DELTA_BELOW and missing else {}
+        self.refs = {}
+        if self.link_rate < DELTA_BELOW and missing:
+            sending = [(p, extents[p]) for p, src in files if src != s]
+            near = self._held(s, [p for p, x in sending if any(c[2] in missing for c in x)])
+            self.refs = delta.references(sending, set(missing), near)
         prog.bytes_total = sum(n for n, _ in missing.values())
         self.progress(prog)
         queue = collections.deque(missing.items())
@@ -403,22 +403,26 @@ class _Run:
         they name is damaged there); adapt the next batches' size."""
         replies, size, number = inflight
         batch_wire = 0
+        again: list[tuple[bytes, tuple[int, int]]] = []
         for reply, hashes, differences in replies:
             wire, unresolved = reply.result()
             batch_wire += wire
             self.wire_bytes += wire
             sent["wire_bytes"] += wire
             prog.wire_bytes += wire
-            again = set(unresolved) & differences
-            sent["chunks"] += len(hashes) - len(again)
-            sent["differences"] += len(differences) - len(again)
+            failed = set(unresolved) & differences
+            sent["chunks"] += len(hashes) - len(failed)
+            sent["differences"] += len(differences) - len(failed)
             for h in hashes:
-                if h in again:
+                if h in failed:
                     self.refs.pop(h, None)
-                    queue.append((h, missing[h]))
+                    again.append((h, missing[h]))
                     size -= missing[h][0]
                 else:
                     del missing[h]
+        # First in the next batch: the files wait for them in order (selects first), and the
+        # differences queued behind them that name them find them there.
+        queue.extendleft(reversed(again))
         sent["raw_bytes"] += size
         prog.bytes_done += size
         self.progress(prog)

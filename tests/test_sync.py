@@ -49,6 +49,19 @@ def _shoot(root, n: int = 3, size: int = 1_500_000) -> None:
         shutil.copy2(CORPUS / rel, day)
 
 
+def _burst(folder, rng: random.Random, frames: int = 4, size: int = 4_000_000) -> bytes:
+    """Frames of one scene that differ where the subject moved (64 KiB of new bytes each, at a
+    random place); returns the scene."""
+    scene = rng.randbytes(size)
+    folder.mkdir()
+    for i in range(frames):
+        frame = bytearray(scene)
+        at = rng.randrange(len(scene) - 65_536)
+        frame[at:at + 65_536] = rng.randbytes(65_536)
+        (folder / f"DSC_{i:04d}.NEF").write_bytes(frame)
+    return scene
+
+
 def _trees_equal(a, b) -> None:
     ta, tb = tree_of(a), tree_of(b)
     assert ta.keys() == tb.keys(), (ta.keys() ^ tb.keys())
@@ -267,16 +280,9 @@ def test_near_duplicates_and_an_edit_in_place_travel_as_their_differences(
     their changed chunks cross as their differences from the chunks the studio holds, or gets
     first (docs/sync-protocol.md §7), not whole; what arrives is bit-exact and verifies."""
     rng = random.Random(8)
-    scene = rng.randbytes(4_000_000)
-    project = rng.randbytes(6_000_000)
     field = make_mount()
-    burst = field.path / "burst"
-    burst.mkdir()
-    for i in range(4):
-        frame = bytearray(scene)
-        at = rng.randrange(len(scene) - 65_536)
-        frame[at:at + 65_536] = rng.randbytes(65_536)  # the subject moved
-        (burst / f"DSC_{i:04d}.NEF").write_bytes(frame)
+    scene = _burst(field.path / "burst", rng)
+    project = rng.randbytes(6_000_000)
     (field.path / "project.psd").write_bytes(project)
     field.stop()
     _pair(store_path, peer_path)
@@ -354,6 +360,7 @@ def test_a_sync_killed_at_random_moments_resumes_and_converges(make_mount, store
                                                                peer_path, tmp_path, over):
     field = make_mount()
     _shoot(field.path, n=12, size=3_000_000)
+    _burst(field.path / "burst", random.Random(7))  # (over TCP: differences cut mid-way too)
     card = sum(p.stat().st_size for p in field.path.rglob("*") if p.is_file())
     field.stop()
     studio = make_mount(store=peer_path)

@@ -62,6 +62,13 @@ def _burst(folder, rng: random.Random, frames: int = 4, size: int = 4_000_000) -
     return scene
 
 
+def _pushed_over_a_link(store, url: str) -> dict:
+    """What `vaultfs sync --push` sent over a link of 50 MB/s (on a faster one chunks go as
+    stored, not as differences: docs/sync-protocol.md §7)."""
+    r = vaultfs("sync", store, url, "--push", "--bwlimit", "50m", "--json")
+    return json.loads(r.stdout)["sent"]["push"]
+
+
 def _trees_equal(a, b) -> None:
     ta, tb = tree_of(a), tree_of(b)
     assert ta.keys() == tb.keys(), (ta.keys() ^ tb.keys())
@@ -288,10 +295,7 @@ def test_near_duplicates_and_an_edit_in_place_travel_as_their_differences(
     _pair(store_path, peer_path)
     server, url = _serve(peer_path, tmp_path, "studio")
     try:
-        # (Over a link of 50 MB/s: on a faster one chunks go as stored.)
-        sync = lambda: json.loads(vaultfs("sync", store_path, url, "--bwlimit", "50m",  # noqa
-                                          "--json").stdout)["sent"]["push"]
-        first = sync()
+        first = _pushed_over_a_link(store_path, url)
         # One frame and the project whole (random bytes: stored raw), then about 2 x 64 KiB
         # (its own change and the first frame's) for each other frame; whole chunks of about
         # 1 MiB each without differences.
@@ -302,7 +306,7 @@ def test_near_duplicates_and_an_edit_in_place_travel_as_their_differences(
             f.seek(2_500_000)
             f.write(rng.randbytes(20_000))
         field.stop()
-        second = sync()
+        second = _pushed_over_a_link(store_path, url)
         assert second["files"] == 1 and second["differences"] >= 1
         assert 20_000 <= second["wire_bytes"] < 100_000, second
     finally:
@@ -327,9 +331,7 @@ def test_a_difference_the_studio_cannot_rebuild_is_sent_again_whole(make_mount, 
     _pair(store_path, studio)
     server, url = _serve(studio, tmp_path, "studio")
     try:
-        sync = lambda: json.loads(vaultfs("sync", store_path, url, "--push", "--bwlimit",  # noqa
-                                          "50m", "--json").stdout)["sent"]["push"]
-        sync()
+        _pushed_over_a_link(store_path, url)
         with open(studio / "lmdb" / "data.mdb", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
             at = mm.find(data[4_000_000:4_000_064])  # (stored raw: random bytes)
             assert at > 0
@@ -340,7 +342,7 @@ def test_a_difference_the_studio_cannot_rebuild_is_sent_again_whole(make_mount, 
             f.seek(4_000_000)
             f.write(data[4_000_000:4_010_000])
         field.stop()
-        second = sync()
+        second = _pushed_over_a_link(store_path, url)
     finally:
         server.terminate()
         server.wait(10)

@@ -12,7 +12,8 @@ import subprocess
 import pytest
 
 from conftest import CORPUS, needs_fuse
-from vaultfs.chunking import boundaries
+from vaultfs.chunking import boundaries, split_file, structure
+from vaultfs.chunking.cdc import FIXED_SIZE
 
 EDITED = ["jpeg/large/Nikon D90.jpg", "jpeg/large/Canon EOS 5D.jpg", "jpeg/medium/mongolels.jpg",
           "jpeg/mpo/frozenpond.mpo", "heic/IMG_3578.heic", "heic/samsung-one-ui-6.heic",
@@ -65,6 +66,39 @@ def test_hostile_structures_cost_nothing():
         t0 = time.monotonic()
         boundaries(lambda o, n: data[o:o + n], len(data))
         assert time.monotonic() - t0 < 1.0
+
+
+def test_image_data_is_cut_on_a_grid_that_moves_with_it(tmp_path):
+    """A DNG's uncompressed sensor data is cut every FIXED_SIZE bytes from its start, in steps
+    (as a mount ingests a file while it is written) as whole; when an editor grows the header,
+    moving the data, its chunks are found again."""
+    def chunks(path, step: int) -> list[tuple[int, bytes]]:
+        content = path.read_bytes()
+        s = structure(lambda o, n: content[o:o + n], len(content))
+        with open(path, "rb") as f:
+            def cut(a: int, b: int, final: bool) -> list[tuple[int, bytes]]:
+                return [(o, bytes(c)) for o, c in split_file(
+                    f.fileno(), a, b, final, s.cuts, [(i.start, i.end) for i in s.images])]
+            out, done = [], 0
+            for end in range(step, len(content), step):
+                got = cut(done, end, False)
+                out += got
+                done = got[-1][0] + len(got[-1][1]) if got else done
+            return out + cut(done, len(content), True)
+
+    path = tmp_path / "colorchart.dng"
+    shutil.copyfile(CORPUS / "dng/colorchart.dng", path)
+    data = path.read_bytes()
+    image = structure(lambda o, n: data[o:o + n], len(data)).images[0]
+    whole = chunks(path, len(data))
+    assert chunks(path, 777_777) == whole
+    inside = [c for o, c in whole if image.start <= o < image.end]
+    assert [len(c) for c in inside[:-1]] == [FIXED_SIZE] * (len(inside) - 1) and len(inside) > 3
+    subprocess.run(["exiftool", "-q", "-q", "-overwrite_original", "-Rating=5",
+                    "-XMP:Description=" + "x" * 6000, str(path)], check=True)
+    edited = path.read_bytes()
+    assert structure(lambda o, n: edited[o:o + n], len(edited)).images[0].start > image.start
+    assert set(inside) <= {c for _, c in chunks(path, len(edited))}
 
 
 @needs_fuse

@@ -29,7 +29,8 @@ from ..media import fingerprint, metadata
 from ..store import Inode, Store, Txn
 from ..store.format import CODEC_SAMPLES
 from .decoder import Decoder, DecoderFailed, Shared
-from ..store.reader import ChunkCache, DamagedChunk, OfflineData, read_except, read_range
+from ..store.reader import (ChunkCache, DamagedChunk, OfflineData, Pieces, read_except,
+                            read_range)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ class Analyzer:
                 what = metadata.sniff(read_range(tx, self.cache, node, 0, 512),
                                       self.name_of(ino))
                 if what == "image" and digest is not None and node.size <= MAX_BYTES:
-                    data, skipped = self._read_but_samples(tx, node)
+                    pieces, skipped = self._read_but_samples(tx, node)
+                    data = pieces if skipped else pieces.whole()
                 elif what is not None and node.size <= MAX_BYTES:
                     data = read_range(tx, self.cache, node, 0, node.size)
             except OfflineData:  # evicted: read when it is back (the next mount's backlog)
@@ -185,8 +187,8 @@ class Analyzer:
                 record.update(self._fingerprint(ino, data, run))
         return record
 
-    def _read_but_samples(self, tx: Txn, node: Inode) -> tuple[bytes, list[tuple[int, int]]]:
-        """A file whole but for its chunks of sensor data, as zeros: those stored as samples
+    def _read_but_samples(self, tx: Txn, node: Inode) -> tuple[Pieces, list[tuple[int, int]]]:
+        """A file but for its chunks of sensor data: those stored as samples
         (codec 2) that lie inside the uncompressed image data its TIFF structure declares
         (chunking/formats.py, reading the IFDs' own bytes, decoded whatever their codec); and
         the ranges left out."""
@@ -195,7 +197,7 @@ class Analyzer:
         return read_except(tx, self.cache, node, CODEC_SAMPLES,
                            [(i.start, i.end) for i in images])
 
-    def _without_samples(self, data: bytes, skipped: list[tuple[int, int]],
+    def _without_samples(self, data: Pieces, skipped: list[tuple[int, int]],
                          digest: str) -> dict | None:
         """The record of an image read with its sensor data left out (`skipped`, as zeros),
         when nothing in it comes from those bytes, else None: Exiv2 reads no image data, and
@@ -208,8 +210,8 @@ class Analyzer:
                 return None  # (said by the reading of the whole file)
             if found is None:
                 return None
-            try:
-                record = self._metadata(data, run)
+            try:  # (a TIFF: its metadata can be anywhere in it)
+                record = run(metadata.read, run.path)
             except (metadata.MetadataError, MemoryError, OverflowError, DecoderFailed):
                 return None  # (said by the reading of the whole file)
         record.update(found, digest=digest)

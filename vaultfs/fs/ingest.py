@@ -34,7 +34,7 @@ _encoders = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                thread_name_prefix="vaultfs-encode")
 
 Extent = tuple[int, bytes, int]  # file offset, chunk id, length
-Chunk = tuple[int, bytes, Digests]  # file offset, raw bytes, digests
+Chunk = tuple[int, memoryview, Digests]  # file offset, raw bytes, digests
 EncodeJobs = dict[int, Future[bytes]]  # chunk index -> its compression, under way
 
 
@@ -153,9 +153,10 @@ class FileIngest:
 
         if self.structure is None and (final or end >= FORMAT_HEAD):
             self.structure = structure(lambda off, n: read_at(fd, n, off), end)
-        cuts = self.structure.cuts if self.structure is not None else ()
+        cuts, grids = ((self.structure.cuts, [(i.start, i.end) for i in self.structure.images])
+                       if self.structure is not None else ((), ()))
         try:
-            for off, data in split_file(fd, self.done_to, end, final, cuts):
+            for off, data in split_file(fd, self.done_to, end, final, cuts, grids):
                 last = off + len(data)
                 if is_zero(data):
                     continue  # a hole: stored as no extent at all

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .codec import ChunkCorrupt, decode
@@ -121,12 +122,11 @@ def iter_extents(tx: Txn, cache: ChunkCache, node: Content, start: int = 0,
 
 
 def read_except(tx: Txn, cache: ChunkCache, node: Content, codec: int,
-                within: list[tuple[int, int]]) -> tuple[bytes, list[tuple[int, int]]]:
-    """A committed file whole, holes as zeros, but for its chunks stored with `codec` that lie
-    wholly inside one of the `within` ranges ([start, end) of the file): those are not even
-    decoded, and read as zeros. Their (offset, length) are the second value (they are not
-    checked either: nothing is read of them)."""
-    out = bytearray(node.size)
+                within: list[tuple[int, int]]) -> tuple[Pieces, list[tuple[int, int]]]:
+    """A committed file but for its chunks stored with `codec` that lie wholly inside one of
+    the `within` ranges ([start, end) of the file): those are not even decoded (nor checked:
+    nothing is read of them). Their (offset, length) are the second value."""
+    out = Pieces(node.size)
     skipped: list[tuple[int, int]] = []
     for ext_off, chunk_id, length in tx.extents(node.content):
         stored = tx.chunk_data(chunk_id)
@@ -134,9 +134,23 @@ def read_except(tx: Txn, cache: ChunkCache, node: Content, codec: int,
                 any(lo <= ext_off and ext_off + length <= hi for lo, hi in within):
             skipped.append((ext_off, length))
         else:
-            out[ext_off:ext_off + length] = _chunk(tx, cache, node.ino, ext_off, chunk_id,
-                                                   length)
-    return bytes(out), skipped
+            out.pieces.append((ext_off, _chunk(tx, cache, node.ino, ext_off, chunk_id, length)))
+    return out, skipped
+
+
+@dataclass(slots=True)
+class Pieces:
+    """A file's bytes as decoded chunks at their offsets, not joined (a 24 MB RAW read but for
+    its sensor data holds 2 MB of them); what they leave out (holes, chunks left unread) reads
+    as zeros."""
+    size: int
+    pieces: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def whole(self) -> bytes:
+        out = bytearray(self.size)
+        for off, data in self.pieces:
+            out[off:off + len(data)] = data
+        return bytes(out)
 
 
 def _chunk(tx: Txn, cache: ChunkCache, ino: int, ext_off: int, chunk_id: bytes,

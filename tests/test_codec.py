@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from conftest import CORPUS
 from vaultfs.chunking import split, structure
 from vaultfs.store import format as F
-from vaultfs.store.codec import ChunkCorrupt, Layout, decode, encode, predicted, xxh3
+from vaultfs.store.codec import (ChunkCorrupt, Layout, decode, encode, predicted, stored_layout,
+                                  xxh3)
 
 LAYOUTS = st.builds(
     Layout,
@@ -212,6 +213,20 @@ def test_sensor_data_takes_the_predictor_and_beats_zstd_clearly():
     stored = encode(data, packed)
     assert stored[0] == F.CODEC_SAMPLES
     assert len(stored) < 0.75 * len(zstandard.ZstdCompressor(level=1).compress(data))
+
+
+def test_a_layout_taken_as_sure_stores_what_measuring_would():
+    """The mount measures the first chunks of a run of image data, then takes the layout that
+    won as sure for the rest (fs/ingest.py): the stored bytes are those measuring gives; and
+    where the predictor saves nothing, the sure path measures after all."""
+    raw = noisy_bayer().astype("<u2").tobytes()
+    layout = Layout(16, False, 2, 4000)
+    won = stored_layout(encode(raw[:1 << 20], layout))[0]
+    for off in range(1 << 20, len(raw), 1 << 20):
+        chunk = raw[off:off + (1 << 20)]
+        assert encode(chunk, won, off, sure=True) == encode(chunk, layout, off)
+    noise = random.Random(5).randbytes(1 << 20)
+    assert encode(noise, layout, sure=True)[0] == F.CODEC_RAW
 
 
 def test_compressed_image_data_is_not_run_through_the_predictor():

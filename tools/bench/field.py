@@ -139,6 +139,9 @@ def main() -> int:
     C.row("  safe to format", str(report["safe_to_format"]),
           f"{cards['imported']:,} imported, {cards['held']:,} held, "
           f"{cards['not_safe']:,} not safe")
+    st = C.status(store)
+    C.row("  stored/card bytes", f"{st['stored_bytes'] / logical:8.3f}",
+          f"stored {st['stored_bytes'] / C.MB:,.1f} MB (dedup + compression)")
     if args.import_only:
         shutil.rmtree(store)
         return 0

@@ -23,11 +23,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from ..chunking import MIN_SIZE, is_zero, read_at, split_file, structure
 from ..chunking.formats import Structure
 from ..store import Store, StoreError, Txn
-from ..store.codec import Digests, digests, encode
+from ..store.codec import Digests, Layout, digests, encode, stored_layout
 
 BATCH_BYTES = 4 * 1024 * 1024
 FORMAT_HEAD = 8 * 1024 * 1024  # enough of a file to find its format's structure
 PIPELINE = 2
+SURE_AFTER = 2  # chunks of image data measured before the layout that won is taken as sure
 
 # Compression is the costliest step; it runs on every core, bounded, for all commits together.
 _encoders = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
@@ -60,6 +61,8 @@ class FileIngest:
         # (chunking/formats.py), found once enough of it is there: a metadata edit then
         # re-stores the metadata, not the image data, and image data is compressed as such.
         self.structure: Structure | None = None
+        # A layout of its image data -> the one the predictor won with and how many times.
+        self.chosen: dict[Layout, tuple[Layout | None, int]] = {}
 
     @classmethod
     def resume(cls, store: Store, tx: Txn, ino: int) -> "FileIngest":
@@ -130,6 +133,7 @@ class FileIngest:
             # Even if the release failed (it is retried by the next commit's or abandon's
             # transaction, or by recovery), nothing of this view of the file is kept.
             self.base, self.extents, self.done_to, self.structure = [], [], 0, None
+            self.chosen = {}
 
     def _chunk(self, fd: int, end: int, final: bool) -> tuple[list[Chunk], EncodeJobs]:
         """Cut, hash and store bytes [done_to, end), but for the last batch, which is returned
@@ -183,8 +187,24 @@ class FileIngest:
         for i in missing:
             off, data, _ = chunks[i]
             hint = self.structure.layout_at(off, len(data)) if self.structure else None
-            jobs[i] = _encoders.submit(encode, data, *(hint or ()))
+            jobs[i] = _encoders.submit(self._encode, data, *(hint or (None, 0)))
         return jobs
+
+    def _encode(self, data: memoryview, layout: Layout | None, region_offset: int) -> bytes:
+        """A chunk's stored value. Once the predictor has won with the same layout (in the
+        same byte order) for SURE_AFTER chunks of the file's image data of that layout, and
+        never lost, that layout is taken as sure for the chunks after them."""
+        if layout is None:
+            return encode(data)
+        won, times = self.chosen.get(layout, (None, 0))
+        if times >= SURE_AFTER:
+            return encode(data, won, region_offset, sure=True)
+        stored = encode(data, layout, region_offset)
+        if times >= 0:  # (-1: they disagreed; from any encoder thread, a count may be lost)
+            found = stored_layout(stored)
+            agrees = found is not None and (times == 0 or found[0] == won)
+            self.chosen[layout] = (found[0], times + 1) if agrees else (None, -1)
+        return stored
 
     def _store(self, chunks: list[Chunk], encoded: dict[int, bytes]) -> "Future[list[Extent]]":
         ino = self.ino

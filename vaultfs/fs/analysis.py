@@ -205,16 +205,11 @@ class Analyzer:
         (LibRaw reads the preview alone). The digest of the whole bytes is the read-back's."""
         with self.decode.shared(data) as run:
             try:
-                found = run(fingerprint.preview_fingerprint, skipped)
-            except (MemoryError, DecoderFailed):
-                return None  # (said by the reading of the whole file)
-            if found is None:
-                return None
-            try:  # (a TIFF: its metadata can be anywhere in it)
-                record = run(metadata.read, run.path)
+                record = run(fingerprint.preview_record, skipped, run.path)
             except (metadata.MetadataError, MemoryError, OverflowError, DecoderFailed):
                 return None  # (said by the reading of the whole file)
-        record.update(found, digest=digest)
+        if record is not None:
+            record["digest"] = digest
         return record
 
     def _fingerprint(self, ino: int, data: bytes, run: Shared) -> dict:

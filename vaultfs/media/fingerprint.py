@@ -34,6 +34,8 @@ import rawpy
 import xxhash
 from PIL import Image, ImageOps
 
+from . import metadata
+
 pyexiv2.set_log_level(4)  # Exiv2's warnings about odd makernotes go nowhere; errors raise
 
 HASH_SIZE = 8          # 8x8 bits: 64-bit hashes
@@ -69,6 +71,14 @@ def preview_fingerprint(data: bytes, unread: Sequence[tuple[int, int]] = ()) -> 
         return _record(*found) if found is not None and found[3] is not None else None
     except FingerprintError:
         return None
+
+
+def preview_record(data: bytes, unread: Sequence[tuple[int, int]], path: str) -> dict | None:
+    """A RAW's metadata (Exiv2 reading `path`, a file of the same bytes) with what
+    `preview_fingerprint` gives, in one call: the decoder worker reads the bytes once. None
+    where that gives None; MetadataError as `metadata.read` raises it."""
+    found = preview_fingerprint(data, unread)
+    return None if found is None else metadata.read(data, path) | found
 
 
 def _record(img: Image.Image, size: tuple[int, int], fmt: str,

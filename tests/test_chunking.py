@@ -68,23 +68,43 @@ def test_hostile_structures_cost_nothing():
         assert time.monotonic() - t0 < 1.0
 
 
+def _cut(path, step: int, bounds, grids) -> list[tuple[int, bytes]]:
+    """The chunks of a file cut in steps of `step` bytes (as a mount ingests a file while it
+    is written: the last chunk of each step held back), then to its end."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def cut(a: int, b: int, final: bool) -> list[tuple[int, bytes]]:
+            return [(o, bytes(c)) for o, c in split_file(f.fileno(), a, b, final, bounds, grids)]
+        out, done = [], 0
+        for end in range(step, size, step):
+            got = cut(done, end, False)
+            out += got
+            done = got[-1][0] + len(got[-1][1]) if got else done
+        return out + cut(done, size, True)
+
+
+def test_cutting_in_steps_gives_the_chunks_of_cutting_whole(tmp_path):
+    """Image data bounded by hard cuts is cut on its grid, image data whose edges are not cuts
+    by content: either way, cut in steps as cut whole."""
+    path = tmp_path / "f"
+    path.write_bytes(random.Random(7).randbytes(12 << 20))
+    image = (500_000, 10 << 20)
+    for bounds in ([1000, 11 << 20], list(image), []):
+        whole = _cut(path, 12 << 20, bounds, [image])
+        for step in (3 << 20, 777_777):
+            assert _cut(path, step, bounds, [image]) == whole, (bounds, step)
+        inside = [o for o, _ in whole if image[0] <= o < image[1]]
+        on_grid = inside == list(range(image[0], image[1], FIXED_SIZE))
+        assert on_grid == (bounds == list(image)), bounds
+
+
 def test_image_data_is_cut_on_a_grid_that_moves_with_it(tmp_path):
     """A DNG's uncompressed sensor data is cut every FIXED_SIZE bytes from its start, in steps
-    (as a mount ingests a file while it is written) as whole; when an editor grows the header,
-    moving the data, its chunks are found again."""
+    as whole; when an editor grows the header, moving the data, its chunks are found again."""
     def chunks(path, step: int) -> list[tuple[int, bytes]]:
         content = path.read_bytes()
         s = structure(lambda o, n: content[o:o + n], len(content))
-        with open(path, "rb") as f:
-            def cut(a: int, b: int, final: bool) -> list[tuple[int, bytes]]:
-                return [(o, bytes(c)) for o, c in split_file(
-                    f.fileno(), a, b, final, s.cuts, [(i.start, i.end) for i in s.images])]
-            out, done = [], 0
-            for end in range(step, len(content), step):
-                got = cut(done, end, False)
-                out += got
-                done = got[-1][0] + len(got[-1][1]) if got else done
-            return out + cut(done, len(content), True)
+        return _cut(path, step, s.cuts, s.grids)
 
     path = tmp_path / "colorchart.dng"
     shutil.copyfile(CORPUS / "dng/colorchart.dng", path)

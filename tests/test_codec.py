@@ -219,12 +219,16 @@ def test_a_layout_taken_as_sure_stores_what_measuring_would():
     """The mount measures the first chunks of a run of image data, then takes the layout that
     won as sure for the rest (fs/ingest.py): the stored bytes are those measuring gives; and
     where the predictor saves nothing, the sure path measures after all."""
-    raw = noisy_bayer().astype("<u2").tobytes()
     layout = Layout(16, False, 2, 4000)
-    won = stored_layout(encode(raw[:1 << 20], layout))[0]
-    for off in range(1 << 20, len(raw), 1 << 20):
-        chunk = raw[off:off + (1 << 20)]
-        assert encode(chunk, won, off, sure=True) == encode(chunk, layout, off)
+    raw = noisy_bayer(height=1000).astype("<u2").tobytes()
+    packed = Layout(14, False, 2, 4000)
+    data = spec_pack(packed, noisy_bayer(height=1000).reshape(-1))
+    for lay, content in ((layout, raw), (packed, data)):
+        won = stored_layout(encode(content[:1 << 20], lay))[0]
+        # Chunks of odd lengths at odd places: leads that are not 0 for the packed samples.
+        for off in range(1_000_003, len(content) - 999_999, 999_999):
+            chunk = content[off:off + 999_999]
+            assert encode(chunk, won, off, sure=True) == encode(chunk, lay, off), (lay, off)
     noise = random.Random(5).randbytes(1 << 20)
     assert encode(noise, layout, sure=True)[0] == F.CODEC_RAW
 

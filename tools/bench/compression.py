@@ -212,7 +212,7 @@ def codec_speed(path: Path, passes: int = 3) -> tuple[float, float, float, float
     shape = structure(lambda off, n: data[off:off + n], len(data))
     with open(path, "rb") as f:
         chunks = [(c, shape.layout_at(off, len(c))) for off, c in
-                  split_file(f.fileno(), 0, len(data), bounds=shape.cuts)]
+                  split_file(f.fileno(), 0, len(data), bounds=shape.cuts, grids=shape.grids)]
     ids = [codec.xxh3(c) for c, _ in chunks]
     zc, zd = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
 

@@ -11,6 +11,7 @@ the grid finds the same chunks that content would, and finding cut points in sen
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 from collections.abc import Iterator, Sequence
@@ -34,7 +35,8 @@ def split(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int]]:
         yield c.offset, c.length
 
 
-WINDOW = 32 * 1024 * 1024
+# Chunks are views of the window they were read in: it stays in memory until they are stored.
+WINDOW = 16 * 1024 * 1024
 
 
 def _data_from(fd: int, pos: int) -> int:
@@ -63,7 +65,7 @@ def split_file(fd: int, start: int, end: int, final: bool = True, bounds: Sequen
     a chunk boundary, read in windows so that memory stays bounded whatever the file's size.
     Chunks never cross one of the hard cut points `bounds` (formats.py): content-defined
     chunking starts afresh at each. Between two that lie inside one of the `grids` ([start,
-    end) of image data), chunks are cut every FIXED_SIZE bytes from that start.
+    end) of image data, sorted), chunks are cut every FIXED_SIZE bytes from that start.
 
     The last chunk of a window may have been cut only because the window ended, so it is cut
     again with the next window: the result is the same as splitting the whole file at once.
@@ -71,8 +73,19 @@ def split_file(fd: int, start: int, end: int, final: bool = True, bounds: Sequen
     """
     inner = [b for b in bounds if start < b < end]
     for lo, hi in zip([start] + inner, inner + [end]):
-        grid = next((a for a, b in grids if a <= lo and hi <= b), None)
-        yield from _split_range(fd, lo, hi, final or hi != end, grid)
+        yield from _split_range(fd, lo, hi, final or hi != end, _grid(lo, bounds, grids))
+
+
+def _grid(at: int, bounds: Sequence[int], grids: Sequence[tuple[int, int]]) -> int | None:
+    """The start of the grid that cuts the bytes from `at` on: of the image data (`grids`,
+    sorted) that holds all of the range between the hard cuts around `at` (sorted `bounds`),
+    the same range whether the file is cut whole or in steps; None: cut by content."""
+    i = bisect.bisect_right(bounds, at)
+    if i == len(bounds):
+        return None  # (no cut after it: a range to the end of the file)
+    lo, hi = bounds[i - 1] if i else 0, bounds[i]
+    j = bisect.bisect_right(grids, (lo, 1 << 63)) - 1
+    return grids[j][0] if j >= 0 and grids[j][1] >= hi else None
 
 
 def _split_range(fd: int, start: int, end: int, final: bool,

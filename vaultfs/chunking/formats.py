@@ -49,6 +49,11 @@ class Structure:
     cuts: list[int] = field(default_factory=list)
     images: list[ImageData] = field(default_factory=list)
 
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        """[start, end) of each run of image data, sorted: for chunking (cdc.split_file)."""
+        return [(i.start, i.end) for i in self.images]
+
     def layout_at(self, offset: int, length: int) -> tuple[Layout, int] | None:
         """The layout of the image data that most of bytes [offset, offset + length) belong
         to, and where they begin relative to its start; None if they are not image data."""

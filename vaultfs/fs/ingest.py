@@ -16,6 +16,7 @@ Everything here blocks: it runs in worker threads, never on the trio loop.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +64,7 @@ class FileIngest:
         self.structure: Structure | None = None
         # A layout of its image data -> the one the predictor won with and how many times.
         self.chosen: dict[Layout, tuple[Layout | None, int]] = {}
+        self._choosing = threading.Lock()
 
     @classmethod
     def resume(cls, store: Store, tx: Txn, ino: int) -> "FileIngest":
@@ -157,7 +159,7 @@ class FileIngest:
 
         if self.structure is None and (final or end >= FORMAT_HEAD):
             self.structure = structure(lambda off, n: read_at(fd, n, off), end)
-        cuts, grids = ((self.structure.cuts, [(i.start, i.end) for i in self.structure.images])
+        cuts, grids = ((self.structure.cuts, self.structure.grids)
                        if self.structure is not None else ((), ()))
         try:
             for off, data in split_file(fd, self.done_to, end, final, cuts, grids):
@@ -200,10 +202,12 @@ class FileIngest:
         if times >= SURE_AFTER:
             return encode(data, won, region_offset, sure=True)
         stored = encode(data, layout, region_offset)
-        if times >= 0:  # (-1: they disagreed; from any encoder thread, a count may be lost)
-            found = stored_layout(stored)
-            agrees = found is not None and (times == 0 or found[0] == won)
-            self.chosen[layout] = (found[0], times + 1) if agrees else (None, -1)
+        found = stored_layout(stored)
+        with self._choosing:  # (encoder threads: a disagreement, -1, is never undone)
+            won, times = self.chosen.get(layout, (None, 0))
+            if times >= 0:
+                agrees = found is not None and (times == 0 or found[0] == won)
+                self.chosen[layout] = (found[0], times + 1) if agrees else (None, -1)
         return stored
 
     def _store(self, chunks: list[Chunk], encoded: dict[int, bytes]) -> "Future[list[Extent]]":

@@ -51,7 +51,7 @@ class Structure:
 
     @property
     def grids(self) -> list[tuple[int, int]]:
-        """[start, end) of each run of image data, sorted: for chunking (cdc.split_file)."""
+        """[start, end) of each run of image data, sorted."""
         return [(i.start, i.end) for i in self.images]
 
     def layout_at(self, offset: int, length: int) -> tuple[Layout, int] | None:

@@ -193,9 +193,8 @@ class Analyzer:
         (chunking/formats.py, reading the IFDs' own bytes, decoded whatever their codec); and
         the ranges left out."""
         images = formats.structure(lambda off, n: read_range(tx, self.cache, node, off, n),
-                                   node.size).images
-        return read_except(tx, self.cache, node, CODEC_SAMPLES,
-                           [(i.start, i.end) for i in images])
+                                   node.size).grids
+        return read_except(tx, self.cache, node, CODEC_SAMPLES, images)
 
     def _without_samples(self, data: Pieces, skipped: list[tuple[int, int]],
                          digest: str) -> dict | None:

@@ -149,7 +149,9 @@ def _predicted(data: memoryview, layout: Layout, lead: int) -> tuple[bytes, byte
     return head, b"".join((data[:lead], data[lead + body_len:], planes))
 
 
-def _unpredicted(payload: memoryview, raw_len: int | None) -> bytes:
+def _samples_head(payload: memoryview) -> tuple[Layout, int, int]:
+    """The layout, lead and sample count a predictor header (codec 2's payload) says;
+    ChunkCorrupt if it cannot be one."""
     if len(payload) < SAMPLES_HEAD.size:
         raise ChunkCorrupt("predictor header cut short")
     bits, flags, period, lead, stride, count = SAMPLES_HEAD.unpack_from(payload)
@@ -157,13 +159,18 @@ def _unpredicted(payload: memoryview, raw_len: int | None) -> bytes:
         layout = Layout(bits, bool(flags & 1), period, stride)
     except ValueError as e:
         raise ChunkCorrupt(f"predictor header: {e}") from None
-    g, s = layout.group_bytes, layout.group_samples
-    if flags > 1 or lead >= g or count % s:
+    if flags > 1 or lead >= layout.group_bytes or count % layout.group_samples:
         raise ChunkCorrupt("predictor header out of range")
+    return layout, lead, count
+
+
+def _unpredicted(payload: memoryview, raw_len: int | None) -> bytes:
+    layout, lead, count = _samples_head(payload)
+    g, s = layout.group_bytes, layout.group_samples
     frame = payload[SAMPLES_HEAD.size:]
     body_len = count // s * g
     size = _content_size(frame)
-    tail = size - lead - (count if bits != 8 else 0) - -(-count // 8) * 8
+    tail = size - lead - (count if layout.bits != 8 else 0) - -(-count // 8) * 8
     if not 0 <= tail < g or size > MAX_CONTENT or \
             (raw_len is not None and lead + body_len + tail != raw_len):
         raise ChunkCorrupt("predictor header does not match the chunk's length")
@@ -217,16 +224,15 @@ def encode(data: bytes | memoryview, layout: Layout | None = None, region_offset
     whole chunk, whenever it saves anything: the trials on windows were a fifth of the time."""
     data = memoryview(data).cast("B")
     n = len(data)
-    if sure and layout is not None:
+    if layout is not None:
         lead = -region_offset % layout.group_bytes
-        if n - lead >= layout.group_bytes:
+        if sure and n - lead >= layout.group_bytes:
             stored = predicted(data, layout, lead, level)
             if len(stored) - 1 < n * WORTH:
                 return stored
-    if layout is not None:
-        trials = [(layout, -region_offset % layout.group_bytes)]
+        trials = [(layout, lead)]
         if layout.bits == 16:  # some makers' words are of the other byte order than the file's
-            trials.append((replace(layout, big_endian=not layout.big_endian), trials[0][1]))
+            trials.append((replace(layout, big_endian=not layout.big_endian), lead))
     else:
         trials = [(GUESS, 0), (GUESS, 1)]
     trials = [t for t in trials if n - t[1] >= t[0].group_bytes]
@@ -281,8 +287,7 @@ def stored_layout(stored: bytes | memoryview) -> tuple[Layout, int] | None:
     another codec."""
     if not len(stored) or stored[0] != CODEC_SAMPLES:
         return None
-    bits, flags, period, lead, stride, _ = SAMPLES_HEAD.unpack_from(stored, 1)
-    return Layout(bits, bool(flags & 1), period, stride), lead
+    return _samples_head(memoryview(stored)[1:])[:2]
 
 
 def predicted(data: bytes | memoryview, layout: Layout, lead: int = 0,

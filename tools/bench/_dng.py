@@ -45,10 +45,10 @@ def scene(width: int, height: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(light, 0.01, 1.2) * full, disc * full
 
 
-def frame(still: np.ndarray, disc: np.ndarray, index: int, seed: int) -> np.ndarray:
-    """Frame `index` of a burst: the disc a few pixels further along, fresh noise."""
+def light(still: np.ndarray, disc: np.ndarray, index: int) -> np.ndarray:
+    """The electrons each photosite of frame `index` of a burst expects: the disc a few pixels
+    further along, seen through the colour filters."""
     height, width = still.shape
-    rng = np.random.default_rng(seed * 1000 + index)
     y, x = np.mgrid[0:height, 0:width]
     cx, cy, r = width * (0.3 + 0.004 * index), height * 0.5 + 2 * index, min(width, height) / 6
     electrons = np.where((x - cx) ** 2 + (y - cy) ** 2 < r * r, disc, still)
@@ -56,8 +56,24 @@ def frame(still: np.ndarray, disc: np.ndarray, index: int, seed: int) -> np.ndar
     for dy in (0, 1):
         for dx in (0, 1):
             cfa[dy::2, dx::2] = electrons[dy::2, dx::2] * CHANNEL_GAIN[PATTERN[dy][dx]]
+    return cfa
+
+
+def frame(still: np.ndarray, disc: np.ndarray, index: int, seed: int) -> np.ndarray:
+    """Frame `index` of a burst: its light with fresh noise, as the sensor counts it."""
+    cfa = light(still, disc, index)
+    rng = np.random.default_rng(seed * 1000 + index)
     signal = rng.poisson(cfa) + rng.normal(0, READ_NOISE, cfa.shape)
     return np.clip(np.round(signal / GAIN) + BLACK, 0, WHITE).astype(np.uint16)
+
+
+def noise_bits(cfa: np.ndarray) -> float:
+    """About the bits per sample of a frame's noise, given its light: the entropy of each
+    photosite's count (shot and read noise, Gaussian at the variance of their sum, in counts;
+    clipped at white: none), averaged."""
+    sigma = np.sqrt(cfa + READ_NOISE ** 2) / GAIN
+    bits = np.log2(sigma * np.sqrt(2 * np.pi * np.e))
+    return float(np.where(cfa / GAIN + BLACK < WHITE, np.maximum(bits, 0), 0).mean())
 
 
 def write(path: Path, samples: np.ndarray, model: str = "vaultfs SimCam", bits: int = 16,

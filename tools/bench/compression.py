@@ -199,20 +199,28 @@ def measure(name: str, files: list[Path], work: Path, peers: bool, levels: list[
     return out
 
 
+def mount_chunks(path: Path) -> list[tuple[bytes, tuple | None]]:
+    """`path`'s chunks as the mount cuts them, each with the (layout, offset in its image
+    data) that the mount hands the codec with it, or None."""
+    from vaultfs.chunking import split_file, structure
+
+    data = path.read_bytes()
+    shape = structure(lambda off, n: data[off:off + n], len(data))
+    with open(path, "rb") as f:
+        return [(bytes(c), shape.layout_at(off, len(c))) for off, c in
+                split_file(f.fileno(), 0, len(data), bounds=shape.cuts, grids=shape.grids)]
+
+
 def codec_speed(path: Path, passes: int = 3) -> tuple[float, float, float, float]:
     """MB/s of raw bytes, in CPU time of one thread, of the store's codec on `path`'s chunks,
     cut and laid out as the mount does (encoding, decoding with its check), and of zstd level 1
     alone on the same chunks (compressing, decompressing)."""
     import zstandard
 
-    from vaultfs.chunking import split_file, structure
     from vaultfs.store import codec
 
-    data = path.read_bytes()
-    shape = structure(lambda off, n: data[off:off + n], len(data))
-    with open(path, "rb") as f:
-        chunks = [(c, shape.layout_at(off, len(c))) for off, c in
-                  split_file(f.fileno(), 0, len(data), bounds=shape.cuts, grids=shape.grids)]
+    chunks = mount_chunks(path)
+    data_len = sum(len(c) for c, _ in chunks)
     ids = [codec.xxh3(c) for c, _ in chunks]
     zc, zd = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
 
@@ -220,7 +228,7 @@ def codec_speed(path: Path, passes: int = 3) -> tuple[float, float, float, float
         t0 = time.thread_time()
         for _ in range(passes):
             work()
-        return passes * len(data) / C.MB / (time.thread_time() - t0)
+        return passes * data_len / C.MB / (time.thread_time() - t0)
 
     stored = [codec.encode(c, *(layout or ())) for c, layout in chunks]
     frames = [zc.compress(c) for c, _ in chunks]

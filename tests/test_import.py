@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -215,6 +216,56 @@ def test_a_card_with_read_errors_loses_nothing_read_before(failing_card, store_p
             assert (folder / os.path.basename(rel)).read_bytes() == body
     status = json.loads(vaultfs("status", "--json", store_path).stdout)
     assert status["files"] == 6  # nothing half-written: no unnamed or partial file left
+
+
+def test_kill9_mid_import_loses_nothing_and_a_rerun_finishes(tmp_path, store_path, make_mount):
+    # kill -9 of the mount's daemon half-way through a card, then of the import command: the
+    # vault shows whole files only, and the import run again finds those held, imports the
+    # rest under their own names (no "-1" copies) and calls the card safe to format.
+    rand = random.Random(11)
+    bodies = {f"DCIM/100CANON/IMG_{i:04d}.CR2": rand.randbytes(8 << 20) for i in range(24)}
+    names = {os.path.basename(rel) for rel in bodies}
+    card = make_card(tmp_path / "card", bodies)
+    kept: set[str] = set()  # what the vault held when a round began
+    for victim in ("daemon", "command"):
+        m = make_mount()
+        folder = m.path / DAY / "100CANON"
+        for name in (set(os.listdir(folder)) - kept if folder.is_dir() else ()):
+            os.unlink(folder / name)  # the second round starts from a card half in the vault
+        proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "import", "--json",
+                                 str(store_path), str(card)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not (folder.is_dir() and set(os.listdir(folder)) - kept):
+            assert proc.poll() is None, "the import ended before it was killed"
+            assert time.monotonic() < deadline, "no file was imported in 60 s"
+            time.sleep(0.01)  # the first new file is in: kill now
+        if victim == "daemon":
+            m.kill()
+            proc.wait(timeout=60)  # (its requests fail: the mount is gone)
+            with pytest.raises(OSError) as e:
+                os.listdir(m.path)
+            assert e.value.errno == errno.ENOTCONN
+        else:
+            proc.kill()
+            proc.wait()
+            m.stop()  # the files under way when the command died are finished first
+        vaultfs("mount", store_path, m.path)  # (after a kill -9, frees what it left half done)
+        shown = set(os.listdir(folder))
+        assert kept < shown < names, victim
+        for name in shown:
+            assert (folder / name).read_bytes() == bodies[f"DCIM/100CANON/{name}"], name
+        vaultfs("umount", m.path)
+
+        report = import_json(store_path, card)
+        assert report["safe_to_format"] is True
+        held = {f["path"] for f in report["files"] if f["state"] == "held"}
+        assert held == {f"DCIM/100CANON/{name}" for name in shown}, victim
+        kept = shown
+    m = make_mount()
+    assert set(os.listdir(folder := m.path / DAY / "100CANON")) == names
+    for rel, body in bodies.items():
+        assert (folder / os.path.basename(rel)).read_bytes() == body
 
 
 def test_a_file_that_cannot_be_read_whole_is_never_held(tmp_path, store_path, damaged_card):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, Mount, needs_fuse, vaultfs
+from conftest import CORPUS, Mount, assert_clean, needs_fuse, vaultfs
 from test_events import _listen, _until
 
 pytestmark = needs_fuse
@@ -219,9 +219,10 @@ def test_a_card_with_read_errors_loses_nothing_read_before(failing_card, store_p
 
 
 def test_kill9_mid_import_loses_nothing_and_a_rerun_finishes(tmp_path, store_path, make_mount):
-    # kill -9 of the mount's daemon half-way through a card, then of the import command: the
-    # vault shows whole files only, and the import run again finds those held, imports the
-    # rest under their own names (no "-1" copies) and calls the card safe to format.
+    # kill -9 of the mount's daemon half-way through a card: the vault shows whole files only,
+    # and the next mount frees what the dead one left half done. Then of the import command:
+    # the mount finishes the files under way. Each time, the import run again finds those
+    # held, imports the rest under their own names (no "-1" copies) and calls the card safe.
     rand = random.Random(11)
     bodies = {f"DCIM/100CANON/IMG_{i:04d}.CR2": rand.randbytes(8 << 20) for i in range(24)}
     names = {os.path.basename(rel) for rel in bodies}
@@ -232,30 +233,37 @@ def test_kill9_mid_import_loses_nothing_and_a_rerun_finishes(tmp_path, store_pat
         folder = m.path / DAY / "100CANON"
         for name in (set(os.listdir(folder)) - kept if folder.is_dir() else ()):
             os.unlink(folder / name)  # the second round starts from a card half in the vault
-        proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "import", "--json",
-                                 str(store_path), str(card)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not (folder.is_dir() and set(os.listdir(folder)) - kept):
-            assert proc.poll() is None, "the import ended before it was killed"
-            assert time.monotonic() < deadline, "no file was imported in 60 s"
-            time.sleep(0.01)  # the first new file is in: kill now
-        if victim == "daemon":
-            m.kill()
-            proc.wait(timeout=60)  # (its requests fail: the mount is gone)
-            with pytest.raises(OSError) as e:
-                os.listdir(m.path)
-            assert e.value.errno == errno.ENOTCONN
-        else:
+        with open(tmp_path / f"import-{victim}.log", "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "vaultfs", "import", "--json",
+                                     str(store_path), str(card)],
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 60
+            while not (folder.is_dir() and set(os.listdir(folder)) - kept):
+                assert proc.poll() is None, "the import ended before it was killed"
+                assert time.monotonic() < deadline, "no file was imported in 60 s"
+                time.sleep(0.01)  # the first new file is in: kill now
+            if victim == "daemon":
+                m.kill()
+                proc.wait(timeout=60)  # (its requests fail: the mount is gone)
+                with pytest.raises(OSError) as e:
+                    os.listdir(m.path)
+                assert e.value.errno == errno.ENOTCONN
+            else:
+                proc.kill()
+                m.stop()  # the files under way when the command died are finished first
+        finally:
             proc.kill()
             proc.wait()
-            m.stop()  # the files under way when the command died are finished first
-        vaultfs("mount", store_path, m.path)  # (after a kill -9, frees what it left half done)
+        vaultfs("mount", store_path, m.path)
         shown = set(os.listdir(folder))
         assert kept < shown < names, victim
         for name in shown:
             assert (folder / name).read_bytes() == bodies[f"DCIM/100CANON/{name}"], name
         vaultfs("umount", m.path)
+        # Nothing else holds data: no unnamed inode of a file cut short is left.
+        assert json.loads(vaultfs("status", "--json", store_path).stdout)["files"] == len(shown)
+        assert_clean(store_path)
 
         report = import_json(store_path, card)
         assert report["safe_to_format"] is True

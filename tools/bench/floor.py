@@ -7,12 +7,15 @@ For a few frames of each set that sync.py's cards are made of (sensor: the RAW-l
 --bursts sensor, independent noise in every frame; dng: the 12 Mpx DNG frames of --bursts dng),
 for the corpus's one frame of real sensor data (colorchart: Canon 550D, packed 14-bit) and for
 the corpus, bytes as a ratio to the files' size:
-  stored   what the store's codec makes of each file, cut as the mount cuts it
-  linear   the image data at the 0-order entropy of the residuals of the best linear predictor
-           from the 17 nearest samples that come before each (two rows above, four to the left),
-           least squares per colour of the 2x2 filter pattern, fitted on the frame itself: a
-           bound for any codec that predicts linearly and codes the residuals one by one (the
-           codec does both; it predicts from one sample)
+  stored   what the store's codec makes of each file, cut as the mount cuts it (each chunk
+           measured on its own: the mount's shortcut for a file's later chunks, `sure`,
+           stores the same bytes on these frames)
+  linear   the image data at the 0-order entropy of the residuals of a least-squares linear
+           predictor from the 18 nearest samples that come before each (four to its left, seven
+           in each of the two rows above), fitted per colour of the 2x2 filter pattern on the
+           frame itself: a reference for what a better predictor could gain (the codec
+           predicts from one sample), not a bound (least squares is not least entropy, and a
+           coder can adapt, as the next line does)
   adaptive the same residuals with one distribution for each of 32 steps of light (the
            predicted value): what a coder could reach that follows the noise as it grows with
            the light (shot noise)
@@ -36,9 +39,9 @@ import _dng
 import compression
 from field import DNG_BYTES
 
-# Offsets (rows, samples) of the causal neighbours the linear bound predicts from.
-NEIGHBOURS = [(0, -1), (0, -2), (0, -3), (0, -4), (-1, -2), (-1, -1), (-1, 0), (-1, 1), (-1, 2),
-              (-1, 3), (-2, -2), (-2, -1), (-2, 0), (-2, 1), (-2, 2), (-2, 3), (-2, 4)]
+# Offsets (rows, samples) of the causal neighbours the linear reference predicts from.
+NEIGHBOURS = [(0, -4), (0, -3), (0, -2), (0, -1)] + [
+    (row, col) for row in (-2, -1) for col in range(-3, 4)]
 DNG_SIZE, DNG_SEED = (4000, 3000), 7  # the burst sync.py --bursts dng makes (compression.py's)
 MARGIN = 4  # rows and columns at the edges left out of the fit (their neighbours are missing)
 LIGHT_STEPS = 32  # the adaptive level's steps of light
@@ -153,11 +156,11 @@ def main() -> int:
     room = C.parse_size(args.card) - corpus_size
     sets = {
         "sensor": (C.file_set(work, args.frames * C.FILE_BYTES)[:args.frames], sensor_image,
-                   sensor_noise, max(1, room // C.FILE_BYTES)),
+                   sensor_noise, max(1, room // C.FILE_BYTES) if room > 0 else 0),
         "dng": (compression.file_set("burst16", work, max(args.frames, 2), *DNG_SIZE,
                                      preview=1600)[:args.frames], dng_image, dng_noise,
-                max(1, room // DNG_BYTES)),
-        # The corpus's one frame of real sensor data (not a card of its own).
+                max(1, room // DNG_BYTES) if room > 0 else 0),
+        # The corpus's one frame of real sensor data (no card of its own).
         "colorchart": ([compression.CORPUS / "dng" / "colorchart.dng"], dng_image, None, 0),
     }
     for name, (files, image_of, noise_of, on_card) in sets.items():

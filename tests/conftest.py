@@ -95,13 +95,22 @@ class Mount:
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 30
-        while not os.path.ismount(self.path):
+        while not self._answers():
             if self.proc.poll() is not None:
                 raise AssertionError(f"mount failed: {self.log.read_text()}")
             if time.monotonic() > deadline:
                 raise AssertionError("mount did not come up in 30 s")
             time.sleep(0.02)
         return self
+
+    def _answers(self) -> bool:
+        """A live mount on the mount point. After a kill -9, the dead mount's root still stats
+        as a mount point from the kernel's attribute cache; statvfs always asks the daemon."""
+        try:
+            os.statvfs(self.path)
+        except OSError:
+            return False
+        return os.path.ismount(self.path)
 
     def stop(self, expect_errors: bool = False) -> None:
         """Unmount cleanly and wait for the daemon to finish; its log must hold no error

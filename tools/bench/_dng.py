@@ -70,7 +70,7 @@ def frame(still: np.ndarray, disc: np.ndarray, index: int, seed: int) -> np.ndar
 def noise_bits(cfa: np.ndarray) -> float:
     """About the bits per sample of a frame's noise, given its light: the entropy of each
     photosite's count (shot and read noise, Gaussian at the variance of their sum, in counts;
-    clipped at white: none), averaged."""
+    none for a photosite clipped at white), averaged."""
     sigma = np.sqrt(cfa + READ_NOISE ** 2) / GAIN
     bits = np.log2(sigma * np.sqrt(2 * np.pi * np.e))
     return float(np.where(cfa / GAIN + BLACK < WHITE, np.maximum(bits, 0), 0).mean())

@@ -56,9 +56,9 @@ def entropy(values: np.ndarray) -> float:
 
 
 def linear_bits(image: np.ndarray, every: int = 3) -> tuple[float, float]:
-    """Bits per sample of the best linear predictor's rounded residuals (see the docstring),
-    over every `every`-th pair of rows (the fit on all 12 M samples would take GBs): with one
-    distribution, and with one per LIGHT_STEPS step of the predicted value."""
+    """Bits per sample of the rounded residuals of the least-squares linear predictor (the
+    module's docstring), over every `every`-th pair of rows (the fit on all 12 M samples would
+    take GBs): with one distribution, and with one per LIGHT_STEPS step of the predicted value."""
     image = image.astype(np.float64)
     height, width = image.shape
     step = (image.max() + 1) / LIGHT_STEPS

@@ -29,6 +29,7 @@ to rsync's bytes (the files' size). The frames are made or reused in the benchma
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -119,10 +120,15 @@ def sensor_noise(path: Path) -> float:
     return entropy(np.repeat(np.arange(256), counts))
 
 
+@functools.cache
+def _dng_scene() -> tuple[np.ndarray, np.ndarray]:
+    """The burst's scene, made once: every frame is it, its subject moved."""
+    return _dng.scene(*DNG_SIZE, seed=DNG_SEED)
+
+
 def dng_noise(path: Path) -> float:
     """About the bits per sample of a burst frame's noise, from the light it was made of."""
-    still, disc = _dng.scene(*DNG_SIZE, seed=DNG_SEED)
-    return _dng.noise_bits(_dng.light(still, disc, int(path.stem.split("_")[1])))
+    return _dng.noise_bits(_dng.light(*_dng_scene(), int(path.stem.split("_")[1])))
 
 
 def frame_levels(path: Path, image_of, noise_of) -> dict[str, float]:
